@@ -1,0 +1,1 @@
+"""Independent face models that judge generated samples (detection, identity, AU estimation)."""

@@ -1,0 +1,1 @@
+"""Pipeline stages: plain, versioned units that run with or without Ray."""
