@@ -1,0 +1,150 @@
+"""`mifa`: build, inspect and verify MIFA-style data sets.
+
+Heavy modules (torch, Ray, the model) are imported inside commands, so `mifa --help` answers at once.
+User errors end in one red message and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Build MIFA-style face data sets (images + AU labels) with MAUGen, as Ray-distributed stages.")
+err = Console(stderr=True)
+out = Console()
+
+ManifestArg = Annotated[Optional[Path], typer.Argument(help="build manifest (YAML); omit for the built-in defaults")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a field: dotted.key=value (repeatable)")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (overrides the manifest's `output`)")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _load(manifest: Optional[Path], overrides: Optional[list[str]], output: Optional[Path]):
+    from mifa_pipeline.config import ManifestError, load_manifest
+
+    try:
+        return load_manifest(manifest, overrides or [], output)
+    except ManifestError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def build(
+    manifest: ManifestArg = None,
+    out_dir: OutOpt = None,
+    overrides: SetOpt = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="replace an existing build in the output folder")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved plan and exit")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS",
+                                                       help="Ray cluster to join; default: start a local one")] = None,
+    runner: Annotated[str, typer.Option(help="'ray' (default) or 'local' (one process, no Ray; for debugging)")] = "ray",
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="progress bars (default: on a terminal)")] = None,
+) -> None:
+    """Build a data set: prompts -> identities -> MAUGen generation -> filtering -> WebDataset shards.
+
+    Resumes an interrupted build in the same output folder; refuses a folder holding another build.
+    """
+    from mifa_pipeline.runner import BuildError, prepare
+
+    m = _load(manifest, overrides, out_dir)
+    if runner not in ("ray", "local"):
+        raise fail(f"--runner {runner!r}: expected 'ray' or 'local'")
+    try:
+        prepared = prepare(m, fresh=fresh)
+    except BuildError as exc:
+        raise fail(str(exc)) from None
+    if dry_run:
+        _print_plan(prepared, runner)
+        return
+    if prepared.state == "complete":
+        out.print(f"{m.output}: already complete (fingerprint {prepared.fingerprint[:12]}); nothing to do")
+        return
+    if runner == "local":
+        from mifa_pipeline.runner import LocalRunner as Runner
+    else:
+        from mifa_pipeline.ray_runner import RayRunner as Runner
+    kwargs = {"ray_address": ray_address} if runner == "ray" else {}
+    try:
+        result = Runner(prepared, progress=progress, **kwargs).run()
+    except BuildError as exc:
+        raise fail(f"{exc}\n(committed work in {m.output} is kept; run the same command again to resume)") from None
+    except KeyboardInterrupt:
+        raise fail(f"interrupted; committed work in {m.output} is kept; run the same command again to resume", 130) from None
+    from mifa_pipeline.progress import summary_table
+
+    c = result.manifest
+    out.print(summary_table(c["stages"], c["shards"], result.wall_seconds))
+    out.print(f"{result.state}: {m.output} ({c['counts']['kept_samples']} samples, fingerprint {c['fingerprint'][:12]})")
+
+
+def _print_plan(prepared, runner: str) -> None:
+    m, plan = prepared.manifest, prepared.plan
+    r = m.resources
+    info = {
+        "output": str(m.output),
+        "state": prepared.state,
+        "fingerprint": prepared.fingerprint,
+        "identities": m.identities.count,
+        "samples_per_identity": m.identities.samples_per_identity,
+        "planned_samples": plan.total_samples,
+        "work_units": len(plan.units),
+        "max_shards": plan.max_shards,
+        "samples_per_shard": m.writer.samples_per_shard,
+        "stages": ["prompts", "identities", "generate", "filter", "write"],
+        "model": m.model.checkpoint,
+        "sampler": m.sampler.model_dump(),
+        "runner": runner,
+        "resources": {"generation_workers": r.generation_workers, "gpus_per_worker": r.gpus_per_worker,
+                      "cpus_per_worker": r.cpus_per_worker, "filter_cpus": r.filter_cpus,
+                      "gpus_total": r.generation_workers * r.gpus_per_worker},
+    }
+    out.print_json(json.dumps(info))
+
+
+@app.command()
+def inspect(folder: Annotated[Path, typer.Argument(help="a finished build folder")]) -> None:
+    """Summarise a build from its run manifest and sidecars: counts, drop reasons, AU and demographic distributions."""
+    from mifa_pipeline.inspect import summarise
+
+    try:
+        summarise(folder, out)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def verify(folder: Annotated[Path, typer.Argument(help="a finished build folder")]) -> None:
+    """Re-hash every shard and check keys, counts and the shard index against the run manifest."""
+    from mifa_pipeline.inspect import verify as run_verify
+
+    try:
+        problems = run_verify(folder)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    if problems:
+        for p in problems:
+            err.print(f"[red]✗[/] {p}", highlight=False)
+        raise fail(f"{folder}: {len(problems)} problem(s) found", 1)
+    out.print(f"[green]✓[/] {folder}: every shard, key, count and the index match the run manifest")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON schema of the build manifest."""
+    from mifa_pipeline.config import json_schema
+
+    out.print_json(json.dumps(json_schema()))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

@@ -1,0 +1,340 @@
+"""The build manifest: one validated pydantic tree, read from YAML, overridable with `--set a.b=value`.
+
+Every section is a pydantic model with `extra="forbid"`, so a misspelt key is an error that names it.
+Fields that only change *how fast* a build runs (batch size, workers, unit size, output path) are kept
+apart from those that change *what* it produces: only the latter enter the fingerprint that decides
+whether an existing output folder may be resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mifa_pipeline.aus import AU_PHRASES, DISFA12, EMOTION_PROTOTYPES
+
+
+class ManifestError(ValueError):
+    """A build manifest (or a --set override) that cannot be used; the message names field, value and expectation."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetSection(_Section):
+    name: str = Field("mifa", pattern=r"^[A-Za-z0-9_-]+$", description="data set name (no dots: used in keys)")
+    version: str = Field("1.0.0", pattern=r"^\d+\.\d+\.\d+$", description="semantic version of this data set")
+    split: str = Field("train", pattern=r"^[A-Za-z0-9_-]+$", description="shard prefix: {split}-000000.tar")
+    description: str = ""
+
+
+class ExpressionMix(_Section):
+    """Relative weights of the three kinds of expression a sample can ask for."""
+
+    prototype: float = Field(0.5, ge=0)
+    random: float = Field(0.35, ge=0)
+    neutral: float = Field(0.15, ge=0)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "ExpressionMix":
+        if self.prototype + self.random + self.neutral <= 0:
+            raise ValueError("at least one of prototype/random/neutral must have a positive weight")
+        return self
+
+
+class RandomAUs(_Section):
+    """Random AU combinations: how many AUs, and the intensity range (FACS 1..5) of each."""
+
+    min_aus: int = Field(1, ge=1)
+    max_aus: int = Field(3, ge=1)
+    min_intensity: int = Field(1, ge=1, le=5)
+    max_intensity: int = Field(5, ge=1, le=5)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RandomAUs":
+        if self.min_aus > self.max_aus:
+            raise ValueError(f"min_aus ({self.min_aus}) must be <= max_aus ({self.max_aus})")
+        if self.min_intensity > self.max_intensity:
+            raise ValueError(f"min_intensity ({self.min_intensity}) must be <= max_intensity ({self.max_intensity})")
+        return self
+
+
+DEFAULT_DEMOGRAPHICS: dict[str, dict[str, float]] = {
+    "age": {"young adult": 0.3, "adult": 0.35, "middle-aged": 0.2, "elderly": 0.15},
+    "gender": {"woman": 0.5, "man": 0.5},
+    "ethnicity": {
+        "East Asian": 1.0, "South Asian": 1.0, "Black": 1.0, "White": 1.0,
+        "Hispanic": 1.0, "Middle Eastern": 1.0, "Southeast Asian": 1.0,
+    },
+    "hair": {
+        "short black hair": 1.0, "long black hair": 1.0, "short brown hair": 1.0, "long brown hair": 1.0,
+        "blond hair": 0.7, "red hair": 0.3, "grey hair": 0.5, "curly hair": 0.8, "a shaved head": 0.3,
+    },
+}
+
+
+class PromptSection(_Section):
+    """Stage 1: demographic attributes per identity, one expression and its description per sample."""
+
+    au_names: list[str] = Field(default_factory=lambda: list(DISFA12), description="ordered AU set; must equal the model's")
+    demographics: dict[str, dict[str, float]] = Field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_DEMOGRAPHICS.items()})
+    expression_mix: ExpressionMix = Field(default_factory=ExpressionMix)
+    emotions: dict[str, float] = Field(default_factory=lambda: {e: 1.0 for e in EMOTION_PROTOTYPES})
+    random_aus: RandomAUs = Field(default_factory=RandomAUs)
+    negative_prompt: str = (
+        "deformed, distorted, disfigured, cartoon, 3d render, low quality, blurry, jpeg artifacts, "
+        "plastic skin, blotchy skin, exaggerated wrinkles, over-exaggerated expression"
+    )
+
+    @field_validator("au_names")
+    @classmethod
+    def _known_aus(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in AU_PHRASES]
+        if unknown:
+            raise ValueError(f"unknown AU name(s) {unknown}; expected names from {sorted(AU_PHRASES, key=_au_number)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"AU names must be unique, got {names}")
+        return names
+
+    @field_validator("demographics")
+    @classmethod
+    def _weights(cls, table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for attribute, values in table.items():
+            if not values or any(w < 0 for w in values.values()) or sum(values.values()) <= 0:
+                raise ValueError(f"demographics.{attribute} needs at least one value with a positive weight, got {values}")
+        return table
+
+    @field_validator("emotions")
+    @classmethod
+    def _emotions(cls, weights: dict[str, float]) -> dict[str, float]:
+        unknown = [e for e in weights if e not in EMOTION_PROTOTYPES]
+        if unknown:
+            raise ValueError(f"unknown emotion(s) {unknown}; expected some of {list(EMOTION_PROTOTYPES)}")
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"emotion weights must be >= 0 with a positive sum, got {weights}")
+        return weights
+
+
+class EllipseMask(_Section):
+    """Face+head region to regenerate, as an ellipse in fractions of the image (aligned portraits)."""
+
+    center_x: float = Field(0.5, gt=0, lt=1)
+    center_y: float = Field(0.45, gt=0, lt=1)
+    radius_x: float = Field(0.3, gt=0, le=0.5)
+    radius_y: float = Field(0.4, gt=0, le=0.5)
+
+
+class IdentitySection(_Section):
+    """Stage 2: how many identities, how many samples each, and where reference faces come from."""
+
+    count: int = Field(16, ge=1, description="number of identities")
+    samples_per_identity: int = Field(8, ge=1)
+    source: Literal["generate", "folder"] = "generate"
+    folder: Path | None = Field(None, description="reference images (sorted by name) when source=folder")
+    mask: EllipseMask = Field(default_factory=EllipseMask)
+
+    @model_validator(mode="after")
+    def _folder(self) -> "IdentitySection":
+        if self.source == "folder" and self.folder is None:
+            raise ValueError("identities.source is 'folder' but identities.folder is not set")
+        return self
+
+
+class ModelSection(_Section):
+    """The MAUGen checkpoint: 'demo' for the built-in model, or a folder in mifa's checkpoint format."""
+
+    checkpoint: str = "demo"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class SamplerSection(_Section):
+    steps: int = Field(30, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0)
+    resolution: int | None = Field(None, ge=16, le=2048, description="square image size; default: the model's")
+    scheduler: Literal["ddim", "dpm++", "euler", "pndm"] = "ddim"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    batch_size: int = Field(16, ge=1, description="samples per model call (does not change results)")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"resolution must be a multiple of 8, got {value}")
+        return value
+
+
+class FilterSection(_Section):
+    """Stage 4 thresholds. Checks that need a face model are switched by `face_detector`."""
+
+    min_pixel_std: float = Field(2.0, ge=0, description="an image whose pixel std is below this is 'blank'")
+    face_detector: Literal["none", "yunet"] = Field("none", description="'none' records the face check as not run")
+    min_face_fraction: float = Field(0.05, ge=0, le=1, description="face box area / image area")
+    models_dir: Path | None = Field(None, description="face model files; default: the per-user cache")
+
+
+class WriterSection(_Section):
+    samples_per_shard: int = Field(1000, ge=1)
+    image_format: Literal["png", "jpg", "webp"] = "png"
+    quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality")
+
+
+class ResourceSection(_Section):
+    generation_workers: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    filter_cpus: float = Field(0.5, gt=0, description="CPUs each filter task asks Ray for")
+    identities_per_unit: int = Field(4, ge=1, description="identities committed together (the resume granularity)")
+    torch_threads: int = Field(0, ge=0, description="torch threads per generation worker; 0 = ceil(cpus_per_worker)")
+
+
+class BuildManifest(_Section):
+    """A whole build: what to generate, with which model, how to filter and write it, and where."""
+
+    schema_version: Literal[1] = 1
+    dataset: DatasetSection = Field(default_factory=DatasetSection)
+    seed: int = Field(0, ge=0, lt=2**63)
+    identities: IdentitySection = Field(default_factory=IdentitySection)
+    prompts: PromptSection = Field(default_factory=PromptSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    sampler: SamplerSection = Field(default_factory=SamplerSection)
+    filter: FilterSection = Field(default_factory=FilterSection)
+    writer: WriterSection = Field(default_factory=WriterSection)
+    resources: ResourceSection = Field(default_factory=ResourceSection)
+    output: Path = Path("out/mifa")
+
+    @property
+    def total_samples(self) -> int:
+        return self.identities.count * self.identities.samples_per_identity
+
+
+# Fields that change how a build runs, never what it writes. Everything else is output-determining.
+RUNTIME_ONLY_FIELDS = {
+    ("sampler", "batch_size"),
+    ("resources",),
+    ("output",),
+    ("model", "device"),
+}
+
+
+def output_determining(manifest: BuildManifest) -> dict[str, Any]:
+    """The manifest as JSON without runtime-only fields: equal dicts mean byte-identical outputs."""
+    data = manifest.model_dump(mode="json")
+    for path in RUNTIME_ONLY_FIELDS:
+        node = data
+        for part in path[:-1]:
+            node = node[part]
+        node.pop(path[-1], None)
+    return data
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def _au_number(name: str) -> int:
+    return int(re.sub(r"\D", "", name) or 0)
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid build manifest"]
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key (value {item['input']!r}); check its spelling against `mifa schema`")
+        else:
+            lines.append(f"  {where}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value parsed as YAML, so numbers, booleans and lists work)."""
+    if "=" not in text:
+        raise ManifestError(f"--set {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(re.fullmatch(r"[A-Za-z0-9_]+", p) for p in parts):
+        raise ManifestError(f"--set {text!r}: {key!r} is not a dotted key like sampler.steps")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"--set {text!r}: value is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ManifestError(f"--set {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_manifest(path: str | Path | None, overrides: list[str] = (), output: str | Path | None = None) -> BuildManifest:
+    """Read YAML (or start from defaults), apply --set overrides and --out, validate once."""
+    source = "defaults"
+    data: dict[str, Any] = {}
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ManifestError(f"{source}: build manifest not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ManifestError(f"{source}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ManifestError(f"{source}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded
+        # relative paths in a manifest are relative to the manifest's folder
+        base = p.resolve().parent
+    else:
+        base = Path.cwd()
+    data = apply_overrides(data, list(overrides))
+    if output is not None:
+        data["output"] = str(output)
+    try:
+        manifest = BuildManifest.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(_format_validation_error(exc, source)) from None
+    if path is not None:
+        manifest = _resolve_relative(manifest, base, output_given=output is not None)
+    return manifest
+
+
+def _resolve_relative(manifest: BuildManifest, base: Path, output_given: bool) -> BuildManifest:
+    """Paths written in a manifest file are relative to it; --out is relative to the caller's cwd."""
+    update: dict[str, Any] = {}
+    if not output_given and not manifest.output.is_absolute():
+        update["output"] = Path.cwd() / manifest.output
+    folder = manifest.identities.folder
+    if folder is not None and not folder.is_absolute():
+        manifest.identities.folder = base / folder
+    ckpt = manifest.model.checkpoint
+    if ckpt != "demo" and not Path(ckpt).is_absolute() and (base / ckpt).exists():
+        manifest.model.checkpoint = str(base / ckpt)
+    return manifest.model_copy(update=update) if update else manifest
+
+
+def json_schema() -> dict[str, Any]:
+    return BuildManifest.model_json_schema()

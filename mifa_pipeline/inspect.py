@@ -1,0 +1,136 @@
+"""`mifa inspect` (what a build holds) and `mifa verify` (whether its files are what the manifest says)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
+
+from mifa_pipeline.manifest import read_run_manifest
+from mifa_pipeline.shards import KEY_PATTERN, file_digests, shard_name
+
+
+def _tar_samples(path: Path) -> dict[str, set[str]]:
+    """key -> member extensions, in tar order (webdataset's rule: the key ends at the first dot)."""
+    samples: dict[str, set[str]] = {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            samples.setdefault(key, set()).add(ext)
+    return samples
+
+
+def verify(folder: Path) -> list[str]:
+    """Every problem found; an empty list means the data set matches its run manifest byte for byte."""
+    manifest = read_run_manifest(folder)
+    problems: list[str] = []
+    split = manifest["dataset"]["split"]
+    seen_keys: set[str] = set()
+    listed = [s["path"] for s in manifest["shards"]]
+    expected_names = [shard_name(split, i) for i in range(len(listed))]
+    if listed != expected_names:
+        problems.append(f"shard names are not contiguous from {expected_names[:1]}: {listed}")
+    for extra in sorted(set(p.name for p in folder.glob(f"{split}-*.tar")) - set(listed)):
+        problems.append(f"{extra}: a shard file the manifest does not list")
+    for shard in manifest["shards"]:
+        path = folder / shard["path"]
+        if not path.is_file():
+            problems.append(f"{shard['path']}: missing")
+            continue
+        sha, md5, size = file_digests(path)
+        if (sha, size) != (shard["sha256"], shard["bytes"]):
+            problems.append(f"{shard['path']}: sha256/size {sha[:12]}/{size} != manifest {shard['sha256'][:12]}/{shard['bytes']}")
+        try:
+            samples = _tar_samples(path)
+        except tarfile.TarError as exc:
+            problems.append(f"{shard['path']}: not a readable tar ({exc})")
+            continue
+        if len(samples) != shard["nsamples"]:
+            problems.append(f"{shard['path']}: {len(samples)} samples, manifest says {shard['nsamples']}")
+        for key, exts in samples.items():
+            if not KEY_PATTERN.match(key):
+                problems.append(f"{shard['path']}: key {key!r} is not dot-free [A-Za-z0-9_-]+")
+            if key in seen_keys:
+                problems.append(f"{shard['path']}: key {key} appears twice in the data set")
+            seen_keys.add(key)
+            if not {"json", "cls"} <= exts or not exts & {"png", "jpg", "webp"}:
+                problems.append(f"{shard['path']}: sample {key} has members {sorted(exts)}, expected image + json + cls")
+        sidecar = path.with_suffix(".parquet")
+        if not sidecar.is_file():
+            problems.append(f"{sidecar.name}: missing sidecar")
+        else:
+            keys = pq.read_table(sidecar, columns=["key"]).column("key").to_pylist()
+            if keys != list(samples):
+                problems.append(f"{sidecar.name}: keys differ from {shard['path']}")
+    index_path = folder / manifest.get("shard_index", "shardindex.json")
+    if not index_path.is_file():
+        problems.append(f"{index_path.name}: missing")
+    else:
+        index = json.loads(index_path.read_text())
+        want = [{"url": s["path"], "nsamples": s["nsamples"], "filesize": s["bytes"], "md5sum": s["md5"]}
+                for s in manifest["shards"]]
+        if index.get("__kind__") != "wids-shard-index-v1" or index.get("shardlist") != want:
+            problems.append(f"{index_path.name}: does not match the run manifest's shards")
+    total = sum(s["nsamples"] for s in manifest["shards"])
+    if total != manifest["counts"]["kept_samples"]:
+        problems.append(f"shards hold {total} samples, manifest counts {manifest['counts']['kept_samples']}")
+    return problems
+
+
+def _sidecar_rows(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for shard in manifest["shards"]:
+        rows += pq.read_table((folder / shard["path"]).with_suffix(".parquet")).to_pylist()
+    return rows
+
+
+def summarise(folder: Path, console: Console) -> dict[str, Any]:
+    manifest = read_run_manifest(folder)
+    rows = _sidecar_rows(folder, manifest)
+    aus = manifest["au_names"]
+    ds = manifest["dataset"]
+    console.print(f"[bold]{ds['name']}[/] {ds['version']} ({ds['split']}), fingerprint {manifest['fingerprint'][:12]}, "
+                  f"parent {manifest['parent'] or '-'}")
+    c = manifest["counts"]
+    console.print(f"{c['identities']} identities, {c['planned_samples']} planned samples, {c['kept_samples']} kept, "
+                  f"{len(manifest['shards'])} shard(s); model {manifest['model']}")
+
+    stages = Table(title="stages")
+    for col in ("stage", "in", "out", "dropped by reason"):
+        stages.add_column(col)
+    for name, s in manifest["stages"].items():
+        stages.add_row(name, str(s["in"]), str(s["out"]), ", ".join(f"{r}: {n}" for r, n in s["dropped"].items()) or "-")
+    console.print(stages)
+
+    n = max(len(rows), 1)
+    au_table = Table(title=f"AUs over {len(rows)} kept samples")
+    for col in ("AU", "asked (>=1)", "mean asked", "mean generated", "generated occurrence"):
+        au_table.add_column(col, justify="right")
+    au_summary = {}
+    for au in aus:
+        asked = [r.get(f"requested_aus_{au}") or 0 for r in rows]
+        gen = [r.get(f"intensity_{au}") or 0.0 for r in rows]
+        occ = [r.get(f"occurrence_{au}") or 0 for r in rows]
+        au_summary[au] = {"asked_rate": sum(a >= 1 for a in asked) / n, "mean_asked": sum(asked) / n,
+                          "mean_generated": sum(gen) / n, "occurrence_rate": sum(occ) / n}
+        s = au_summary[au]
+        au_table.add_row(au, f"{s['asked_rate']:.0%}", f"{s['mean_asked']:.2f}", f"{s['mean_generated']:.2f}",
+                         f"{s['occurrence_rate']:.0%}")
+    console.print(au_table)
+
+    demo_cols = sorted({k for r in rows for k in r if k.startswith("demographics_")})
+    demographics = {col.removeprefix("demographics_"): Counter(r[col] for r in rows) for col in demo_cols}
+    demographics["expression"] = Counter(r.get("expression") for r in rows)
+    demo_table = Table(title="demographics and expressions (kept samples)")
+    demo_table.add_column("attribute")
+    demo_table.add_column("distribution")
+    for attr, counts in demographics.items():
+        demo_table.add_row(attr, ", ".join(f"{v}: {k}" for v, k in counts.most_common()))
+    console.print(demo_table)
+    return {"au": au_summary, "demographics": {k: dict(v) for k, v in demographics.items()}}

@@ -1,0 +1,120 @@
+"""The run manifest: what a data set version is, how it was made, and what it holds.
+
+Written once, atomically, when a build (or re-filter) completes; never rewritten. Its fingerprint is
+chained per stage as sha256(previous + stage name + stage version + stage config), like HF datasets,
+so two builds with equal fingerprints produce the same shards.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from mifa_pipeline import __version__
+from mifa_pipeline.config import BuildManifest, canonical_json, output_determining, sha256_text
+from mifa_pipeline.shards import atomic_write_text, file_digests
+from mifa_pipeline.stages.filter import Filtering
+from mifa_pipeline.stages.generate import Generation
+from mifa_pipeline.stages.identities import IdentitySampling
+from mifa_pipeline.stages.prompts import PromptExpansion
+from mifa_pipeline.stages.write import ShardWriting
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+STAGES = (PromptExpansion, IdentitySampling, Generation, Filtering, ShardWriting)
+PACKAGES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "webdataset", "insightface",
+            "onnxruntime", "pydantic", "numpy", "pillow", "opencv-python")
+
+
+def model_files(checkpoint: str) -> list[dict[str, Any]]:
+    """Every file of a checkpoint folder with its sha256 (the demo model is built in: no files)."""
+    if checkpoint == "demo":
+        return []
+    root = Path(checkpoint)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    out = []
+    for p in files:
+        sha, _, size = file_digests(p)
+        out.append({"role": "generator", "path": str(p), "sha256": sha, "bytes": size})
+    return out
+
+
+def stage_configs(manifest: BuildManifest, model_hash: str) -> dict[str, dict[str, Any]]:
+    """The output-determining config of each stage: what its fingerprint covers."""
+    m = output_determining(manifest)
+    return {
+        "prompts": {"seed": m["seed"], "count": m["identities"]["count"],
+                    "samples_per_identity": m["identities"]["samples_per_identity"], "prompts": m["prompts"]},
+        "identities": {"seed": m["seed"], "identities": m["identities"]},
+        "generate": {"model": model_hash, "sampler": m["sampler"]},
+        "filter": {"filter": m["filter"]},
+        "write": {"writer": m["writer"], "dataset": m["dataset"]},
+    }
+
+
+def chain_fingerprints(parent: str, configs: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+    chain, fp = [], parent
+    for stage in STAGES:
+        fp = sha256_text(fp + stage.name + stage.version + canonical_json(configs[stage.name]))
+        chain.append({"stage": stage.name, "version": stage.version, "fingerprint": fp})
+    return chain
+
+
+def model_hash(files: list[dict[str, Any]], checkpoint: str) -> str:
+    if not files:
+        return sha256_text(f"builtin:{checkpoint}")
+    return sha256_text(canonical_json([[Path(f["path"]).name, f["sha256"]] for f in files]))
+
+
+def code_version() -> dict[str, Any]:
+    here = Path(__file__).resolve().parent.parent
+    info: dict[str, Any] = {"mifa": __version__, "git_commit": None, "git_dirty": None}
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5)
+            info["git_dirty"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_run_manifest(folder: Path, content: dict[str, Any]) -> Path:
+    path = folder / MANIFEST_NAME
+    if path.exists():
+        raise FileExistsError(f"{path} exists: a run manifest is never rewritten")
+    atomic_write_text(path, json.dumps(content, indent=2) + "\n")
+    return path
+
+
+def read_run_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME}; is this a finished mifa build?")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,199 @@
+"""The shard format: byte-reproducible WebDataset tars, a parquet sidecar per shard, the wids index.
+
+This module knows samples only as (key, encoded image, metadata dict, class index); it knows no model.
+Tars are written through webdataset's TarWriter with a fixed mtime, owner and mode and members in sorted
+order, to a temporary name that is fsynced and renamed: a shard path either holds a whole shard or nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image
+
+FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: no build time leaks into the bytes
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+IMAGE_EXTENSIONS = {"png": "png", "jpg": "jpg", "webp": "webp"}
+
+
+@dataclass
+class ShardSample:
+    key: str
+    image: bytes
+    image_ext: str  # "png", "jpg" or "webp"
+    metadata: dict[str, Any]  # becomes KEY.json and a sidecar row
+    label: int  # becomes KEY.cls (ASCII digits)
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the data set folder
+    nsamples: int
+    bytes: int
+    sha256: str
+    md5: str
+    first_key: str
+    last_key: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def encode_image(image: np.ndarray, fmt: str, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    pil = Image.fromarray(image)
+    if fmt == "png":
+        pil.save(buf, format="PNG", optimize=False, compress_level=6)
+    elif fmt == "jpg":
+        pil.save(buf, format="JPEG", quality=quality, subsampling=0)
+    elif fmt == "webp":
+        pil.save(buf, format="WEBP", quality=quality, method=4)
+    else:
+        raise ValueError(f"image format {fmt!r}: expected one of {sorted(IMAGE_EXTENSIONS)}")
+    return buf.getvalue()
+
+
+def metadata_json(metadata: dict[str, Any]) -> bytes:
+    return json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def to_wds(sample: ShardSample) -> dict[str, Any]:
+    if not KEY_PATTERN.match(sample.key):
+        raise ValueError(f"sample key {sample.key!r} must match {KEY_PATTERN.pattern} (no dots)")
+    return {
+        "__key__": sample.key,
+        sample.image_ext: sample.image,
+        "json": metadata_json(sample.metadata),
+        "cls": str(int(sample.label)).encode("ascii"),
+    }
+
+
+def _flatten(prefix: str, value: Any, row: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k in value:
+            _flatten(f"{prefix}_{k}" if prefix else str(k), value[k], row)
+    elif isinstance(value, (list, tuple)):
+        row[prefix] = json.dumps(value)
+    else:
+        row[prefix] = value
+
+
+def sidecar_row(sample: ShardSample, shard: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"key": sample.key, "shard": shard, "label": int(sample.label),
+                           "image_ext": sample.image_ext, "image_sha256": hashlib.sha256(sample.image).hexdigest()}
+    _flatten("", sample.metadata, row)
+    return row
+
+
+def _column_type(values: list[Any]) -> pa.DataType:
+    present = [v for v in values if v is not None]
+    if not present:
+        return pa.float64()  # an all-null score column stays numeric, so every shard has one schema
+    if all(isinstance(v, bool) for v in present):
+        return pa.bool_()
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return pa.int64()
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return pa.float64()
+    return pa.string()
+
+
+def sidecar_table(rows: list[dict[str, Any]]) -> pa.Table:
+    names: list[str] = []
+    for row in rows:
+        names += [n for n in row if n not in names]
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        kind = _column_type(values)
+        if kind == pa.string():
+            values = [None if v is None else str(v) for v in values]
+        columns[name] = pa.array(values, type=kind)
+    return pa.table(columns)
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def file_digests(path: Path) -> tuple[str, str, int]:
+    sha, md5, size = hashlib.sha256(), hashlib.md5(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+            md5.update(chunk)
+            size += len(chunk)
+    return sha.hexdigest(), md5.hexdigest(), size
+
+
+class ShardFileWriter:
+    """Writes one shard (tar + parquet sidecar) sample by sample; `close()` commits both by rename."""
+
+    def __init__(self, folder: Path, name: str):
+        self.folder = folder
+        self.name = name
+        self.tar_path = folder / name
+        self.tmp_path = folder / (name + ".tmp")
+        self._file = open(self.tmp_path, "wb")
+        self._writer = wds.TarWriter(self._file, user="mifa", group="mifa", mode=0o644, encoder=False, mtime=FIXED_MTIME)
+        self.rows: list[dict[str, Any]] = []
+        self.keys: list[str] = []
+
+    def write(self, sample: ShardSample) -> None:
+        if self.keys and sample.key <= self.keys[-1]:
+            raise ValueError(f"shard {self.name}: key {sample.key!r} is not after {self.keys[-1]!r}")
+        self._writer.write(to_wds(sample))
+        self.rows.append(sidecar_row(sample, self.name))
+        self.keys.append(sample.key)
+
+    def close(self) -> ShardInfo:
+        self._writer.close()  # closes the tar stream (and our file)
+        if not self._file.closed:
+            self._file.close()
+        sidecar = self.tar_path.with_suffix(".parquet")
+        tmp_sidecar = sidecar.with_name(sidecar.name + ".tmp")
+        pq.write_table(sidecar_table(self.rows), tmp_sidecar, compression="zstd")
+        _fsync_replace(tmp_sidecar, sidecar)
+        _fsync_replace(self.tmp_path, self.tar_path)
+        sha, md5, size = file_digests(self.tar_path)
+        return ShardInfo(self.name, len(self.keys), size, sha, md5, self.keys[0], self.keys[-1])
+
+    def abort(self) -> None:
+        self._file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def write_shard_index(folder: Path, name: str, shards: list[ShardInfo]) -> Path:
+    """wids-shard-index-v1 with URLs relative to the index, so the folder can move."""
+    index = {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": name,
+        "shardlist": [{"url": s.path, "nsamples": s.nsamples, "filesize": s.bytes, "md5sum": s.md5} for s in shards],
+    }
+    path = folder / "shardindex.json"
+    atomic_write_text(path, json.dumps(index, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    _fsync_replace(tmp, path)

@@ -1,0 +1,133 @@
+"""Stage 3, generation: MAUGen draws each sample's face and predicts its AU labels in the same pass.
+
+The stage receives an already-loaded model (see `load_model`), so a Ray actor loads it once in its
+setup and a test can hand in a tiny one. Samples are cut into batches of `sampler.batch_size`; each
+sample has its own torch generator seeded from (seed, identity, sample), so results do not depend on
+which batch a sample falls into.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mifa_pipeline.config import ModelSection, SamplerSection
+from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEMO_RESOLUTION = 64
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def load_model(model: ModelSection, sampler: SamplerSection) -> Any:
+    """The MAUGen model of a build: the built-in demo model, or a checkpoint folder in mifa's format."""
+    from mifa_pipeline.maugen import MAUGen
+
+    device = resolve_device(model.device)
+    dtype = DTYPES[sampler.dtype]
+    if device.type == "cpu" and dtype != torch.float32:
+        raise ValueError(f"sampler.dtype {sampler.dtype!r} needs a GPU; use float32 on CPU")
+    if model.checkpoint == "demo":
+        net = MAUGen.tiny(seed=0, resolution=DEMO_RESOLUTION)
+    else:
+        net = MAUGen.from_pretrained(Path(model.checkpoint))
+    return net.to(device=device, dtype=dtype)
+
+
+def model_description(model: ModelSection) -> str:
+    return "builtin:demo-tiny-seed0" if model.checkpoint == "demo" else str(model.checkpoint)
+
+
+def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HxWx3 list -> float [B,3,H,W] in [0,1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0)
+
+
+def _to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+    arr = images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [a.copy() for a in arr]
+
+
+class Generation:
+    name = "generate"
+    version = "1"
+
+    def __init__(self, config: SamplerSection, model: Any, au_names: list[str], negative_prompt: str = ""):
+        if list(model.au_names) != list(au_names):
+            raise ValueError(f"prompts.au_names {au_names} differ from the model's AU list {list(model.au_names)}")
+        self.config = config
+        self.model = model
+        self.au_names = list(au_names)
+        self.negative_prompt = negative_prompt
+        self.resolution = config.resolution or model.resolution
+
+    def _device(self) -> torch.device:
+        return next(iter(self.model.parameters())).device if hasattr(self.model, "parameters") else torch.device("cpu")
+
+    def _generators(self, seeds: list[int]) -> list[torch.Generator]:
+        device = self._device()
+        return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def _sample(self, prompts, canvases, masks, identity_embeds, seeds):
+        device = self._device()
+        return self.model.sample(
+            prompts=prompts,
+            masked_images=canvases.to(device),
+            masks=masks.to(device),
+            identity_embeds=None if identity_embeds is None else identity_embeds.to(device),
+            generators=self._generators(seeds),
+            num_inference_steps=self.config.steps,
+            guidance_scale=self.config.guidance_scale,
+            negative_prompt=self.negative_prompt,
+            scheduler=self.config.scheduler,
+        )
+
+    @torch.no_grad()
+    def paint(self, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
+        """Reference faces from identity prompts: the whole frame is generated, no identity input."""
+        size = self.resolution
+        images: list[np.ndarray] = []
+        for start in range(0, len(prompts), self.config.batch_size):
+            p, s = prompts[start:start + self.config.batch_size], seeds[start:start + self.config.batch_size]
+            canvases = torch.zeros(len(p), 3, size, size)
+            masks = torch.ones(len(p), 1, size, size)
+            images += _to_uint8(self._sample(p, canvases, masks, None, s).images)
+        return images
+
+    @torch.no_grad()
+    def run(self, samples: list[SampleRecord], people: dict[int, IdentityRecord]) -> tuple[list[SampleRecord], StageStats]:
+        start = time.perf_counter()
+        # 1. identity embeddings, once per identity of the unit
+        order = sorted({s.identity for s in samples})
+        faces = _to_tensor([people[i].reference for i in order])
+        embeds = self.model.encode_identity(faces.to(self._device()))
+        embed_of = {i: embeds[k:k + 1] for k, i in enumerate(order)}
+        # 2. batches of samples, each with its own generator
+        for first in range(0, len(samples), self.config.batch_size):
+            batch = samples[first:first + self.config.batch_size]
+            canvases = _to_tensor([people[s.identity].canvas for s in batch])
+            masks = torch.from_numpy(np.stack([people[s.identity].mask for s in batch])).float().div(255.0)[:, None]
+            ids = torch.cat([embed_of[s.identity] for s in batch])
+            out = self._sample([s.prompt for s in batch], canvases, masks, ids, [s.seed for s in batch])
+            # 3. read out images and labels per sample
+            images = _to_uint8(out.images)
+            prob = out.occurrence_prob.float().cpu().numpy()
+            intensity = out.intensity.float().cpu().numpy()
+            for k, s in enumerate(batch):
+                s.image = images[k]
+                s.occurrence_prob = {au: float(prob[k, j]) for j, au in enumerate(self.au_names)}
+                s.intensity = {au: float(intensity[k, j]) for j, au in enumerate(self.au_names)}
+        stats = StageStats(self.name, self.version, n_in=len(samples), n_out=len(samples),
+                           seconds=time.perf_counter() - start)
+        return samples, stats
