@@ -165,8 +165,9 @@ class BuildRunner:
             content = json.loads((self.out / MANIFEST_NAME).read_text())
             return BuildResult("complete", content, 0.0)
         created_folder = not self.out.exists()
+        self._start_folder()
         units = self.build.plan.units
-        committed_before = {u.index for u in units if pool.is_committed(self.out, u)} if self.out.is_dir() else set()
+        committed_before = {u.index for u in units if pool.is_committed(self.out, u)}
         pending = [u for u in units if u.index not in committed_before]
         m = self.manifest
         writer = ShardWriting(self.out, m.writer, m.dataset.split,
@@ -180,7 +181,6 @@ class BuildRunner:
                 "identities": sum(len(units[i].identities) for i in committed_before)}
         committed_now = 0
         try:
-            self._start_folder()
             with BuildProgress(totals, done, enabled=self.show_progress) as self.progress:
                 next_unit = self._write_ready(units, 0, writer)
                 for state in self.execute(pending):

@@ -1,0 +1,182 @@
+"""Whole builds in one process (LocalRunner) with the fast fake model: shards, resume, verify, bad input."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from mifa_pipeline.inspect import verify
+from mifa_pipeline.runner import BuildError, LocalRunner, prepare
+
+
+def build(manifest, fresh=False):
+    return LocalRunner(prepare(manifest, fresh=fresh), progress=False).run()
+
+
+def digests(folder: Path) -> dict[str, str]:
+    names = sorted(p.name for p in folder.iterdir() if p.suffix in (".tar", ".parquet") or p.name == "shardindex.json")
+    return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names}
+
+
+def test_build_writes_contiguous_fixed_size_shards_readable_by_webdataset(small_manifest, fake_model):
+    m = small_manifest()
+    result = build(m)
+    shards = result.manifest["shards"]
+    assert [s["path"] for s in shards] == [f"train-{i:06d}.tar" for i in range(4)]
+    assert [s["nsamples"] for s in shards] == [5, 5, 5, 3]
+    assert verify(m.output) == []
+    urls = str(m.output / "train-{000000..000003}.tar")
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb").to_tuple("__key__", "png", "json", "cls"))
+    assert len(samples) == 18
+    key, image, meta, cls = samples[4]
+    assert key == "id0000001-s0001" == meta["key"] and cls == 1 == meta["identity"]
+    assert image.shape == (32, 32, 3)
+    assert set(meta["intensity"]) == set(meta["requested_aus"]) == set(result.manifest["au_names"])
+    assert all(0 <= v <= 5 for v in meta["intensity"].values())
+    assert "<ID> <ID2>" in meta["prompt"] and meta["demographics"]
+
+
+def test_run_manifest_records_lineage_counts_and_shards(small_manifest, fake_model):
+    m = small_manifest()
+    c = build(m).manifest
+    assert c["schema_version"] == 1 and c["parent"] is None
+    assert [f["stage"] for f in c["stage_fingerprints"]] == ["prompts", "identities", "generate", "filter", "write"]
+    assert c["fingerprint"] == c["stage_fingerprints"][-1]["fingerprint"]
+    assert c["stages"]["generate"]["in"] == 18 and c["stages"]["write"]["out"] == 18
+    assert c["packages"]["torch"] and c["code"]["mifa"]
+    for s in c["shards"]:
+        assert hashlib.sha256((m.output / s["path"]).read_bytes()).hexdigest() == s["sha256"]
+    index = json.loads((m.output / "shardindex.json").read_text())
+    assert index["__kind__"] == "wids-shard-index-v1" and index["shardlist"][0]["url"] == "train-000000.tar"
+
+
+def test_same_manifest_gives_identical_bytes_whatever_batch_and_unit_size(small_manifest, fake_model, tmp_path):
+    a = small_manifest("sampler.batch_size=1", "resources.identities_per_unit=1", out=tmp_path / "a")
+    b = small_manifest("sampler.batch_size=7", "resources.identities_per_unit=4", out=tmp_path / "b")
+    build(a)
+    build(b)
+    assert digests(a.output) == digests(b.output)
+    c = small_manifest("seed=1", out=tmp_path / "c")
+    build(c)
+    assert digests(c.output) != digests(a.output)
+
+
+def test_drops_keep_shards_full_and_are_counted(small_manifest, fake_model):
+    # every image of the fake has pixel std well below 1000: all dropped as blank, none written
+    m = small_manifest("filter.min_pixel_std=1000")
+    c = build(m).manifest
+    assert c["stages"]["filter"]["dropped"] == {"blank_image": 18}
+    assert c["shards"] == [] and c["counts"]["kept_samples"] == 0
+    assert verify(m.output) == []
+
+
+def test_verify_catches_a_flipped_byte(small_manifest, fake_model):
+    m = small_manifest()
+    build(m)
+    path = m.output / "train-000001.tar"
+    data = bytearray(path.read_bytes())
+    data[700] ^= 0x01
+    path.write_bytes(bytes(data))
+    problems = verify(m.output)
+    assert any("train-000001.tar: sha256" in p for p in problems)
+
+
+def test_verify_catches_a_missing_shard_and_a_stray_one(small_manifest, fake_model):
+    m = small_manifest()
+    build(m)
+    (m.output / "train-000002.tar").rename(m.output / "train-000009.tar")
+    problems = verify(m.output)
+    assert any("train-000002.tar: missing" in p for p in problems)
+    assert any("train-000009.tar: a shard file the manifest does not list" in p for p in problems)
+
+
+def test_completed_build_is_not_redone_and_another_manifest_is_refused(small_manifest, fake_model):
+    m = small_manifest()
+    build(m)
+    before = digests(m.output)
+    manifest_bytes = (m.output / "manifest.json").read_bytes()
+    assert prepare(m).state == "complete"
+    assert build(m).state == "complete"
+    other = small_manifest("seed=5")
+    with pytest.raises(BuildError, match="different manifest"):
+        prepare(other)
+    assert digests(m.output) == before and (m.output / "manifest.json").read_bytes() == manifest_bytes
+    rebuilt = build(other, fresh=True)
+    assert rebuilt.state == "built" and digests(m.output) != before
+
+
+def test_bad_input_writes_nothing(small_manifest, fake_model, tmp_path):
+    with pytest.raises(BuildError, match="model.checkpoint: .*does not exist"):
+        prepare(small_manifest("model.checkpoint=/nonexistent/model", out=tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(BuildError, match="is a file"):
+        prepare(small_manifest(out=tmp_path / "afile" / "out"))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(BuildError, match="not empty and holds no mifa build"):
+        prepare(small_manifest(out=foreign), fresh=True)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_a_failing_first_run_leaves_no_folder(small_manifest, monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("model file is corrupt")
+
+    monkeypatch.setattr("mifa_pipeline.stages.generate.load_model", broken)
+    m = small_manifest(out=tmp_path / "new")
+    with pytest.raises(RuntimeError, match="corrupt"):
+        build(m)
+    assert not m.output.exists()
+
+
+KILLABLE = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from tests.fake_model import FakeMAUGen
+    import mifa_pipeline.stages.generate as generate
+    model = FakeMAUGen()
+    slow = model.sample
+    def sample(*a, **k):
+        time.sleep(0.15)
+        return slow(*a, **k)
+    model.sample = sample
+    generate.load_model = lambda *a, **k: model
+    from mifa_pipeline.config import load_manifest
+    from mifa_pipeline.runner import LocalRunner, prepare
+    m = load_manifest(None, {overrides!r}, output={out!r})
+    LocalRunner(prepare(m), progress=False).run()
+""")
+
+
+def test_resume_after_sigkill_is_byte_identical(small_manifest, fake_model, tmp_path):
+    overrides = ["identities.count=6", "identities.samples_per_identity=3", "resources.identities_per_unit=1",
+                 "writer.samples_per_shard=5", "sampler.steps=2", "sampler.batch_size=2"]
+    reference = small_manifest(*overrides[2:], out=tmp_path / "ref")
+    build(reference)
+    out = tmp_path / "killed"
+    script = KILLABLE.format(root=str(Path(__file__).parent.parent), overrides=overrides, out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    units = out / "_work" / "units"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if units.is_dir() and len([p for p in units.iterdir() if not p.name.startswith(".")]) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    resumed = build(small_manifest(*overrides[2:], out=out))
+    assert resumed.state == "resumed" and resumed.units_run < 6
+    assert digests(out) == digests(reference.output)
+    assert verify(out) == []

@@ -1,0 +1,131 @@
+"""Each stage alone, without Ray or a runner."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mifa_pipeline.aus import DISFA12
+from mifa_pipeline.config import FilterSection, IdentitySection, PromptSection, SamplerSection
+from mifa_pipeline.records import IdentityRecord, SampleRecord
+from mifa_pipeline.stages.filter import Filtering, decide
+from mifa_pipeline.stages.generate import Generation
+from mifa_pipeline.stages.identities import IdentitySampling
+from mifa_pipeline.stages.prompts import PromptExpansion
+from tests.fake_model import FakeMAUGen
+
+
+def test_prompt_expansion_is_seeded_per_identity_and_sample():
+    stage = PromptExpansion(PromptSection(), seed=7, samples_per_identity=4)
+    people, samples, stats = stage.run(range(3))
+    again_people, again_samples, _ = PromptExpansion(PromptSection(), seed=7, samples_per_identity=4).run([2])
+    # identity 2 alone is the same as identity 2 among others
+    assert again_people[0] == people[2]
+    assert [s.prompt for s in again_samples] == [s.prompt for s in samples[8:]]
+    assert stats.n_out == 12
+    other = PromptExpansion(PromptSection(), seed=8, samples_per_identity=4).run(range(3))[1]
+    assert [s.prompt for s in other] != [s.prompt for s in samples]
+
+
+def test_prompts_carry_id_placeholder_and_requested_aus_match_words():
+    stage = PromptExpansion(PromptSection(expression_mix={"prototype": 0, "random": 1, "neutral": 0}), 0, 50)
+    _, samples, _ = stage.run([0])
+    for s in samples:
+        assert "<ID> <ID2>" in s.prompt
+        assert list(s.requested) == list(DISFA12)
+        active = [au for au, v in s.requested.items() if v]
+        assert 1 <= len(active) <= 3 and all(1 <= s.requested[a] <= 5 for a in active)
+    happy = PromptExpansion(PromptSection(expression_mix={"prototype": 1, "random": 0, "neutral": 0},
+                                          emotions={"happiness": 1}), 0, 5).run([0])[1]
+    for s in happy:
+        assert s.expression == "happiness" and s.requested["AU12"] >= 1 and s.requested["AU4"] == 0
+        assert "smile" in s.prompt and "pulled-up lip corners" in s.prompt
+
+
+def test_demographics_follow_the_distribution():
+    cfg = PromptSection(demographics={"gender": {"woman": 1.0, "man": 0.0}, "age": {"elderly": 1}})
+    people = PromptExpansion(cfg, 0, 1).run(range(20))[0]
+    assert all(p.demographics == {"age": "elderly", "gender": "woman"} for p in people)
+    assert "elderly" in people[0].prompt and "<ID>" not in people[0].prompt
+
+
+def test_identity_sampling_from_a_folder_with_and_without_masks(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / f"p{i}.jpg")
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:30, 20:40] = 255
+    Image.fromarray(mask).save(tmp_path / "p1_mask.png")
+    cfg = IdentitySection(count=3, source="folder", folder=tmp_path)
+    people = [IdentityRecord(i, 0, {}, "") for i in range(3)]
+    out, stats = IdentitySampling(cfg, resolution=32).run(people)
+    assert [p.source for p in out] == ["folder:p0.jpg", "folder:p1.jpg", "folder:p2.jpg"]
+    for p in out:
+        assert p.reference.shape == (32, 32, 3) and p.mask.shape == (32, 32)
+        assert (p.canvas[p.mask > 0] == 0).all()
+        assert (p.canvas[p.mask == 0] == p.reference[p.mask == 0]).all()
+    assert out[1].mask[0].max() == 0 and out[1].mask[16, 16] == 255  # the mask file was used
+    with pytest.raises(ValueError, match="holds 3 reference images"):
+        IdentitySampling(IdentitySection(count=4, source="folder", folder=tmp_path), 32)
+
+
+def test_identity_sampling_paints_references_with_the_injected_painter():
+    calls = []
+
+    def painter(prompts, seeds):
+        calls.append((prompts, seeds))
+        return [np.full((16, 16, 3), 200, np.uint8) for _ in prompts]
+
+    people = [IdentityRecord(i, 100 + i, {}, f"person {i}") for i in range(2)]
+    out, _ = IdentitySampling(IdentitySection(count=2), 16, painter=painter).run(people)
+    assert calls == [(["person 0", "person 1"], [100, 101])]
+    assert out[0].source == "generated" and out[0].canvas[8, 8].tolist() == [0, 0, 0]
+
+
+def _unit(n_ids=2, per=3, res=32):
+    stage = PromptExpansion(PromptSection(), 0, per)
+    people, samples, _ = stage.run(range(n_ids))
+    model = FakeMAUGen(res)
+    gen = Generation(SamplerSection(batch_size=2, steps=2), model, list(DISFA12))
+    people, _ = IdentitySampling(IdentitySection(count=n_ids), res, painter=gen.paint).run(people)
+    return gen, people, samples
+
+
+def test_generation_fills_images_and_labels_and_ignores_batching():
+    gen, people, samples = _unit()
+    by_id = {p.identity: p for p in people}
+    out, stats = gen.run(samples, by_id)
+    assert stats.n_out == 6 and gen.model.calls[-3:] == [2, 2, 2]
+    first = {s.key: (s.image.copy(), dict(s.intensity)) for s in out}
+    gen.config = SamplerSection(batch_size=5, steps=2)
+    again, _ = gen.run([SampleRecord(s.identity, s.sample, s.seed, prompt=s.prompt) for s in samples], by_id)
+    for s in again:
+        assert np.array_equal(s.image, first[s.key][0]) and s.intensity == first[s.key][1]
+        assert set(s.occurrence_prob) == set(DISFA12)
+
+
+def test_generation_refuses_a_model_with_another_au_set():
+    with pytest.raises(ValueError, match="differ from the model's AU list"):
+        Generation(SamplerSection(), FakeMAUGen(au_names=["AU1", "AU2"]), list(DISFA12))
+
+
+def test_filter_scores_every_sample_and_drops_with_reasons():
+    gen, people, samples = _unit()
+    by_id = {p.identity: p for p in people}
+    samples, _ = gen.run(samples, by_id)
+    samples[0].image = np.zeros_like(samples[0].image)  # blank
+    samples[1].intensity["AU4"] = 7.0  # out of range
+    samples[2].image = samples[2].image[:10]  # wrong size
+    out, stats = Filtering(FilterSection(), resolution=32).run(samples, by_id)
+    assert [s.drop_reason for s in out[:3]] == ["blank_image", "labels_out_of_range", "invalid_image"]
+    assert all(s.keep for s in out[3:]) and stats.n_out == 3
+    assert stats.dropped == {"blank_image": 1, "labels_out_of_range": 1, "invalid_image": 1}
+    assert out[3].scores["face_count"] is None  # no detector configured: recorded as not checked
+
+
+def test_decide_uses_face_scores_when_present():
+    base = {"image_valid": True, "pixel_std": 40.0, "labels_in_range": True}
+    cfg = FilterSection(min_face_fraction=0.1)
+    assert decide({**base, "face_count": 0}, cfg) == "no_face"
+    assert decide({**base, "face_count": 2, "face_fraction": 0.3}, cfg) == "multiple_faces"
+    assert decide({**base, "face_count": 1, "face_fraction": 0.05}, cfg) == "face_too_small"
+    assert decide({**base, "face_count": 1, "face_fraction": 0.3}, cfg) is None
