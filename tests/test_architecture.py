@@ -1,0 +1,59 @@
+"""The walls the architecture note promises, checked on the source, and the packaging of stages/."""
+
+import ast
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "mifa_pipeline"
+
+
+def imports_of(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def sources(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.py"))
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"mifa_pipeline." + ".".join(p.parent.relative_to(PKG).parts) if p.parent != PKG else "mifa_pipeline"
+             for p in PKG.rglob("__init__.py")}
+    found.add("mifa_pipeline.stages")
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+@pytest.mark.parametrize("path", sources(PKG / "maugen"), ids=lambda p: p.name)
+def test_model_package_imports_nothing_of_the_pipeline_or_ray(path):
+    bad = {m for m in imports_of(path) if m.split(".")[0] == "ray"
+           or (m.startswith("mifa_pipeline") and not m.startswith("mifa_pipeline.maugen"))}
+    assert not bad, f"{path.name} imports {bad}"
+
+
+@pytest.mark.parametrize("path", sources(ROOT / "stages"), ids=lambda p: p.name)
+def test_stages_never_import_the_runner_or_ray(path):
+    bad = {m for m in imports_of(path) if m.split(".")[0] == "ray" or m.endswith(("runner", "ray_runner", ".work"))}
+    assert not bad, f"{path.name} imports {bad}"
+
+
+@pytest.mark.parametrize("path", sources(PKG / "faces") + sources(PKG / "teacher"), ids=lambda p: p.name)
+def test_judges_and_teacher_share_no_code_with_the_model(path):
+    assert not {m for m in imports_of(path) if m.startswith("mifa_pipeline.maugen")}
+
+
+def test_only_ray_runner_imports_ray_and_shards_know_no_model():
+    for path in sources(PKG):
+        if path.name != "ray_runner.py":
+            assert not {m for m in imports_of(path) if m.split(".")[0] == "ray"}, path
+    shard_imports = imports_of(PKG / "shards.py")
+    assert not {m for m in shard_imports if m.split(".")[0] in ("torch", "diffusers", "transformers")
+                or m.startswith(("mifa_pipeline.maugen", "mifa_pipeline.stages"))}

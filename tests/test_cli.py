@@ -1,0 +1,65 @@
+"""The CLI as a user meets it: exit codes, messages naming the problem, dry runs, inspect and verify."""
+
+import json
+
+from typer.testing import CliRunner
+
+from mifa_pipeline.cli import app
+
+runner = CliRunner()
+SMALL = ["--set", "identities.count=4", "--set", "identities.samples_per_identity=2",
+         "--set", "writer.samples_per_shard=3", "--set", "resources.identities_per_unit=2"]
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("build", "inspect", "verify", "schema"):
+        assert command in result.output
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["build", "manifests/demo.yaml", "--out", str(out), "--dry-run", *SMALL])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["planned_samples"] == 8 and plan["max_shards"] == 3 and plan["work_units"] == 2
+    assert plan["stages"] == ["prompts", "identities", "generate", "filter", "write"]
+    assert not out.exists()
+
+
+def test_invalid_override_exits_2_naming_field_and_value(tmp_path):
+    result = runner.invoke(app, ["build", "manifests/demo.yaml", "--out", str(tmp_path / "o"), "--set", "sampler.steps=zero"])
+    assert result.exit_code == 2
+    assert "sampler.steps" in result.output and "zero" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_exits_2_and_keeps_existing_output(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    result = runner.invoke(app, ["build", "manifests/demo.yaml", "--out", str(out), "--set", "model.checkpoint=/no/such"])
+    assert result.exit_code == 2 and "model.checkpoint" in result.output and "/no/such" in result.output
+    assert (out / "keep.txt").read_text() == "x"
+
+
+def test_build_inspect_verify_with_local_runner(tmp_path, fake_model):
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["build", "manifests/demo.yaml", "--out", str(out), "--runner", "local",
+                                 "--no-progress", *SMALL])
+    assert result.exit_code == 0, result.output
+    assert "8 samples" in result.output
+    again = runner.invoke(app, ["build", "manifests/demo.yaml", "--out", str(out), "--runner", "local", *SMALL])
+    assert again.exit_code == 0 and "already complete" in again.output
+    shown = runner.invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "AU12" in shown.output and "expression" in shown.output
+    assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
+    (out / "train-000000.parquet").unlink()
+    broken = runner.invoke(app, ["verify", str(out)])
+    assert broken.exit_code == 1 and "missing sidecar" in broken.output
+
+
+def test_verify_and_inspect_on_a_non_build_exit_2(tmp_path):
+    assert runner.invoke(app, ["verify", str(tmp_path)]).exit_code == 2
+    assert runner.invoke(app, ["inspect", str(tmp_path)]).exit_code == 2
