@@ -42,3 +42,11 @@ class FakeMAUGen(torch.nn.Module):
         images = masked_images * (1 - masks) + masks * (0.6 * noise + 0.2 + tint).clamp(0, 1)
         intensity = labels * 5
         return FakeOutput(images, labels, intensity, torch.round(intensity).long())
+
+
+def install_in_worker() -> None:
+    """Ray `worker_process_setup_hook`: route every Ray worker's generation stage to the fake."""
+    import mifa_pipeline.stages.generate as generate
+
+    model = FakeMAUGen()
+    generate.load_model = lambda *args, **kwargs: model
