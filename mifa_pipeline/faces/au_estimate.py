@@ -1,0 +1,209 @@
+"""AU estimates independent of the generator, to check the AU labels it was asked to draw.
+
+No real AU-labelled data or trained AU detector is available offline, so the default estimator reads
+MediaPipe's 52 ARKit blendshapes and maps them to FACS AUs by the table below (the blendshape -> AU
+muscle correspondence of py-feat's region map, MIT, itself after Ozel's ARKit-to-FACS sheet).
+These are proxies with blendshape scale [0, 1], not calibrated FACS intensities: compare them by
+rank/correlation or threshold, not by equality to 0-5 labels. An AU without a proxy gets None.
+A stronger AU detector plugs in through `register_au_estimator` or a "module:Class" name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import weakref
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .detect import Face
+
+DISFA12: tuple[str, ...] = ("AU1", "AU2", "AU4", "AU5", "AU6", "AU9", "AU12", "AU15", "AU17", "AU20", "AU25", "AU26")
+
+# AU -> blendshapes whose mean is the proxy (Left/Right are the subject's sides; FACS intensity here is
+# bilateral, so both sides are averaged). Mostly py-feat's BLENDSHAPE_SEEDS read in reverse.
+BLENDSHAPE_AU_TABLE: dict[str, tuple[str, ...]] = {
+    "AU1": ("browInnerUp",),                            # frontalis, pars medialis
+    "AU2": ("browOuterUpLeft", "browOuterUpRight"),     # frontalis, pars lateralis
+    "AU4": ("browDownLeft", "browDownRight"),           # corrugator + procerus
+    "AU5": ("eyeWideLeft", "eyeWideRight"),             # levator palpebrae
+    "AU6": ("cheekSquintLeft", "cheekSquintRight"),     # orbicularis oculi, pars orbitalis
+    "AU7": ("eyeSquintLeft", "eyeSquintRight"),         # orbicularis oculi, pars palpebralis
+    "AU9": ("noseSneerLeft", "noseSneerRight"),         # levator labii superioris alaeque nasi
+    "AU10": ("mouthUpperUpLeft", "mouthUpperUpRight"),  # levator labii superioris
+    "AU12": ("mouthSmileLeft", "mouthSmileRight"),      # zygomaticus major
+    "AU14": ("mouthDimpleLeft", "mouthDimpleRight"),    # buccinator
+    "AU15": ("mouthFrownLeft", "mouthFrownRight"),      # depressor anguli oris
+    "AU17": ("mouthShrugLower",),                       # mentalis
+    "AU20": ("mouthStretchLeft", "mouthStretchRight"),  # risorius
+    "AU24": ("mouthPressLeft", "mouthPressRight"),      # orbicularis oris (press)
+    "AU26": ("jawOpen",),                               # masseter relaxed / pterygoid
+}
+
+# AU25 (lips part) has no blendshape (mouthClose is "lips closed while the jaw is open", not its
+# inverse), so it is measured on the 478 landmarks: inner-lip gap (13 upper, 14 lower) over mouth
+# width (corners 61, 291), mapped linearly from LIP_GAP_RANGE to [0, 1]. The range is a choice:
+# closed lips measure ~0-0.02, clearly parted ones >= ~0.15.
+LIP_GAP_RANGE: tuple[float, float] = (0.02, 0.15)
+LANDMARK_PROXIES = {"AU25": "inner-lip gap (landmarks 13-14) / mouth width (61-291), linear on "
+                            f"[{LIP_GAP_RANGE[0]}, {LIP_GAP_RANGE[1]}] -> [0, 1]"}
+
+
+class AUEstimator(ABC):
+    """`estimate(rgb[, face]) -> {AU: score in [0, 1] or None}` over `self.aus`."""
+
+    name: str = "au_estimator"
+    aus: tuple[str, ...] = DISFA12
+    model_path: Path | None = None
+
+    @abstractmethod
+    def estimate(self, image: np.ndarray, face: Face | None = None) -> dict[str, float | None]: ...
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """Which AUs it covers and how; the pipeline stores this beside the scores."""
+
+    def close(self) -> None:
+        pass
+
+
+AU_ESTIMATORS: dict[str, Callable[..., AUEstimator]] = {}
+
+
+def register_au_estimator(name: str):
+    """Class decorator: make an estimator buildable by `name` from configuration."""
+    def deco(cls):
+        AU_ESTIMATORS[name] = cls
+        return cls
+    return deco
+
+
+def build_au_estimator(name: str, **options) -> AUEstimator:
+    """A registered name, or "package.module:Class" for an estimator that lives elsewhere."""
+    if name in AU_ESTIMATORS:
+        return AU_ESTIMATORS[name](**options)
+    if ":" in name:
+        module, attr = name.split(":", 1)
+        return getattr(importlib.import_module(module), attr)(**options)
+    raise KeyError(f"unknown AU estimator {name!r}; known: {sorted(AU_ESTIMATORS)} or 'module:Class'")
+
+
+def crop_around(image: np.ndarray, face: Face, scale: float = 1.8, min_side: int = 256) -> np.ndarray:
+    """A square crop centred on the face box, `scale` times its longer side, upscaled to >= min_side.
+
+    MediaPipe finds its own face inside; this keeps it on the face the detector chose."""
+    import cv2
+
+    x, y, w, h = face.xywh
+    side = scale * max(w, h)
+    cx, cy = x + w / 2, y + h / 2
+    x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+    x1, y1 = int(round(cx + side / 2)), int(round(cy + side / 2))
+    H, W = image.shape[:2]
+    crop = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
+    crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
+    if crop.shape[0] < min_side:
+        crop = cv2.resize(crop, (min_side, min_side), interpolation=cv2.INTER_CUBIC)
+    return crop
+
+
+def _close_landmarker(landmarker) -> None:
+    """Close a FaceLandmarker, also at interpreter exit, where MediaPipe's own close/__del__ raise
+    (its dispatcher thread pool is already shut down): then mark MediaPipe as shut down, so the
+    C call is skipped and the process exit frees it."""
+    try:
+        landmarker.close()
+    except RuntimeError:
+        from mediapipe.tasks.python.core import mediapipe_c_utils
+
+        mediapipe_c_utils._python_exit()
+        landmarker.close()
+
+
+def _mean(scores: dict[str, float], names: tuple[str, ...]) -> float:
+    return float(np.clip(np.mean([scores[n] for n in names]), 0.0, 1.0))
+
+
+def lip_gap_score(landmarks_px: np.ndarray) -> float:
+    gap = np.linalg.norm(landmarks_px[14] - landmarks_px[13])
+    width = np.linalg.norm(landmarks_px[291] - landmarks_px[61]) + 1e-6
+    lo, hi = LIP_GAP_RANGE
+    return float(np.clip((gap / width - lo) / (hi - lo), 0.0, 1.0))
+
+
+@register_au_estimator("mediapipe")
+class MediaPipeBlendshapeAU(AUEstimator):
+    """MediaPipe FaceLandmarker (tasks API, IMAGE mode) blendshapes -> AU proxies."""
+
+    name = "mediapipe"
+
+    def __init__(self, model_path: str | os.PathLike, aus: tuple[str, ...] | list[str] = DISFA12,
+                 table: dict[str, tuple[str, ...]] | None = None, crop_scale: float = 1.8):
+        from mediapipe.tasks.python import BaseOptions, vision
+
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"face landmarker not found: {self.model_path} (run scripts/install-face-models.sh)")
+        self.aus = tuple(aus)
+        self.table = dict(BLENDSHAPE_AU_TABLE if table is None else table)
+        self.crop_scale = crop_scale
+        options = vision.FaceLandmarkerOptions(
+            base_options=BaseOptions(model_asset_path=str(self.model_path)),
+            running_mode=vision.RunningMode.IMAGE, num_faces=1, output_face_blendshapes=True)
+        self._landmarker = vision.FaceLandmarker.create_from_options(options)
+        self._finalizer = weakref.finalize(self, _close_landmarker, self._landmarker)
+
+    def blendshapes(self, image: np.ndarray) -> tuple[dict[str, float], np.ndarray] | None:
+        """(blendshape name -> score, (478, 2) landmarks in pixels) of the first face, or None."""
+        import mediapipe as mp
+
+        rgb = np.ascontiguousarray(image, dtype=np.uint8)
+        result = self._landmarker.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb))
+        if not result.face_blendshapes:
+            return None
+        scores = {c.category_name: float(c.score) for c in result.face_blendshapes[0]}
+        h, w = rgb.shape[:2]
+        landmarks = np.array([(p.x * w, p.y * h) for p in result.face_landmarks[0]], np.float32)
+        return scores, landmarks
+
+    def estimate(self, image: np.ndarray, face: Face | None = None) -> dict[str, float | None]:
+        """AU proxies of the face (cropped around `face` when given); all None if no face is found."""
+        if face is not None:
+            image = crop_around(image, face, self.crop_scale)
+        found = self.blendshapes(image)
+        if found is None:
+            return {au: None for au in self.aus}
+        scores, landmarks = found
+        out: dict[str, float | None] = {}
+        for au in self.aus:
+            if au in self.table:
+                out[au] = _mean(scores, self.table[au])
+            elif au == "AU25":
+                out[au] = lip_gap_score(landmarks)
+            else:
+                out[au] = None
+        return out
+
+    def describe(self) -> dict:
+        how = {}
+        for au in self.aus:
+            if au in self.table:
+                how[au] = "mean(" + ", ".join(self.table[au]) + ")"
+            elif au in LANDMARK_PROXIES:
+                how[au] = LANDMARK_PROXIES[au]
+            else:
+                how[au] = None
+        return {
+            "name": self.name, "model": str(self.model_path), "scale": "blendshape score in [0, 1]; a proxy, "
+            "not a calibrated FACS 0-5 intensity", "aus": how,
+            "covered": [au for au in self.aus if how[au] is not None],
+            "not_covered": [au for au in self.aus if how[au] is None],
+            "reference": "py-feat feat/utils/region_maps.py BLENDSHAPE_SEEDS (MIT)",
+        }
+
+    def close(self) -> None:
+        self._finalizer()
