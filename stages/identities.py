@@ -40,23 +40,22 @@ def ellipse_mask(size: int, ellipse: EllipseMask) -> np.ndarray:
     return np.where(inside, 255, 0).astype(np.uint8)
 
 
+def _center_square(img: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
+    """Centre-crop to a square (never squash a face) and resize."""
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    return img.crop((left, top, left + side, top + side)).resize((size, size), resample)
+
+
 def load_square_rgb(path: Path, size: int) -> np.ndarray:
-    """Centre-crop to a square (no squashing) and resize with a high-quality filter."""
     with Image.open(path) as img:
-        img = img.convert("RGB")
-        side = min(img.size)
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
-        return np.asarray(img, dtype=np.uint8).copy()
+        return np.asarray(_center_square(img.convert("RGB"), size, Image.Resampling.LANCZOS), dtype=np.uint8).copy()
 
 
 def load_mask(path: Path, size: int) -> np.ndarray:
     with Image.open(path) as img:
-        img = img.convert("L")
-        side = min(img.size)
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.NEAREST)
-        return np.where(np.asarray(img) >= 128, 255, 0).astype(np.uint8)
+        square = _center_square(img.convert("L"), size, Image.Resampling.NEAREST)
+        return np.where(np.asarray(square) >= 128, 255, 0).astype(np.uint8)
 
 
 def make_canvas(reference: np.ndarray, mask: np.ndarray) -> np.ndarray:

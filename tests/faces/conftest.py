@@ -6,7 +6,6 @@ absent the model tests skip with that instruction; the fetch/checksum tests need
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -91,5 +90,3 @@ def t1_faces(detector, t1):
     """t1.jpg's faces, left to right in the picture."""
     return sorted(detector.detect(t1), key=lambda f: float(f.bbox[0]))
 
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
