@@ -48,6 +48,13 @@ BLENDSHAPE_AU_TABLE: dict[str, tuple[str, ...]] = {
 # width (corners 61, 291), mapped linearly from LIP_GAP_RANGE to [0, 1]. The range is a choice:
 # closed lips measure ~0-0.02, clearly parted ones >= ~0.15.
 LIP_GAP_RANGE: tuple[float, float] = (0.02, 0.15)
+# Measured weaknesses of the default proxies, reported by describe() so a filter can weigh them.
+CAVEATS: dict[str, str] = {
+    "AU6": "MediaPipe's cheekSquint stayed <= 0.01 on 8 real faces including 4 broad smiles and a laugh "
+           "(2026-11 measurement): expect misses; eyeSquint (AU7) fires instead but also on neutral faces",
+    "AU4": "browDown rose to ~0.4 on smiling faces in the same photos: confounded by smiles",
+    "AU1": "browInnerUp rose to ~0.7 on a face looking down: confounded by head pitch",
+}
 LANDMARK_PROXIES = {"AU25": "inner-lip gap (landmarks 13-14) / mouth width (61-291), linear on "
                             f"[{LIP_GAP_RANGE[0]}, {LIP_GAP_RANGE[1]}] -> [0, 1]"}
 
@@ -202,6 +209,7 @@ class MediaPipeBlendshapeAU(AUEstimator):
             "not a calibrated FACS 0-5 intensity", "aus": how,
             "covered": [au for au in self.aus if how[au] is not None],
             "not_covered": [au for au in self.aus if how[au] is None],
+            "caveats": {au: CAVEATS[au] for au in self.aus if au in CAVEATS and how[au] is not None},
             "reference": "py-feat feat/utils/region_maps.py BLENDSHAPE_SEEDS (MIT)",
         }
 
