@@ -50,8 +50,9 @@ BLENDSHAPE_AU_TABLE: dict[str, tuple[str, ...]] = {
 LIP_GAP_RANGE: tuple[float, float] = (0.02, 0.15)
 # Measured weaknesses of the default proxies, reported by describe() so a filter can weigh them.
 CAVEATS: dict[str, str] = {
-    "AU6": "MediaPipe's cheekSquint stayed <= 0.01 on 8 real faces including 4 broad smiles and a laugh "
-           "(2026-11 measurement): expect misses; eyeSquint (AU7) fires instead but also on neutral faces",
+    "AU6": "MediaPipe's cheekSquint stayed < 1e-5 on 7 real faces (the astronaut and t1.jpg's six), four "
+           "of them smiling, one laughing: expect AU6 misses; eyeSquint (AU7) fires on smiles but equally "
+           "on neutral faces, so it is no substitute",
     "AU4": "browDown rose to ~0.4 on smiling faces in the same photos: confounded by smiles",
     "AU1": "browInnerUp rose to ~0.7 on a face looking down: confounded by head pitch",
 }
