@@ -11,13 +11,14 @@ export RAY_USAGE_STATS_ENABLED = 0
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml constraints/cpu.txt
+$(STAMP): pyproject.toml constraints/cpu.txt scripts/install-face-models.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints/cpu.txt -e ".[test]"
+	PYTHON=$(BIN)/python bash scripts/install-face-models.sh
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv and install mifa with its test extras (CPU torch)
+setup: $(STAMP) ## create .venv, install mifa + test extras (CPU torch), fetch the offline face models
 
 demo: setup ## build the demo data set (manifests/demo.yaml) into out/demo
 	$(BIN)/mifa build manifests/demo.yaml
