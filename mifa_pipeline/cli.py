@@ -16,8 +16,8 @@ from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build MIFA-style face data sets (images + AU labels) with MAUGen, as Ray-distributed stages.")
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 ManifestArg = Annotated[Optional[Path], typer.Argument(help="build manifest (YAML); omit for the built-in defaults")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a field: dotted.key=value (repeatable)")]

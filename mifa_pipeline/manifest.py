@@ -8,7 +8,6 @@ so two builds with equal fingerprints produce the same shards.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import importlib.metadata
 import json
 import platform
@@ -45,15 +44,15 @@ def model_files(checkpoint: str) -> list[dict[str, Any]]:
     return out
 
 
-def stage_configs(manifest: BuildManifest, model_hash: str) -> dict[str, dict[str, Any]]:
-    """The output-determining config of each stage: what its fingerprint covers."""
+def stage_configs(manifest: BuildManifest, model_hash: str, judge_hashes: list[str] = ()) -> dict[str, dict[str, Any]]:
+    """The output-determining config of each stage: what its fingerprint covers (model files by content)."""
     m = output_determining(manifest)
     return {
         "prompts": {"seed": m["seed"], "count": m["identities"]["count"],
                     "samples_per_identity": m["identities"]["samples_per_identity"], "prompts": m["prompts"]},
         "identities": {"seed": m["seed"], "identities": m["identities"]},
         "generate": {"model": model_hash, "sampler": m["sampler"]},
-        "filter": {"filter": m["filter"]},
+        "filter": {"filter": {k: v for k, v in m["filter"].items() if k != "models_dir"}, "judges": list(judge_hashes)},
         "write": {"writer": m["writer"], "dataset": m["dataset"]},
     }
 
@@ -115,6 +114,3 @@ def read_run_manifest(folder: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME}; is this a finished mifa build?")
     return json.loads(path.read_text(encoding="utf-8"))
 
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -9,6 +9,7 @@ GenerationWorker in an actor pool. Neither the stages nor these functions know w
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from mifa_pipeline.config import BuildManifest
@@ -74,9 +75,28 @@ class GenerationWorker:
         return UnitState(state.unit, people, samples, [*state.stats, id_stats, gen_stats])
 
 
-def filter_unit(manifest: BuildManifest, state: UnitState, resolution: int, detector=None) -> UnitState:
+def face_detector_path(manifest: BuildManifest) -> Path | None:
+    """The judge's detector file for `filter.face_detector`, or None when the face check is off."""
+    if manifest.filter.face_detector == "none":
+        return None
+    from mifa_pipeline.faces import MODEL_FILES, default_model_dir
+
+    folder = manifest.filter.models_dir or default_model_dir()
+    return Path(folder).expanduser() / MODEL_FILES[manifest.filter.face_detector].filename
+
+
+def make_face_detector(manifest: BuildManifest):
+    path = face_detector_path(manifest)
+    if path is None:
+        return None
+    from mifa_pipeline.faces import YuNetDetector
+
+    return YuNetDetector(path).boxes
+
+
+def filter_unit(manifest: BuildManifest, state: UnitState, resolution: int) -> UnitState:
     """Score and decide every sample, then encode its image in the writer's format (CPU work, off the GPU)."""
-    stage = Filtering(manifest.filter, resolution, detector=detector)
+    stage = Filtering(manifest.filter, resolution, detector=make_face_detector(manifest))
     samples, stats = stage.run(state.samples, state.people_by_id)
     w = manifest.writer
     for s in samples:
