@@ -147,8 +147,12 @@ class IdentitySection(_Section):
         return self
 
 
+BUILTIN_GENERATORS = ("demo", "teacher")
+
+
 class ModelSection(_Section):
-    """The MAUGen checkpoint: 'demo' for the built-in model, or a folder in mifa's checkpoint format."""
+    """The generator: 'demo' (the built-in MAUGen), 'teacher' (the procedural renderer with exact labels,
+    what `mifa teacher` uses), or a folder in mifa's MAUGen checkpoint format."""
 
     checkpoint: str = "demo"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -331,7 +335,7 @@ def _resolve_relative(manifest: BuildManifest, base: Path, output_given: bool) -
     if folder is not None and not folder.is_absolute():
         manifest.identities.folder = base / folder
     ckpt = manifest.model.checkpoint
-    if ckpt != "demo" and not Path(ckpt).is_absolute() and (base / ckpt).exists():
+    if ckpt not in BUILTIN_GENERATORS and not Path(ckpt).is_absolute() and (base / ckpt).exists():
         manifest.model.checkpoint = str(base / ckpt)
     return manifest.model_copy(update=update) if update else manifest
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mifa_pipeline import __version__
-from mifa_pipeline.config import BuildManifest, canonical_json, output_determining, sha256_text
+from mifa_pipeline.config import BUILTIN_GENERATORS, BuildManifest, canonical_json, output_determining, sha256_text
 from mifa_pipeline.shards import atomic_write_text, file_digests
 from mifa_pipeline.stages.filter import Filtering
 from mifa_pipeline.stages.generate import Generation
@@ -33,7 +33,7 @@ PACKAGES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "webdataset"
 
 def model_files(checkpoint: str) -> list[dict[str, Any]]:
     """Every file of a checkpoint folder with its sha256 (the demo model is built in: no files)."""
-    if checkpoint == "demo":
+    if checkpoint in BUILTIN_GENERATORS:
         return []
     root = Path(checkpoint)
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
@@ -51,10 +51,19 @@ def stage_configs(manifest: BuildManifest, model_hash: str, judge_hashes: list[s
         "prompts": {"seed": m["seed"], "count": m["identities"]["count"],
                     "samples_per_identity": m["identities"]["samples_per_identity"], "prompts": m["prompts"]},
         "identities": {"seed": m["seed"], "identities": m["identities"]},
-        "generate": {"model": model_hash, "sampler": m["sampler"]},
+        "generate": {"model": model_hash, "sampler": m["sampler"], "generator": _generator_version(manifest)},
         "filter": {"filter": {k: v for k, v in m["filter"].items() if k != "models_dir"}, "judges": list(judge_hashes)},
         "write": {"writer": m["writer"], "dataset": m["dataset"]},
     }
+
+
+def _generator_version(manifest: BuildManifest) -> str:
+    """The teacher fills stage 3 with its own code: its version enters the fingerprint too."""
+    if manifest.model.checkpoint == "teacher":
+        from mifa_pipeline.stages.teacher import TeacherRendering
+
+        return TeacherRendering.version
+    return Generation.version
 
 
 def chain_fingerprints(parent: str, configs: dict[str, dict[str, Any]]) -> list[dict[str, str]]:

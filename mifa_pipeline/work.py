@@ -35,8 +35,18 @@ class UnitState:
         return {p.identity: p for p in self.people}
 
 
+TEACHER_RESOLUTION = 128
+
+
+def uses_teacher(manifest: BuildManifest) -> bool:
+    return manifest.model.checkpoint == "teacher"
+
+
 def expand_unit(manifest: BuildManifest, unit: WorkUnit) -> UnitState:
-    stage = PromptExpansion(manifest.prompts, manifest.seed, manifest.identities.samples_per_identity)
+    describe = None
+    if uses_teacher(manifest):
+        from mifa_pipeline.stages.teacher import describe
+    stage = PromptExpansion(manifest.prompts, manifest.seed, manifest.identities.samples_per_identity, describe)
     people, samples, stats = stage.run(unit.identities)
     return UnitState(unit, people, samples, [stats])
 
@@ -58,8 +68,13 @@ class GenerationWorker:
         threads = self.manifest.resources.torch_threads or math.ceil(self.manifest.resources.cpus_per_worker)
         torch.set_num_threads(max(1, threads))
         m = self.manifest
-        model = load_model(m.model, m.sampler)
-        self.generation = Generation(m.sampler, model, m.prompts.au_names, m.prompts.negative_prompt)
+        if uses_teacher(m):
+            from mifa_pipeline.stages.teacher import TeacherRendering
+
+            self.generation = TeacherRendering(m.sampler.resolution or TEACHER_RESOLUTION, m.prompts.au_names)
+        else:
+            model = load_model(m.model, m.sampler)
+            self.generation = Generation(m.sampler, model, m.prompts.au_names, m.prompts.negative_prompt)
         self.identities = IdentitySampling(m.identities, self.generation.resolution, painter=self.generation.paint)
         return self.generation.resolution
 

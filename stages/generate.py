@@ -46,7 +46,8 @@ def load_model(model: ModelSection, sampler: SamplerSection) -> Any:
 
 
 def model_description(model: ModelSection) -> str:
-    return "builtin:demo-tiny-seed0" if model.checkpoint == "demo" else str(model.checkpoint)
+    builtin = {"demo": "builtin:demo-tiny-seed0", "teacher": "builtin:teacher-renderer"}
+    return builtin.get(model.checkpoint, str(model.checkpoint))
 
 
 def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:

@@ -9,7 +9,7 @@ Each draw uses its own generator seeded by (seed, identity[, sample]).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -29,12 +29,16 @@ def _weighted_choice(generator: np.random.Generator, weights: dict[str, float]) 
 
 
 def describe_person(demographics: dict[str, str]) -> str:
-    """'a young adult East Asian woman with short black hair' (other attributes follow, comma-separated)."""
+    """'a young adult East Asian woman with light skin, brown eyes and short black hair, wearing a blue top'."""
+    known = ("age", "ethnicity", "gender", "skin", "eyes", "hair", "clothing")
     core = " ".join(demographics[k] for k in ("age", "ethnicity", "gender") if k in demographics) or "person"
     text = f"a {core}"
-    if "hair" in demographics:
-        text += f" with {demographics['hair']}"
-    extras = [v for k, v in sorted(demographics.items()) if k not in ("age", "ethnicity", "gender", "hair")]
+    features = [demographics[k] for k in ("skin", "eyes", "hair") if k in demographics]
+    if features:
+        text += " with " + (", ".join(features[:-1]) + " and " + features[-1] if len(features) > 1 else features[0])
+    if "clothing" in demographics:
+        text += f", wearing {demographics['clothing']}"
+    extras = [v for k, v in sorted(demographics.items()) if k not in known]
     return ", ".join([text, *extras])
 
 
@@ -42,8 +46,12 @@ class PromptExpansion:
     name = "prompts"
     version = "1"
 
-    def __init__(self, config: PromptSection, seed: int, samples_per_identity: int):
+    def __init__(self, config: PromptSection, seed: int, samples_per_identity: int,
+                 describe: Callable[[int], dict[str, str]] | None = None):
+        """`describe(reference_seed)`, when given, replaces the drawn demographics: a generator that decides
+        the look itself (the teacher) says in words what it will draw, so prompts match images."""
         self.config = config
+        self.describe = describe
         self.seed = seed
         self.samples_per_identity = samples_per_identity
         au_set = set(config.au_names)
@@ -61,13 +69,17 @@ class PromptExpansion:
 
     # ------------------------------------------------------------------ per identity
     def identity(self, identity: int) -> IdentityRecord:
-        g = rng(self.seed, "demographics", identity)
-        demographics = {attr: _weighted_choice(g, self.config.demographics[attr]) for attr in sorted(self.config.demographics)}
+        reference_seed = derive_seed(self.seed, "reference", identity)
+        if self.describe is not None:
+            demographics = self.describe(reference_seed)
+        else:
+            g = rng(self.seed, "demographics", identity)
+            demographics = {a: _weighted_choice(g, self.config.demographics[a]) for a in sorted(self.config.demographics)}
         prompt = (
             f"a close-up portrait photo of {describe_person(demographics)}, neutral expression, "
             "looking at the camera, soft studio lighting"
         )
-        return IdentityRecord(identity=identity, seed=derive_seed(self.seed, "reference", identity),
+        return IdentityRecord(identity=identity, seed=reference_seed,
                               demographics=demographics, prompt=prompt)
 
     # ------------------------------------------------------------------ per sample

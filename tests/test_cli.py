@@ -63,3 +63,19 @@ def test_build_inspect_verify_with_local_runner(tmp_path, fake_model):
 def test_verify_and_inspect_on_a_non_build_exit_2(tmp_path):
     assert runner.invoke(app, ["verify", str(tmp_path)]).exit_code == 2
     assert runner.invoke(app, ["inspect", str(tmp_path)]).exit_code == 2
+
+
+def test_teacher_command_writes_a_verified_labelled_data_set(tmp_path):
+    import webdataset as wds
+
+    out = tmp_path / "teacher"
+    result = runner.invoke(app, ["teacher", str(out), "-n", "3", "-m", "2", "--resolution", "64",
+                                 "--runner", "local", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == "builtin:teacher-renderer" and manifest["counts"]["kept_samples"] == 6
+    for sample in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False).decode("rgb8"):
+        meta = sample["json"]
+        assert sample["png"].shape == (64, 64, 3)
+        assert meta["intensity_rounded"] == meta["requested_aus"]

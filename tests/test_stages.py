@@ -129,3 +129,24 @@ def test_decide_uses_face_scores_when_present():
     assert decide({**base, "face_count": 2, "face_fraction": 0.3}, cfg) == "multiple_faces"
     assert decide({**base, "face_count": 1, "face_fraction": 0.05}, cfg) == "face_too_small"
     assert decide({**base, "face_count": 1, "face_fraction": 0.3}, cfg) is None
+
+
+def test_teacher_renders_the_requested_aus_with_exact_labels_and_describes_its_faces():
+    from mifa_pipeline.stages.teacher import TeacherRendering, describe
+
+    stage = PromptExpansion(PromptSection(), seed=3, samples_per_identity=4, describe=describe)
+    people, samples, _ = stage.run(range(2))
+    assert set(people[0].demographics) == {"skin", "eyes", "hair", "clothing"}
+    assert people[0].demographics["hair"] in samples[0].prompt and "skin" in samples[0].prompt
+    teacher = TeacherRendering(64, list(DISFA12))
+    people, _ = IdentitySampling(IdentitySection(count=2), 64, painter=teacher.paint).run(people)
+    out, _ = teacher.run(samples, {p.identity: p for p in people})
+    for s in out:
+        assert s.image.shape == (64, 64, 3)
+        assert s.intensity == {au: float(v) for au, v in s.requested.items()}
+        assert s.occurrence_prob == {au: float(v >= 1) for au, v in s.requested.items()}
+    # same identity, different expression -> different pixels; the neutral reference differs from a smile
+    neutral = teacher.paint([""], [people[0].seed])[0]
+    assert not np.array_equal(neutral, out[0].image) or not any(out[0].requested.values())
+    with pytest.raises(ValueError, match="the teacher renders"):
+        TeacherRendering(64, ["AU1", "AU7"])
