@@ -98,11 +98,14 @@ class AuxiliaryHead(nn.Module):
         h = F.gelu(F.instance_norm(h, eps=1e-5))
         h = self.pointwise_conv2(self.depthwise_conv2(h))
         h = F.gelu(F.instance_norm(h, eps=1e-5))
-        b, c, hh, ww = h.shape
-        p = self.patch_size
-        # b c (h p1) (w p2) -> b (h w) (c p1 p2)
-        h = h.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (hh // p) * (ww // p), c * p * p)
-        return self.patch_embedding(h)
+        return self.patch_embedding(patchify(h, self.patch_size))
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Non-overlapping p x p patches, row-major: ``b c (h p1) (w p2) -> b (h w) (c p1 p2)`` (reference §1.3)."""
+    b, c, hh, ww = x.shape
+    x = x.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (hh // p) * (ww // p), c * p * p)
 
 
 def _mha(dim: int, heads: int) -> nn.ModuleList:

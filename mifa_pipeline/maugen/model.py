@@ -47,6 +47,9 @@ class MAUGen(nn.Module):
         if tuple(au_cue.shape) != shape:
             raise ValueError(f"AU cue must have shape {list(shape)}, got {list(au_cue.shape)}")
         self.au_cue = nn.Parameter(au_cue.detach().clone(), requires_grad=False)
+        # Samples per UNet batch inside ``sample`` (None: the whole call). 1 gives bitwise batch invariance
+        # on CPU at some speed cost; batching only changes results within float tolerance otherwise.
+        self.micro_batch_size: int | None = None
         self.requires_grad_(False)
         self.eval()
 

@@ -122,7 +122,30 @@ def sample(
     negative_prompt: str = "",
     scheduler: str = "ddim",
 ) -> MAUGenOutput:
+    """Generate ``len(prompts)`` samples; see ``MAUGen.sample`` for the argument contract.
+
+    With ``model.micro_batch_size`` set, the batch is processed in chunks of that many samples. Chunks of 1
+    make every sample's computation use the same tensor shapes whatever batch it came in, which makes the
+    result bitwise independent of the batch (CPU kernels pick shape-dependent algorithms; see README).
+    """
     _check_inputs(model, prompts, masked_images, masks, identity_embeds, generators)
+    n = len(prompts)
+    chunk = model.micro_batch_size or n
+    if chunk >= n:
+        return _sample_batch(model, prompts, masked_images, masks, identity_embeds, generators,
+                             num_inference_steps, guidance_scale, negative_prompt, scheduler)
+    outs = []
+    for lo in range(0, n, chunk):
+        sl = slice(lo, lo + chunk)
+        ident = identity_embeds if identity_embeds is None or identity_embeds.shape[0] == 1 else identity_embeds[sl]
+        outs.append(_sample_batch(model, list(prompts[sl]), masked_images[sl], masks[sl], ident, generators[sl],
+                                  num_inference_steps, guidance_scale, negative_prompt, scheduler))
+    return MAUGenOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in
+                          ("images", "occurrence_prob", "intensity", "intensity_rounded")))
+
+
+def _sample_batch(model, prompts, masked_images, masks, identity_embeds, generators,
+                  num_inference_steps, guidance_scale, negative_prompt, scheduler) -> MAUGenOutput:
     device, dtype = model.device, model.dtype
     b = len(prompts)
     cfg = guidance_scale > 1.0
