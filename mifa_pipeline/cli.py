@@ -16,6 +16,9 @@ from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build MIFA-style face data sets (images + AU labels) with MAUGen, as Ray-distributed stages.")
+from mifa_pipeline.maugen.cli import model_app  # noqa: E402  (cheap: the model package loads lazily)
+
+app.add_typer(model_app, name="model")
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 

@@ -174,13 +174,55 @@ class SamplerSection(_Section):
         return value
 
 
+class FaceCheck(_Section):
+    """Detection by an independent detector: exactly one face of a sensible size."""
+
+    detector: Literal["none", "yunet", "scrfd"] = Field("none", description="'none' records the face check as not run")
+    path: Path | None = Field(None, description="detector file; default for yunet: the offline file in models_dir")
+    min_fraction: float = Field(0.05, ge=0, le=1, description="face box area / image area")
+
+
+class IdentityCheck(_Section):
+    """Generated face vs its identity's reference face, by an ArcFace-type embedder through insightface."""
+
+    embedder: Literal["none", "sface", "arcface"] = "none"
+    path: Path | None = Field(None, description="embedder ONNX; default for sface: the offline file in models_dir")
+    min_cosine: float | None = Field(None, ge=-1, le=1, description="drop below this (per model: SFace ~0.3-0.4)")
+    duplicate_cosine: float | None = Field(None, ge=-1, le=1,
+                                           description="drop an identity whose reference is this close to an earlier one")
+
+
+class AUCheck(_Section):
+    """MAUGen's labels and the prompt's request vs an independent AU estimate (e.g. MediaPipe blendshapes)."""
+
+    estimator: str = Field("none", description="'none', 'mediapipe', or 'package.module:Class'")
+    path: Path | None = Field(None, description="estimator model file; default for mediapipe: models_dir")
+    aus: list[str] | None = Field(None, description="AUs that count in agreement; default: all the estimator covers")
+    present_threshold: float = Field(0.3, ge=0, le=1, description="estimate >= this counts as the AU shown")
+    min_agreement: float | None = Field(None, ge=0, le=1, description="drop when au_agreement is below this")
+    max_label_mae: float | None = Field(None, ge=0, le=5, description="drop when generated vs requested MAE is above")
+
+
 class FilterSection(_Section):
-    """Stage 4 thresholds. Checks that need a face model are switched by `face_detector`."""
+    """Stage 4. Every score is stored; these thresholds only decide keep/drop (re-decidable by `mifa filter`)."""
 
     min_pixel_std: float = Field(2.0, ge=0, description="an image whose pixel std is below this is 'blank'")
-    face_detector: Literal["none", "yunet"] = Field("none", description="'none' records the face check as not run")
-    min_face_fraction: float = Field(0.05, ge=0, le=1, description="face box area / image area")
-    models_dir: Path | None = Field(None, description="face model files; default: the per-user cache")
+    face: FaceCheck = Field(default_factory=FaceCheck)
+    identity: IdentityCheck = Field(default_factory=IdentityCheck)
+    au: AUCheck = Field(default_factory=AUCheck)
+    models_dir: Path | None = Field(None, description="offline face model files; default: the per-user cache")
+
+    @model_validator(mode="after")
+    def _needs_faces(self) -> "FilterSection":
+        if self.face.detector == "none":
+            for name, on in (("identity.embedder", self.identity.embedder != "none"), ("au.estimator", self.au.estimator != "none")):
+                if on:
+                    raise ValueError(f"filter.{name} needs a face: set filter.face.detector (e.g. yunet)")
+        if self.identity.embedder == "arcface" and self.identity.path is None:
+            raise ValueError("filter.identity.embedder 'arcface' needs filter.identity.path (your model's ONNX)")
+        if self.face.detector == "scrfd" and self.face.path is None:
+            raise ValueError("filter.face.detector 'scrfd' needs filter.face.path (e.g. det_10g.onnx)")
+        return self
 
 
 class WriterSection(_Section):

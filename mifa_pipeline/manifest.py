@@ -44,7 +44,7 @@ def model_files(checkpoint: str) -> list[dict[str, Any]]:
     return out
 
 
-def stage_configs(manifest: BuildManifest, model_hash: str, judge_hashes: list[str] = ()) -> dict[str, dict[str, Any]]:
+def stage_configs(manifest: BuildManifest, model_hash: str, judges: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """The output-determining config of each stage: what its fingerprint covers (model files by content)."""
     m = output_determining(manifest)
     return {
@@ -52,9 +52,18 @@ def stage_configs(manifest: BuildManifest, model_hash: str, judge_hashes: list[s
                     "samples_per_identity": m["identities"]["samples_per_identity"], "prompts": m["prompts"]},
         "identities": {"seed": m["seed"], "identities": m["identities"]},
         "generate": {"model": model_hash, "sampler": m["sampler"], "generator": _generator_version(manifest)},
-        "filter": {"filter": {k: v for k, v in m["filter"].items() if k != "models_dir"}, "judges": list(judge_hashes)},
+        "filter": {"filter": filter_config(manifest), "judges": dict(sorted((judges or {}).items()))},
         "write": {"writer": m["writer"], "dataset": m["dataset"]},
     }
+
+
+def filter_config(manifest: BuildManifest) -> dict[str, Any]:
+    """The filter section without where model files live (their content enters through judge fingerprints)."""
+    f = manifest.filter.model_dump(mode="json")
+    f.pop("models_dir")
+    for judge in ("face", "identity", "au"):
+        f[judge].pop("path")
+    return f
 
 
 def _generator_version(manifest: BuildManifest) -> str:

@@ -81,6 +81,7 @@ def identity_rows(people: list[IdentityRecord]) -> pa.Table:
         "source": [p.source for p in people],
         "reference_png": pa.array([encode_image(p.reference, "png") for p in people], pa.binary()),
         "mask_png": pa.array([encode_image(p.mask, "png") for p in people], pa.binary()),
+        "embedding": pa.array([p.embedding for p in people], pa.list_(pa.float32())),
     })
 
 
@@ -102,6 +103,10 @@ def commit_unit(out: Path, unit: WorkUnit, people: list[IdentityRecord], samples
 
 def read_samples(out: Path, unit: WorkUnit, columns: list[str] | None = None) -> list[dict[str, Any]]:
     return pq.read_table(unit_dir(out, unit) / "samples.parquet", columns=columns).to_pylist()
+
+
+def read_identities(out: Path, unit: WorkUnit, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    return pq.read_table(unit_dir(out, unit) / "identities.parquet", columns=columns).to_pylist()
 
 
 def read_stats(out: Path, unit: WorkUnit) -> dict[str, dict[str, Any]]:

@@ -25,6 +25,7 @@ class IdentityRecord:
     mask: np.ndarray | None = None  # uint8 HxW, 255 = region to generate
     canvas: np.ndarray | None = None  # uint8 HxWx3: reference with the mask region black
     source: str = ""  # "generated" or "folder:<file name>"
+    embedding: list[float] | None = None  # the reference face's identity embedding (filter stage, when on)
 
 
 @dataclass

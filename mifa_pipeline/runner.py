@@ -27,7 +27,8 @@ from mifa_pipeline.shards import atomic_write_text, write_shard_index
 from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.stages.identities import reference_files
 from mifa_pipeline.stages.write import ShardWriting
-from mifa_pipeline.work import GenerationWorker, UnitState, expand_unit, face_detector_path, filter_unit
+from mifa_pipeline.judging import JudgeFileError, judge_specs
+from mifa_pipeline.work import GenerationWorker, UnitState, expand_unit, filter_unit
 
 BUILD_STATE = "build.json"  # _work/build.json: which build this folder holds (written before any unit)
 
@@ -87,22 +88,18 @@ def prepare(manifest: BuildManifest, fresh: bool = False) -> PreparedBuild:
         found = len(reference_files(ids.folder))
         if found < ids.count:
             raise BuildError(f"identities.folder: {ids.folder} holds {found} images, identities.count needs {ids.count}")
-    detector = face_detector_path(manifest)
-    if detector is not None and not detector.is_file():
-        raise BuildError(f"filter.face_detector: {manifest.filter.face_detector} needs {detector}, which is missing; "
-                         "run scripts/install-face-models.sh or set filter.models_dir")
+    try:
+        judges = judge_specs(manifest.filter)
+    except JudgeFileError as exc:
+        raise BuildError(str(exc)) from None
     out = manifest.output
     if out.exists() and not out.is_dir():
         raise BuildError(f"output {out}: exists and is not a folder")
     _check_writable(out)
     files = model_files(ckpt)
-    judges = []
-    if detector is not None:
-        from mifa_pipeline.faces import model_record
-
-        judges.append(model_record(detector, "face_detector"))
-    configs = stage_configs(manifest, model_hash(files, ckpt), [j["sha256"] for j in judges])
-    build = PreparedBuild(manifest, BuildPlan.from_manifest(manifest), files + judges, chain_fingerprints("", configs), fresh)
+    configs = stage_configs(manifest, model_hash(files, ckpt), {n: j.fingerprint for n, j in judges.items()})
+    records = files + [j.record for j in judges.values() if j.record]
+    build = PreparedBuild(manifest, BuildPlan.from_manifest(manifest), records, chain_fingerprints("", configs), fresh)
     existing = _existing_fingerprint(out) if out.is_dir() else None
     if out.is_dir() and any(out.iterdir()) and existing is None:
         raise BuildError(f"output {out}: folder is not empty and holds no mifa build; refusing to write into it")

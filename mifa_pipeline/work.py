@@ -9,10 +9,10 @@ GenerationWorker in an actor pool. Neither the stages nor these functions know w
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import dataclass, field
 
 from mifa_pipeline.config import BuildManifest
+from mifa_pipeline.judging import Judges, judge_specs
 from mifa_pipeline.plan import WorkUnit
 from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
 from mifa_pipeline.shards import encode_image
@@ -90,29 +90,17 @@ class GenerationWorker:
         return UnitState(state.unit, people, samples, [*state.stats, id_stats, gen_stats])
 
 
-def face_detector_path(manifest: BuildManifest) -> Path | None:
-    """The judge's detector file for `filter.face_detector`, or None when the face check is off."""
-    if manifest.filter.face_detector == "none":
-        return None
-    from mifa_pipeline.faces import MODEL_FILES, default_model_dir
-
-    folder = manifest.filter.models_dir or default_model_dir()
-    return Path(folder).expanduser() / MODEL_FILES[manifest.filter.face_detector].filename
-
-
-def make_face_detector(manifest: BuildManifest):
-    path = face_detector_path(manifest)
-    if path is None:
-        return None
-    from mifa_pipeline.faces import YuNetDetector
-
-    return YuNetDetector(path).boxes
-
-
 def filter_unit(manifest: BuildManifest, state: UnitState, resolution: int) -> UnitState:
     """Score and decide every sample, then encode its image in the writer's format (CPU work, off the GPU)."""
-    stage = Filtering(manifest.filter, resolution, detector=make_face_detector(manifest))
-    samples, stats = stage.run(state.samples, state.people_by_id)
+    judges = None
+    specs = judge_specs(manifest.filter)
+    if specs:
+        judges = Judges(manifest.filter, specs)
+    try:
+        samples, stats = Filtering(manifest.filter, resolution, judges).run(state.samples, state.people_by_id)
+    finally:
+        if judges is not None:
+            judges.close()
     w = manifest.writer
     for s in samples:
         s.image_bytes = encode_image(s.image, w.image_format, w.quality) if s.scores.get("image_valid") else b""

@@ -1,28 +1,38 @@
 """Stage 4, filtering: score every sample, then keep it or drop it with a reason.
 
-Scoring and deciding are separate on purpose: scores are stored for every sample (kept or not), so a
-curator can re-decide with other thresholds without running any model again (`decide` alone).
-Checks here: the image is valid and not blank, the labels are finite and in range, and, when a face
-detector is configured, exactly one face of a sensible size is found. Identity and AU consistency
-scores from independent face models plug in through `scorers`.
+Three kinds of numbers, kept apart so a curator can re-decide without running a model:
+- raw scores, stored per sample: image checks (`image_valid`, `pixel_std`), label checks (`labels_in_range`,
+  `au_mae_requested`: mean |generated - requested| intensity), and the judges' outputs (`face_count`,
+  `face_fraction`, `face_score`, `identity_cosine`: generated face vs its identity's reference,
+  `au_est_<AU>`: the independent estimate, a 0..1 proxy, None where the estimator has no proxy);
+- derived scores, recomputed from raw ones and thresholds (`derived_scores`): `au_agree_<AU>` is 1 when the
+  estimate says the AU is shown (>= au.present_threshold) exactly when the prompt asked for it (intensity
+  >= 2, the DISFA protocol), `au_agreement` their mean over the counted AUs (request vs independent
+  estimate), `au_agreement_labels` the same with MAUGen's own occurrence (p >= 0.5) in place of the request;
+- the decision (`decide`): None to keep, else the first failing check's reason.
+The judges (face models) are injected; this module loads no model.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from mifa_pipeline.config import FilterSection
 from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
 
-# A scorer adds named scores for a sample, given its identity record (e.g. identity cosine, AU agreement).
-Scorer = Callable[[SampleRecord, IdentityRecord], dict[str, Any]]
-# A face detector returns one (x, y, w, h, score) tuple per face found in an RGB uint8 image.
-FaceDetector = Callable[[np.ndarray], list[tuple[float, float, float, float, float]]]
+REQUESTED_PRESENT = 2  # FACS intensity from which the prompt counts an AU as present (DISFA protocol)
+
+
+class JudgeModels(Protocol):
+    run: set[str]
+
+    def reference_embeddings(self, references: dict[int, np.ndarray]) -> dict[int, list[float] | None]: ...
+
+    def score(self, image: np.ndarray, reference_embedding: list[float] | None) -> dict[str, Any]: ...
 
 
 def image_scores(image: np.ndarray | None, resolution: int) -> dict[str, Any]:
@@ -46,17 +56,24 @@ def label_scores(sample: SampleRecord) -> dict[str, Any]:
     return {"labels_in_range": ok, "au_mae_requested": mae}
 
 
-def face_scores(image: np.ndarray, detector: FaceDetector | None) -> dict[str, Any]:
-    if detector is None:  # recorded as "not checked", never as a pass
-        return {"face_count": None, "face_fraction": None, "face_score": None}
-    faces = detector(image)
-    area = float(image.shape[0] * image.shape[1])
-    biggest = max(faces, key=lambda f: f[2] * f[3], default=None)
-    return {
-        "face_count": len(faces),
-        "face_fraction": None if biggest is None else round(biggest[2] * biggest[3] / area, 5),
-        "face_score": None if biggest is None else round(float(biggest[4]), 5),
-    }
+def derived_scores(raw: dict[str, Any], requested: dict[str, int], occurrence_prob: dict[str, float],
+                   config: FilterSection) -> dict[str, Any]:
+    """AU agreement from the stored estimates; thresholds only, no model."""
+    estimates = {k.removeprefix("au_est_"): v for k, v in raw.items() if k.startswith("au_est_")}
+    if not estimates:
+        return {}
+    counted = [au for au in (config.au.aus or estimates) if estimates.get(au) is not None and au in requested]
+    out: dict[str, Any] = {}
+    vs_request, vs_labels = [], []
+    for au in counted:
+        shown = estimates[au] >= config.au.present_threshold
+        agree = int(shown == (requested[au] >= REQUESTED_PRESENT))
+        out[f"au_agree_{au}"] = agree
+        vs_request.append(agree)
+        vs_labels.append(int(shown == (occurrence_prob.get(au, 0.0) >= 0.5)))
+    out["au_agreement"] = round(float(np.mean(vs_request)), 5) if counted and raw.get("face_count") else None
+    out["au_agreement_labels"] = round(float(np.mean(vs_labels)), 5) if counted and raw.get("face_count") else None
+    return out
 
 
 def decide(scores: dict[str, Any], config: FilterSection) -> str | None:
@@ -73,37 +90,50 @@ def decide(scores: dict[str, Any], config: FilterSection) -> str | None:
             return "no_face"
         if count > 1:
             return "multiple_faces"
-        if scores["face_fraction"] < config.min_face_fraction:
+        if scores["face_fraction"] < config.face.min_fraction:
             return "face_too_small"
+    threshold = config.identity.min_cosine
+    cosine = scores.get("identity_cosine")
+    if threshold is not None and "identity_cosine" in scores and (cosine is None or cosine < threshold):
+        return "identity_mismatch"
+    agreement = scores.get("au_agreement")
+    if config.au.min_agreement is not None and agreement is not None and agreement < config.au.min_agreement:
+        return "au_inconsistent"
+    if config.au.max_label_mae is not None and scores["au_mae_requested"] > config.au.max_label_mae:
+        return "labels_off_request"
     return None
+
+
+def redecide(raw: dict[str, Any], requested: dict[str, int], occurrence_prob: dict[str, float],
+             config: FilterSection) -> tuple[dict[str, Any], str | None]:
+    """Raw scores -> (all scores, drop reason): what a threshold-only re-filter runs for each sample."""
+    scores = {k: v for k, v in raw.items() if not k.startswith(("au_agree", "au_agreement"))}
+    scores.update(derived_scores(scores, requested, occurrence_prob, config))
+    return scores, decide(scores, config)
 
 
 class Filtering:
     name = "filter"
-    version = "1"
+    version = "2"
 
-    def __init__(self, config: FilterSection, resolution: int, detector: FaceDetector | None = None,
-                 scorers: list[Scorer] = ()):
+    def __init__(self, config: FilterSection, resolution: int, judges: JudgeModels | None = None):
         self.config = config
         self.resolution = resolution
-        self.detector = detector
-        self.scorers = list(scorers)
-
-    def score(self, sample: SampleRecord, person: IdentityRecord) -> dict[str, Any]:
-        scores = image_scores(sample.image, self.resolution)
-        scores.update(label_scores(sample))
-        if scores["image_valid"]:
-            scores.update(face_scores(sample.image, self.detector))
-            for scorer in self.scorers:
-                scores.update(scorer(sample, person))
-        return scores
+        self.judges = judges
 
     def run(self, samples: list[SampleRecord], people: dict[int, IdentityRecord]) -> tuple[list[SampleRecord], StageStats]:
         start = time.perf_counter()
         stats = StageStats(self.name, self.version, n_in=len(samples))
+        if self.judges is not None and "identity" in self.judges.run:
+            embeddings = self.judges.reference_embeddings({i: p.reference for i, p in people.items()})
+            for i, p in people.items():
+                p.embedding = embeddings[i]
         for sample in samples:
-            sample.scores = self.score(sample, people[sample.identity])
-            sample.drop_reason = decide(sample.scores, self.config)
+            raw = image_scores(sample.image, self.resolution)
+            raw.update(label_scores(sample))
+            if raw["image_valid"] and self.judges is not None and self.judges.run:
+                raw.update(self.judges.score(sample.image, people[sample.identity].embedding))
+            sample.scores, sample.drop_reason = redecide(raw, sample.requested, sample.occurrence_prob, self.config)
             sample.keep = sample.drop_reason is None
             if sample.keep:
                 stats.n_out += 1
@@ -111,3 +141,27 @@ class Filtering:
                 stats.drop(sample.drop_reason)
         stats.seconds = time.perf_counter() - start
         return samples, stats
+
+
+class DuplicateIdentities:
+    """Flags an identity whose reference face is too close to an *earlier* identity's (global order).
+
+    Comparing only with earlier identities keeps the decision streamable and deterministic: when a unit's
+    turn comes in the ordered shard pass, every identity before it is known.
+    """
+
+    def __init__(self, threshold: float | None):
+        self.threshold = threshold
+        self._seen: list[np.ndarray] = []
+
+    def nearest(self, embedding: list[float] | None) -> float | None:
+        """Cosine to the nearest earlier identity (then remembers this one)."""
+        if embedding is None:
+            return None
+        e = np.asarray(embedding, dtype=np.float64)
+        best = max((float(np.dot(e, s)) for s in self._seen), default=None)
+        self._seen.append(e)
+        return None if best is None else round(best, 5)
+
+    def is_duplicate(self, nearest: float | None) -> bool:
+        return self.threshold is not None and nearest is not None and nearest >= self.threshold

@@ -184,19 +184,19 @@ def test_resume_after_sigkill_is_byte_identical(small_manifest, fake_model, tmp_
 
 def test_face_check_with_the_real_yunet_detector(small_manifest, fake_model):
     """The fake draws no faces: with YuNet on, every sample is dropped as no_face and the judge is recorded."""
-    from mifa_pipeline.work import face_detector_path
+    from mifa_pipeline.faces import models_available
 
-    m = small_manifest("filter.face_detector=yunet")
-    if not face_detector_path(m).is_file():
+    if not models_available():
         pytest.skip("run scripts/install-face-models.sh (make setup does)")
+    m = small_manifest("filter.face.detector=yunet")
     c = build(m).manifest
     assert c["stages"]["filter"]["dropped"] == {"no_face": 18}
-    judge = [f for f in c["models"] if f["role"] == "face_detector"]
+    judge = [f for f in c["models"] if f["role"] == "judge:face"]
     assert judge and len(judge[0]["sha256"]) == 64
 
 
 def test_missing_face_model_is_a_clear_error(small_manifest, tmp_path):
-    m = small_manifest("filter.face_detector=yunet", f"filter.models_dir={tmp_path}", out=tmp_path / "o")
-    with pytest.raises(BuildError, match="filter.face_detector: yunet needs .*missing"):
+    m = small_manifest("filter.face.detector=yunet", f"filter.models_dir={tmp_path}", out=tmp_path / "o")
+    with pytest.raises(BuildError, match="filter.face.detector: yunet needs .*missing"):
         prepare(m)
     assert not (tmp_path / "o").exists()

@@ -119,12 +119,12 @@ def test_filter_scores_every_sample_and_drops_with_reasons():
     assert [s.drop_reason for s in out[:3]] == ["blank_image", "labels_out_of_range", "invalid_image"]
     assert all(s.keep for s in out[3:]) and stats.n_out == 3
     assert stats.dropped == {"blank_image": 1, "labels_out_of_range": 1, "invalid_image": 1}
-    assert out[3].scores["face_count"] is None  # no detector configured: recorded as not checked
+    assert "face_count" not in out[3].scores  # no judge configured: nothing claims a face was checked
 
 
 def test_decide_uses_face_scores_when_present():
     base = {"image_valid": True, "pixel_std": 40.0, "labels_in_range": True}
-    cfg = FilterSection(min_face_fraction=0.1)
+    cfg = FilterSection(face={"min_fraction": 0.1})
     assert decide({**base, "face_count": 0}, cfg) == "no_face"
     assert decide({**base, "face_count": 2, "face_fraction": 0.3}, cfg) == "multiple_faces"
     assert decide({**base, "face_count": 1, "face_fraction": 0.05}, cfg) == "face_too_small"
