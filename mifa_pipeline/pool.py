@@ -85,28 +85,71 @@ def identity_rows(people: list[IdentityRecord]) -> pa.Table:
     })
 
 
-def commit_unit(out: Path, unit: WorkUnit, people: list[IdentityRecord], samples: list[SampleRecord],
-                stats: list[StageStats], image_ext: str) -> None:
+def write_unit(out: Path, unit: WorkUnit, samples: pa.Table, identities: pa.Table, stats: dict[str, Any],
+               judges: dict[str, str], source: Path | None = None) -> None:
+    """Write a unit folder under a temporary name, fsync, rename: it is whole or absent.
+
+    `judges` are the fingerprints of the judges whose raw scores the samples hold; `source`, for a
+    re-filtered version, is the unit folder of the build that holds the images (not copied again).
+    """
     final = unit_dir(out, unit)
     tmp = final.with_name(f"{TMP_PREFIX}{unit.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    by_id = {p.identity: p for p in people}
-    pq.write_table(sample_rows(samples, by_id, image_ext), tmp / "samples.parquet", compression="zstd")
-    pq.write_table(identity_rows(people), tmp / "identities.parquet", compression="zstd")
-    (tmp / "stats.json").write_text(_json({s.name: s.to_json() for s in stats}) + "\n")
+    pq.write_table(samples, tmp / "samples.parquet", compression="zstd")
+    pq.write_table(identities, tmp / "identities.parquet", compression="zstd")
+    (tmp / "judges.json").write_text(_json(dict(sorted(judges.items()))) + "\n")
+    if source is not None:
+        (tmp / "source.json").write_text(_json({"unit": str(source)}) + "\n")
+    (tmp / "stats.json").write_text(_json(stats) + "\n")  # last: its presence marks the unit committed
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     os.replace(tmp, final)
 
 
+def commit_unit(out: Path, unit: WorkUnit, people: list[IdentityRecord], samples: list[SampleRecord],
+                stats: list[StageStats], image_ext: str, judges: dict[str, str]) -> None:
+    by_id = {p.identity: p for p in people}
+    write_unit(out, unit, sample_rows(samples, by_id, image_ext), identity_rows(people),
+               {s.name: s.to_json() for s in stats}, judges)
+
+
+def source_dir(out: Path, unit: WorkUnit) -> Path:
+    """The unit folder that holds this unit's images and reference faces."""
+    folder = unit_dir(out, unit)
+    source = folder / "source.json"
+    return Path(json.loads(source.read_text())["unit"]) if source.is_file() else folder
+
+
+def _read(out: Path, unit: WorkUnit, table: str, columns: list[str] | None, media: tuple[str, ...]) -> pa.Table:
+    """A unit table, with media columns (images, reference faces) joined from the source unit if elsewhere."""
+    folder = unit_dir(out, unit)
+    data = pq.read_table(folder / table, columns=columns)
+    wanted = [c for c in media if columns is None or c in columns]
+    source = source_dir(out, unit)
+    if source == folder or not wanted:
+        return data
+    key = "key" if table == "samples.parquet" else "identity"
+    media_table = pq.read_table(source / table, columns=[key, *wanted])
+    if media_table.column(key).to_pylist() != data.column(key).to_pylist():
+        raise RuntimeError(f"{folder}: rows differ from its source {source}")
+    for name in wanted:
+        data = data.set_column(data.schema.get_field_index(name), name, media_table.column(name))
+    return data
+
+
 def read_samples(out: Path, unit: WorkUnit, columns: list[str] | None = None) -> list[dict[str, Any]]:
-    return pq.read_table(unit_dir(out, unit) / "samples.parquet", columns=columns).to_pylist()
+    return _read(out, unit, "samples.parquet", columns, ("image",)).to_pylist()
+
+
+def read_judges(out: Path, unit: WorkUnit) -> dict[str, str]:
+    path = unit_dir(out, unit) / "judges.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def read_identities(out: Path, unit: WorkUnit, columns: list[str] | None = None) -> list[dict[str, Any]]:
-    return pq.read_table(unit_dir(out, unit) / "identities.parquet", columns=columns).to_pylist()
+    return _read(out, unit, "identities.parquet", columns, ("reference_png", "mask_png")).to_pylist()
 
 
 def read_stats(out: Path, unit: WorkUnit) -> dict[str, dict[str, Any]]:

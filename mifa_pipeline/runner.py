@@ -24,6 +24,7 @@ from mifa_pipeline.plan import BuildPlan, WorkUnit
 from mifa_pipeline.progress import BuildProgress
 from mifa_pipeline.records import StageStats
 from mifa_pipeline.shards import atomic_write_text, write_shard_index
+from mifa_pipeline.stages.filter import DuplicateIdentities
 from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.stages.identities import reference_files
 from mifa_pipeline.stages.write import ShardWriting
@@ -43,6 +44,7 @@ class PreparedBuild:
     plan: BuildPlan
     models: list[dict[str, Any]]
     fingerprints: list[dict[str, str]]
+    judges: dict[str, str] = field(default_factory=dict)  # judge name -> fingerprint (see judging.py)
     fresh: bool = False
     state: str = "new"  # new | resume | complete
 
@@ -92,14 +94,20 @@ def prepare(manifest: BuildManifest, fresh: bool = False) -> PreparedBuild:
         judges = judge_specs(manifest.filter)
     except JudgeFileError as exc:
         raise BuildError(str(exc)) from None
-    out = manifest.output
-    if out.exists() and not out.is_dir():
-        raise BuildError(f"output {out}: exists and is not a folder")
-    _check_writable(out)
     files = model_files(ckpt)
     configs = stage_configs(manifest, model_hash(files, ckpt), {n: j.fingerprint for n, j in judges.items()})
     records = files + [j.record for j in judges.values() if j.record]
-    build = PreparedBuild(manifest, BuildPlan.from_manifest(manifest), records, chain_fingerprints("", configs), fresh)
+    build = PreparedBuild(manifest, BuildPlan.from_manifest(manifest), records, chain_fingerprints("", configs),
+                          {n: j.fingerprint for n, j in judges.items()}, fresh)
+    return _check_output(build)
+
+
+def _check_output(build: PreparedBuild) -> PreparedBuild:
+    """Refuse a folder that holds something else; mark a matching one for resume (or as complete)."""
+    out, fresh = build.out, build.fresh
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"output {out}: exists and is not a folder")
+    _check_writable(out)
     existing = _existing_fingerprint(out) if out.is_dir() else None
     if out.is_dir() and any(out.iterdir()) and existing is None:
         raise BuildError(f"output {out}: folder is not empty and holds no mifa build; refusing to write into it")
@@ -139,6 +147,9 @@ class BuildRunner:
         self.out = build.out
         self.show_progress = progress
         self.progress: BuildProgress | None = None
+        on = "identity" in build.judges
+        self.duplicates = DuplicateIdentities(build.manifest.filter.identity.duplicate_cosine) if on else None
+        self.duplicate_stats = StageStats("duplicates", DuplicateIdentities.version)
 
     # ------------------------------------------------------------------ for subclasses
     def execute(self, units: list[WorkUnit]) -> Iterator[UnitState]:
@@ -190,8 +201,7 @@ class BuildRunner:
             with BuildProgress(totals, done, enabled=self.show_progress) as self.progress:
                 next_unit = self._write_ready(units, 0, writer)
                 for state in self.execute(pending):
-                    pool.commit_unit(self.out, state.unit, state.people, state.samples, state.stats,
-                                     m.writer.image_format)
+                    self.commit(state)
                     committed_now += 1
                     self.progress.log(f"committed {state.unit.name} ({committed_now}/{len(pending)})")
                     next_unit = self._write_ready(units, next_unit, writer)
@@ -211,14 +221,41 @@ class BuildRunner:
         write_run_manifest(self.out, content)
         return BuildResult("resumed" if committed_before else "built", content, time.perf_counter() - start, len(pending))
 
+    def commit(self, state: UnitState) -> None:
+        pool.commit_unit(self.out, state.unit, state.people, state.samples, state.stats,
+                         self.manifest.writer.image_format, self.build.judges)
+
     def _write_ready(self, units: list[WorkUnit], next_unit: int, writer: ShardWriting) -> int:
-        """Feed committed units to the shard writer in order, as far as the committed prefix reaches."""
+        """Feed committed units to the shard writer in order, as far as the committed prefix reaches.
+
+        This ordered pass is also where identities are compared with earlier ones (duplicates): it is the
+        one place that sees every identity in global order, on every run, resumed or not.
+        """
         while next_unit < len(units) and pool.is_committed(self.out, units[next_unit]):
             rows = [r for r in pool.read_samples(self.out, units[next_unit]) if r["keep"]]
+            rows = self._drop_duplicates(units[next_unit], rows)
             writer.add(rows)
             self.advance("write", len(rows))
             next_unit += 1
         return next_unit
+
+    def _drop_duplicates(self, unit: WorkUnit, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.duplicates is None:
+            return rows
+        nearest = {p["identity"]: self.duplicates.nearest(p["embedding"])
+                   for p in pool.read_identities(self.out, unit, ["identity", "embedding"])}
+        kept = []
+        self.duplicate_stats.n_in += len(rows)
+        for row in rows:
+            scores = json.loads(row["scores"])
+            scores["identity_nearest_earlier_cosine"] = nearest[row["identity"]]
+            row["scores"] = json.dumps(scores, separators=(",", ":"))
+            if self.duplicates.is_duplicate(nearest[row["identity"]]):
+                self.duplicate_stats.drop("duplicate_identity")
+            else:
+                kept.append(row)
+        self.duplicate_stats.n_out += len(kept)
+        return kept
 
     def _stage_totals(self, writer_stats: StageStats) -> dict[str, dict[str, Any]]:
         totals: dict[str, StageStats] = {}
@@ -226,6 +263,8 @@ class BuildRunner:
             for name, s in pool.read_stats(self.out, unit).items():
                 part = StageStats(name, s["version"], s["in"], s["out"], dict(s["dropped"]), s["seconds"])
                 totals.setdefault(name, StageStats(name, s["version"])).merge(part)
+        if self.duplicates is not None:
+            totals[self.duplicate_stats.name] = self.duplicate_stats
         totals[writer_stats.name] = writer_stats
         return {name: s.to_json() for name, s in totals.items()}
 

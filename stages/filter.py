@@ -150,6 +150,8 @@ class DuplicateIdentities:
     turn comes in the ordered shard pass, every identity before it is known.
     """
 
+    version = "1"
+
     def __init__(self, threshold: float | None):
         self.threshold = threshold
         self._seen: list[np.ndarray] = []
