@@ -120,11 +120,13 @@ class MAUGen(nn.Module):
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "MAUGen":
         """Move everything to ``device``; cast all but the identity networks to ``dtype``. Returns self."""
+        if dtype == self.dtype:
+            dtype = None  # avoids diffusers' "keep in float32" notice on no-op casts
         for module in (self.dig, self.vae, self.text.text_encoder):
             module.to(device=device, dtype=dtype)
         self.identity_encoder.to(device=device)
         self.mapping.to(device=device)
-        self.au_cue.data = self.au_cue.data.to(device=device, dtype=dtype)
+        self.au_cue.data = self.au_cue.data.to(device=device, dtype=dtype or self.dtype)
         return self
 
     def enable_speedups(self, channels_last: bool = True, compile: bool = False) -> "MAUGen":

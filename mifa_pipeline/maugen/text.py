@@ -44,6 +44,7 @@ def write_tiny_tokenizer(folder: str | Path) -> Path:
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77}))
     return folder
 
 
@@ -79,6 +80,7 @@ class TextSide(nn.Module):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.max_length = max_length
+        tokenizer.model_max_length = min(tokenizer.model_max_length, max_length)  # as in SD folders (77)
         add_identity_tokens(tokenizer, text_encoder)
         self.id_token = tokenizer.convert_tokens_to_ids(ID_TOKEN)
         self.id2_token = tokenizer.convert_tokens_to_ids(ID2_TOKEN)

@@ -1,0 +1,76 @@
+"""``import-official`` and ``info`` through typer's CliRunner on tiny files."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_inputs
+from mifa_pipeline.maugen import MAUGen
+from mifa_pipeline.maugen.checkpoints import sha256_file
+from mifa_pipeline.maugen.cli import model_app
+
+runner = CliRunner()
+
+
+def _args(files, out, **override):
+    f = {**files, **override}
+    return ["import-official", "--base", str(f["base"]), "--unet-state", str(f["unet_state"]), "--au-cue", str(f["au_cue"]),
+            "--msid", str(f["msid"]), "--mapping", str(f["mapping"]), "--out", str(out), "--preset", "tiny"]
+
+
+def test_import_official_then_info(tiny, official_files, tmp_path):
+    out = tmp_path / "maugen"
+    result = runner.invoke(model_app, _args(official_files, out))
+    assert result.exit_code == 0, result.output
+    assert "12 AUs" in result.output and "64px" in result.output
+    model = MAUGen.from_pretrained(out)
+    images, masks = make_inputs(1)
+    gens = lambda: [torch.Generator().manual_seed(0)]  # noqa: E731
+    a = model.sample(["a face"], images, masks, None, gens(), num_inference_steps=2)
+    b = tiny.sample(["a face"], images, masks, None, gens(), num_inference_steps=2)
+    assert torch.equal(a.images, b.images) and torch.equal(a.intensity, b.intensity)
+
+    info = runner.invoke(model_app, ["info", str(out)])
+    assert info.exit_code == 0, info.output
+    assert "AU1, AU2, AU4, AU5, AU6, AU9, AU12, AU15, AU17, AU20, AU25, AU26" in info.output
+    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "label_branch", "au_cue", "identity_encoder", "mapping"):
+        assert comp in info.output
+    digest = sha256_file(out / "label_branch" / "model.safetensors")
+    assert f"{digest}  label_branch/model.safetensors" in info.output
+
+    js = runner.invoke(model_app, ["info", str(out), "--json"])
+    data = json.loads(js.output)
+    assert data["au_names"][0] == "AU1" and data["parameters"]["au_cue"] == 12 * tiny.token_dim
+    assert data["parameters"]["identity_encoder"] == sum(v.numel() for v in tiny.identity_encoder.state_dict().values())
+
+
+def test_import_errors_are_clean(official_files, tmp_path):
+    state = torch.load(official_files["unet_state"], weights_only=True)
+    state.pop("dual_prediction_head.token_fc_layers_reg.3.2.bias")
+    torch.save(state, tmp_path / "bad.pt")
+    result = runner.invoke(model_app, _args(official_files, tmp_path / "o1", unet_state=tmp_path / "bad.pt"))
+    assert result.exit_code == 2
+    assert "bad.pt" in result.output and "dual_prediction_head.token_fc_layers_reg.3.2.bias" in result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "o1").exists()
+
+    missing = runner.invoke(model_app, _args(official_files, tmp_path / "o2", msid=tmp_path / "nope.pt"))
+    assert missing.exit_code == 2 and "nope.pt: file not found" in missing.output
+
+
+def test_info_errors(tmp_path):
+    result = runner.invoke(model_app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and "not a MAUGen folder" in result.output
+    (tmp_path / "maugen_config.json").write_text("{not json")
+    result = runner.invoke(model_app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and "invalid config" in result.output
+
+
+def test_refuses_non_empty_output(official_files, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep me")
+    result = runner.invoke(model_app, _args(official_files, tmp_path / "out"))
+    assert result.exit_code == 2 and "not empty" in result.output
