@@ -9,10 +9,10 @@ controls (one small function per AU group), `render.py` the drawing.
 """
 
 from .geometry import AU_NAMES, Geometry, face_geometry
-from .identity import HAIR_STYLES, IdentityParams, sample_identity
+from .identity import FACIAL_HAIR, HAIR_STYLES, IdentityParams, sample_identity
 from .render import Rendered, render_face
 
 __all__ = [
-    "AU_NAMES", "HAIR_STYLES", "Geometry", "IdentityParams", "Rendered", "face_geometry", "render_face",
+    "AU_NAMES", "FACIAL_HAIR", "HAIR_STYLES", "Geometry", "IdentityParams", "Rendered", "face_geometry", "render_face",
     "sample_identity",
 ]

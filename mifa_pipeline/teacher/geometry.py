@@ -117,27 +117,28 @@ def _neutral(idp: IdentityParams, size: int) -> tuple[_Points, dict]:
     p = _Points()
     eye_y = cy + 0.01 * fh
     ex = 0.36 * fw * idp.eye_spacing
-    ew = min(0.18 * fw * idp.eye_size, 0.8 * ex)          # half-width; eyes never touch
+    ew = min(0.2 * fw * idp.eye_size, 0.8 * ex)          # half-width; eyes never touch
     for side, sg in SIDES.items():
         inner = np.array([cx + sg * (ex - ew), eye_y + 0.2 * idp.eye_tilt * fh])
         outer = np.array([cx + sg * (ex + ew), eye_y - 0.8 * idp.eye_tilt * fh])
-        p.eye[side] = {"inner": inner, "outer": outer, "hu": 0.44 * ew, "hl": 0.30 * ew, "ew": ew}
-        by = eye_y - 0.19 * fh * idp.brow_height
+        op = idp.eye_openness
+        p.eye[side] = {"inner": inner, "outer": outer, "hu": 0.44 * ew * op, "hl": 0.30 * ew * op, "ew": ew}
+        by = eye_y - 0.16 * fh * idp.brow_height
         th = 0.05 * fh * idp.brow_thickness
         p.brow[side] = {
             "inner": np.array([cx + sg * (ex - 1.05 * ew), by + 0.01 * fh]),
             "peak": np.array([cx + sg * (ex + 0.3 * ew), by - (0.012 + 0.05 * idp.brow_arch) * fh]),
-            "outer": np.array([cx + sg * (ex + 1.35 * ew), by + (0.025 + 0.02 * idp.brow_arch) * fh]),
+            "outer": np.array([cx + sg * (ex + 1.35 * ew), by + (0.025 + 0.02 * idp.brow_arch - idp.brow_tilt) * fh]),
             "th": th,
         }
         p.cheek[side] = np.array([cx + sg * 0.52 * fw, eye_y + 0.3 * fh])
-    tip_y = eye_y + 0.34 * fh * idp.nose_length
+    lip_y = eye_y + 0.61 * fh * idp.midface
+    tip_y = min(eye_y + 0.34 * fh * idp.nose_length * idp.midface, lip_y - 0.21 * fh)  # room for the upper lip
     nw = 0.2 * fw * idp.nose_width
     p.nose_tip = np.array([cx, tip_y])
     p.nose_root = np.array([cx, eye_y - 0.04 * fh])
     for side, sg in SIDES.items():
         p.nostril[side] = np.array([cx + sg * 0.55 * nw, tip_y + 0.025 * fh])
-    lip_y = cy + 0.62 * fh
     mw = 0.36 * fw * idp.mouth_width
     for side, sg in SIDES.items():
         p.corner[side] = np.array([cx + sg * mw, lip_y + 0.005 * fh])
@@ -162,9 +163,9 @@ def _brows(p: _Points, f: dict, a: dict[str, float]) -> None:
         b["peak"] = b["peak"] + np.array([0.0, -0.035 * fh * a["AU1"]])
         b["outer"] = b["outer"] + np.array([0.0, -0.10 * fh * a["AU2"]])
         b["peak"] = b["peak"] + np.array([0.0, -0.06 * fh * a["AU2"]])
-        b["inner"] = b["inner"] + np.array([-sg * 0.07 * fw * a["AU4"], 0.07 * fh * a["AU4"]])
-        b["peak"] = b["peak"] + np.array([-sg * 0.03 * fw * a["AU4"], 0.04 * fh * a["AU4"]])
-        b["outer"] = b["outer"] + np.array([0.0, 0.012 * fh * a["AU4"]])
+        b["inner"] = b["inner"] + np.array([-sg * 0.08 * fw * a["AU4"], 0.09 * fh * a["AU4"]])
+        b["peak"] = b["peak"] + np.array([-sg * 0.04 * fw * a["AU4"], 0.07 * fh * a["AU4"]])
+        b["outer"] = b["outer"] + np.array([0.0, 0.03 * fh * a["AU4"]])
 
 
 def _lids(p: _Points, f: dict, a: dict[str, float]) -> None:
@@ -172,7 +173,7 @@ def _lids(p: _Points, f: dict, a: dict[str, float]) -> None:
     fh = f["fh"]
     for side in SIDES:
         e = p.eye[side]
-        e["hu"] = e["hu"] * (1.0 + 0.75 * a["AU5"])
+        e["hu"] = e["hu"] * (1.0 + 1.0 * a["AU5"])
         e["hl"] = e["hl"] * (1.0 - 0.75 * a["AU6"])
         # AU12 lifts the cheek a little too (FACS: strong AU12 raises the infraorbital triangle).
         p.cheek[side] = p.cheek[side] + np.array([0.0, -0.08 * fh * a["AU6"] - 0.025 * fh * a["AU12"]])
@@ -182,9 +183,9 @@ def _nose(p: _Points, f: dict, a: dict[str, float]) -> None:
     """AU9 wrinkles the nose: the alae and the upper lip's top edge go up; the tip lifts slightly."""
     fh = f["fh"]
     for side in SIDES:
-        p.nostril[side] = p.nostril[side] + np.array([0.0, -0.04 * fh * a["AU9"]])
-    p.nose_tip = p.nose_tip + np.array([0.0, -0.012 * fh * a["AU9"]])
-    p.upper_th = p.upper_th + 0.035 * fh * a["AU9"]
+        p.nostril[side] = p.nostril[side] + np.array([SIDES[side] * 0.03 * f["fw"] * a["AU9"], -0.05 * fh * a["AU9"]])
+    p.nose_tip = p.nose_tip + np.array([0.0, -0.015 * fh * a["AU9"]])
+    p.upper_th = p.upper_th + 0.05 * fh * a["AU9"]
 
 
 def _lip_corners(p: _Points, f: dict, a: dict[str, float]) -> None:
@@ -195,7 +196,7 @@ def _lip_corners(p: _Points, f: dict, a: dict[str, float]) -> None:
         d = d + np.array([-sg * 0.02 * fw * a["AU15"], 0.08 * fh * a["AU15"]])
         d = d + np.array([sg * 0.14 * fw * a["AU20"], 0.012 * fh * a["AU20"]])
         p.corner[side] = p.corner[side] + d
-    thin = 1.0 - 0.45 * a["AU20"]
+    thin = 1.0 - 0.5 * a["AU20"]
     p.upper_th *= thin
     p.lower_th *= thin
 
@@ -203,7 +204,7 @@ def _lip_corners(p: _Points, f: dict, a: dict[str, float]) -> None:
 def _chin_and_jaw(p: _Points, f: dict, a: dict[str, float]) -> None:
     """AU17 pushes the chin boss and lower lip up; AU25 parts the lips; AU26 drops the jaw (chin, lower lip)."""
     fh, fw = f["fh"], f["fw"]
-    push = 0.045 * fh * a["AU17"]
+    push = 0.06 * fh * a["AU17"]
     p.chin = p.chin + np.array([0.0, -0.05 * fh * a["AU17"]])
     p.chin_drop -= 0.05 * fh * a["AU17"]
     p.lower_push = push
@@ -211,7 +212,7 @@ def _chin_and_jaw(p: _Points, f: dict, a: dict[str, float]) -> None:
     # The stomion (closed lip line) rises with the pushed lower lip: the AU17 "inverted U" mouth.
     p.stomion = p.stomion + np.array([0.0, -0.6 * push])
     gap25 = 0.075 * fh * a["AU25"]
-    jaw = 0.17 * fh * a["AU26"]
+    jaw = 0.22 * fh * a["AU26"]
     p.upper_open = 0.25 * gap25 + 0.08 * jaw
     p.lower_open = 0.75 * gap25 + 0.85 * jaw
     p.chin = p.chin + np.array([0.0, jaw])
@@ -230,7 +231,7 @@ def _outline(f: dict, idp: IdentityParams, chin_drop: float, n: int = 96) -> np.
     th = np.linspace(0.0, 2.0 * np.pi, n, endpoint=False)
     s, c = np.sin(th), np.cos(th)
     low = np.clip(s, 0.0, 1.0)
-    k = 0.34 - 0.2 * idp.jaw_width                 # how much the jaw narrows
+    k = 0.4 - 0.3 * idp.jaw_width                  # how much the jaw narrows
     x = cx + fw * c * (1.0 - k * low**2)
     y = cy + fh * s
     w = np.clip((s - 0.25) / 0.75, 0.0, 1.0) ** 1.5  # jaw weight: 0 above the mouth, 1 at the chin

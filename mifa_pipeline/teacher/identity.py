@@ -14,11 +14,13 @@ import numpy as np
 RGB = tuple[int, int, int]
 
 HAIR_STYLES: tuple[str, ...] = ("short", "long", "bob", "curly", "buzz", "bun")
+FACIAL_HAIR: tuple[str, ...] = ("none", "stubble", "moustache", "goatee", "beard")
+_FACIAL_HAIR_WEIGHTS = np.array([0.7, 0.09, 0.07, 0.05, 0.09])
 
 # Skin tones from very light to very dark (sRGB), roughly along the Fitzpatrick / Monk scale.
 _SKIN_ANCHORS = np.array([
     (250, 222, 200), (238, 198, 170), (224, 175, 140), (200, 146, 108), (172, 116, 82),
-    (140, 90, 62), (106, 66, 46), (78, 48, 34), (58, 36, 27),
+    (140, 90, 62), (110, 70, 48), (88, 56, 40), (70, 45, 33),
 ], dtype=np.float64)
 
 _EYE_COLOURS: tuple[RGB, ...] = (
@@ -45,10 +47,13 @@ class IdentityParams:
     eye_spacing: float
     eye_tilt: float          # outer corner up (+) or down (-), in face heights
     eye_colour: RGB
+    eye_openness: float      # lid aperture relative to average (hooded .. round eyes)
     brow_thickness: float
     brow_arch: float         # 0 = straight, 1 = strongly arched
     brow_height: float       # distance brow-eye relative to average
+    brow_tilt: float         # outer end up (+) or down (-), in face heights
     brow_colour: RGB
+    midface: float           # eye-to-mouth distance relative to average
     nose_length: float
     nose_width: float
     mouth_width: float
@@ -56,6 +61,8 @@ class IdentityParams:
     lip_colour: RGB
     hair_colour: RGB
     hair_style: str
+    facial_hair: str
+    mole: tuple[float, float] | None   # a beauty mark in face units (x / half-width, y / half-height), or none
     clothing_colour: RGB
     background_colour: RGB
     seed: int                # drives the small texture details (hair strands) deterministically
@@ -73,8 +80,8 @@ def _skin_tone(rng: np.random.Generator) -> RGB:
     t = rng.uniform(0.0, 1.0) * (len(_SKIN_ANCHORS) - 1)
     i = min(int(t), len(_SKIN_ANCHORS) - 2)
     c = _SKIN_ANCHORS[i] * (1 - (t - i)) + _SKIN_ANCHORS[i + 1] * (t - i)
-    warm = rng.normal(0.0, 5.0)                   # olive/yellow (-) .. pink/red (+) undertone
-    c = c + np.array([warm, -0.3 * warm, -0.6 * warm]) + rng.normal(0.0, 3.0, 3)
+    warm = float(np.clip(rng.normal(0.0, 0.035), -0.08, 0.08))  # olive/yellow (-) .. pink/red (+) undertone
+    c = c * np.array([1 + warm, 1 - 0.3 * warm, 1 - 0.6 * warm]) * rng.uniform(0.98, 1.02, 3)
     return _clip_rgb(c)
 
 
@@ -85,11 +92,17 @@ def _hsv_colour(rng: np.random.Generator, s: tuple[float, float], v: tuple[float
 
 
 def _lip_colour(rng: np.random.Generator, skin: RGB) -> RGB:
-    """Lips are the skin tone shifted toward red and darkened a little (more so on light skin)."""
+    """Lips are the skin tone made redder and a little darker; multiplicative, so it works on every tone."""
     s = np.array(skin, dtype=np.float64)
-    red = np.array([190.0, 90.0, 95.0]) * (s.mean() / 200.0) ** 0.6
-    c = 0.45 * s + 0.55 * red + rng.normal(0, 6, 3)
-    return _clip_rgb(c * rng.uniform(0.82, 0.95))
+    ratio = np.array([0.9, 0.72, 0.74]) * rng.uniform(0.92, 1.04, 3) * rng.uniform(0.85, 1.0)
+    return _clip_rgb(s * ratio + np.array([6.0, 0.0, 2.0]))
+
+
+def _mole(rng: np.random.Generator) -> tuple[float, float] | None:
+    """A third of faces get a beauty mark on a cheek or the chin (away from the features)."""
+    if rng.random() > 0.33:
+        return None
+    return (float(rng.choice([-1, 1]) * rng.uniform(0.3, 0.6)), float(rng.uniform(0.2, 0.7)))
 
 
 def sample_identity(rng: np.random.Generator) -> IdentityParams:
@@ -102,25 +115,30 @@ def sample_identity(rng: np.random.Generator) -> IdentityParams:
         brow = brow * 0.7
     brow_colour = _clip_rgb(brow * rng.uniform(0.8, 1.0))
     return IdentityParams(
-        face_width=float(rng.uniform(0.86, 1.14)),
+        face_width=float(rng.uniform(0.82, 1.18)),
         face_height=float(rng.uniform(0.93, 1.07)),
         jaw_width=float(rng.uniform(0.0, 1.0)),
         skin=skin,
         eye_size=float(rng.uniform(0.8, 1.2)),
-        eye_spacing=float(rng.uniform(0.88, 1.12)),
-        eye_tilt=float(rng.uniform(-0.02, 0.035)),
+        eye_spacing=float(rng.uniform(0.85, 1.15)),
+        eye_tilt=float(rng.uniform(-0.025, 0.045)),
         eye_colour=_clip_rgb(np.array(_EYE_COLOURS[rng.integers(len(_EYE_COLOURS))]) + rng.normal(0, 8, 3)),
+        eye_openness=float(rng.uniform(0.8, 1.2)),
         brow_thickness=float(rng.uniform(0.7, 1.4)),
         brow_arch=float(rng.uniform(0.0, 1.0)),
         brow_height=float(rng.uniform(0.85, 1.2)),
+        brow_tilt=float(rng.uniform(-0.02, 0.03)),
         brow_colour=brow_colour,
-        nose_length=float(rng.uniform(0.85, 1.15)),
-        nose_width=float(rng.uniform(0.8, 1.3)),
-        mouth_width=float(rng.uniform(0.85, 1.15)),
+        midface=float(rng.uniform(0.9, 1.1)),
+        nose_length=float(rng.uniform(0.82, 1.18)),
+        nose_width=float(rng.uniform(0.75, 1.4)),
+        mouth_width=float(rng.uniform(0.8, 1.2)),
         lip_fullness=float(rng.uniform(0.7, 1.35)),
         lip_colour=_lip_colour(rng, skin),
         hair_colour=hair_colour,
         hair_style=HAIR_STYLES[int(rng.integers(len(HAIR_STYLES)))],
+        facial_hair=FACIAL_HAIR[int(rng.choice(len(FACIAL_HAIR), p=_FACIAL_HAIR_WEIGHTS))],
+        mole=_mole(rng),
         clothing_colour=_hsv_colour(rng, (0.1, 0.8), (0.15, 0.9)),
         background_colour=_hsv_colour(rng, (0.05, 0.45), (0.45, 0.95)),
         seed=int(rng.integers(0, 2**31 - 1)),

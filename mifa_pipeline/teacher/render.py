@@ -172,9 +172,11 @@ def _background(n: int, rgb) -> np.ndarray:
     return np.clip(np.asarray(rgb, dtype=np.float32) * v, 0, 255).astype(np.uint8)
 
 
-def _body(cv: _Canvas, g: Geometry, idp: IdentityParams, skin_mask: np.ndarray) -> None:
+def _body(cv: _Canvas, g: Geometry, idp: IdentityParams, skin_mask: np.ndarray, hair_mask: np.ndarray) -> None:
     s, cx, cy, fw, fh = g.size, g.cx, g.cy, g.fw, g.fh
-    cv.ellipse((cx, s * 1.12), (0.5 * s * (0.9 + 0.1 * idp.face_width), 0.26 * s), 0, idp.clothing_colour)
+    shoulders = ((cx, s * 1.12), (0.5 * s * (0.9 + 0.1 * idp.face_width), 0.26 * s))
+    cv.ellipse(*shoulders, 0, idp.clothing_colour)
+    cv.ellipse(*shoulders, 0, 0, img=hair_mask)
     neck_top = cy + 0.45 * fh
     neck_w = 0.5 * fw * (0.9 + 0.2 * idp.jaw_width)
     collar = s * 0.9
@@ -186,27 +188,31 @@ def _body(cv: _Canvas, g: Geometry, idp: IdentityParams, skin_mask: np.ndarray) 
     skin = _c(idp.skin, 0.92)
     cv.fill(neck, skin)
     cv.fill(neck, 255, img=skin_mask)
+    cv.fill(neck, 0, img=hair_mask)
     cv.line(_arc((cx, collar - 0.05 * s), neck_w * 1.12, 0.075 * s, np.pi * 0.98, 0.02 * np.pi, 16),
             _c(idp.clothing_colour, 0.7), 0.012 * s)
 
 
-def _head(cv: _Canvas, g: Geometry, idp: IdentityParams, skin_mask: np.ndarray) -> None:
+def _head(cv: _Canvas, g: Geometry, idp: IdentityParams, skin_mask: np.ndarray, hair_mask: np.ndarray) -> None:
     cx, cy, fw, fh = g.cx, g.cy, g.fw, g.fh
     for sg in (1.0, -1.0):
         c = (cx + sg * 0.98 * fw, cy + 0.12 * fh)
         cv.ellipse(c, (0.13 * fw, 0.2 * fh), -sg * 8, _c(idp.skin, 0.93))
         cv.ellipse(c, (0.13 * fw, 0.2 * fh), -sg * 8, 255, img=skin_mask)
+        cv.ellipse(c, (0.13 * fw, 0.2 * fh), -sg * 8, 0, img=hair_mask)
         cv.ellipse((c[0] - sg * 0.01 * fw, c[1]), (0.07 * fw, 0.13 * fh), -sg * 8, _c(idp.skin, 0.72),
                    thickness=0.01 * fh, a0=-100 if sg > 0 else -80, a1=100 if sg > 0 else 260)
     cv.fill(g.outline, _c(idp.skin))
     cv.fill(g.outline, 255, img=skin_mask)
+    cv.fill(g.outline, 0, img=hair_mask)
 
 
-def _shade_layers(g: Geometry, idp: IdentityParams, hair: _Hair) -> tuple[np.ndarray, np.ndarray]:
-    """Smooth shadows and highlights at output resolution (blurred): the 3-D look of the face."""
+def _shade_layers(g: Geometry, idp: IdentityParams, hair: _Hair) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Smooth shadows, highlights and hair sheen at output resolution (blurred): the 3-D look of the head."""
     s = g.size
     sh = np.zeros((s, s), np.uint8)
     hi = np.zeros((s, s), np.uint8)
+    hs = np.zeros((s, s), np.uint8)
     cv = _Canvas(sh, 1)
     cx, cy, fw, fh, d, lm = g.cx, g.cy, g.fw, g.fh, g.detail, g.landmarks
     for side, sg in SIDES.items():
@@ -250,11 +256,17 @@ def _shade_layers(g: Geometry, idp: IdentityParams, hair: _Hair) -> tuple[np.nda
     low = g.outline[(g.outline[:, 1] > cy + 0.35 * fh)]
     low = low[np.argsort(low[:, 0])]
     cv.fill(np.vstack([low, (low + np.array([0.0, 0.14 * fh]))[::-1]]), 170)
+    # hair sheen: light from the upper left
+    cv.ellipse((cx - 0.35 * fw, cy - 0.8 * fh), (0.45 * fw, 0.16 * fh), -35, 255, img=hs)
+    cv.ellipse((cx + 0.5 * fw, cy - 0.7 * fh), (0.3 * fw, 0.12 * fh), 35, 120, img=hs)
+    if idp.facial_hair in ("beard", "goatee"):
+        cv.ellipse(lm["chin"] + np.array([-0.1 * fw, -0.12 * fh]), (0.3 * fw, 0.1 * fh), -20, 150, img=hs)
     sigma = 0.018 * s
-    return cv2.GaussianBlur(sh, (0, 0), sigma), cv2.GaussianBlur(hi, (0, 0), sigma * 1.3)
+    return (cv2.GaussianBlur(sh, (0, 0), sigma), cv2.GaussianBlur(hi, (0, 0), sigma * 1.3),
+            cv2.GaussianBlur(hs, (0, 0), sigma * 2))
 
 
-def _details(g: Geometry, n: int) -> np.ndarray:
+def _details(g: Geometry, n: int, mole: tuple[float, float] | None) -> np.ndarray:
     """Fine creases and wrinkles, drawn sharp at canvas resolution into a darkening layer."""
     det = np.zeros((n, n), np.uint8)
     cv = _Canvas(det, _SS)
@@ -310,6 +322,8 @@ def _details(g: Geometry, n: int) -> np.ndarray:
         for _ in range(9):
             q = chin + np.array([rng.uniform(-0.22, 0.22) * fw, -rng.uniform(0.08, 0.2) * fh])
             cv.ellipse(q, (0.02 * fw, 0.012 * fh), 0, int(120 * d["chin_boss"]), thickness=lw, a0=200, a1=340)
+    if mole is not None:
+        cv.ellipse((cx + mole[0] * fw, cy + mole[1] * fh), (0.012 * fh, 0.012 * fh), 0, 200)
     # nasolabial crease and the chin's mentolabial sulcus
     for side, sg in SIDES.items():
         a = lm[f"nostril_{side}"] + np.array([sg * 0.95 * g.nose_w, -0.01 * fh])
@@ -317,6 +331,61 @@ def _details(g: Geometry, n: int) -> np.ndarray:
         m = 0.5 * (a + b) + np.array([sg * 0.07 * fw, 0.0])
         cv.line(_bez(a, m, b, 12), int(120 * d["nasolabial"]), lw)
     return det
+
+
+def _facial_hair(cv: _Canvas, g: Geometry, idp: IdentityParams, skin_mask: np.ndarray,
+                 hair_mask: np.ndarray) -> None:
+    """Stubble, moustache, goatee or beard (soft-edged); they follow the mouth and jaw, so AUs move them too.
+    Drawn before the lighting pass and moved from the skin mask to the hair mask, so they get the hair sheen."""
+    style = idp.facial_hair
+    if style == "none":
+        return
+    cx, cy, fw, fh, lm, m = g.cx, g.cy, g.fw, g.fh, g.landmarks, g.mouth
+    n = cv.img.shape[0]
+    mask = np.zeros((n, n), np.uint8)
+    mc = _Canvas(mask, _SS)
+    y0 = 0.5 * (lm["nostril_left"][1] + lm["upper_lip_top"][1]) - 0.005 * fh
+    top = _bez(m.upper_outer[0] + np.array([-0.04 * fw, 0.025 * fh]), (cx, y0),
+               m.upper_outer[-1] + np.array([0.04 * fw, 0.025 * fh]), 16)
+    stache = np.vstack([top, (m.upper_outer + np.array([0.0, -0.004 * fh]))[::-1]])
+    low = g.outline[g.outline[:, 1] > cy + 0.15 * fh]
+    low = low[np.argsort(-low[:, 0])]            # image right -> left, along the jaw
+    if style in ("stubble", "beard"):
+        low = low[low[:, 1] > cy + 0.36 * fh]      # the beard starts below the ears
+        edge = low + (low - np.array([cx, cy])) * (0.04 if style == "beard" else 0.0)  # beard volume
+        ly = lm["upper_lip_top"][1]
+        half = np.array([edge[0], (cx + 0.55 * fw, ly + 0.07 * fh), (cx + 0.3 * fw, y0 + 0.01 * fh), (cx, y0)])
+        cheek = _chaikin(np.vstack([half, (half[-2::-1] - np.array([cx, 0.0])) * np.array([-1.0, 1.0])
+                                    + np.array([cx, 0.0])]), 2)
+        cheek[-1] = edge[-1]
+        mc.fill(np.vstack([edge, cheek[::-1]]), 255)
+    else:
+        mc.fill(stache, 255)
+        if style == "goatee":
+            lob = m.lower_outer
+            mc.fill(np.vstack([lob[6:-6] + np.array([0.0, 0.01 * fh]),
+                               _bez(lob[-7], lm["chin"] + np.array([0.0, 0.02 * fh]), lob[6], 12)]), 255)
+    alpha, soft = {"stubble": (0.32, 0.02), "beard": (0.85, 0.006)}.get(style, (0.9, 0.003))
+    ys = slice(int(max(0, (cy - 0.1 * fh) * _SS)), n)
+    m = cv2.GaussianBlur(mask[ys], (0, 0), soft * n)
+    a = m.astype(np.float32)[..., None] * (alpha / 255)
+    colour = np.array(_c(idp.hair_colour, 0.9), np.float32)
+    cv.img[ys] = (cv.img[ys] * (1 - a) + colour * a).astype(np.uint8)
+    if style != "stubble":
+        hair_mask[ys] = np.maximum(hair_mask[ys], m)
+        skin_mask[ys] = np.minimum(skin_mask[ys], 255 - m)
+        # texture: short downward strokes, light and dark, where the hair is dense (fixed per identity)
+        rng = np.random.default_rng(idp.seed + 1)
+        pts = np.stack([cx + rng.uniform(-1.1, 1.1, 240) * fw, cy + rng.uniform(0.1, 1.3, 240) * fh], 1)
+        ij = np.round((pts + 0.5) * _SS - 0.5).astype(int)
+        ok = (ij[:, 1] >= ys.start) & (ij[:, 1] < n) & (ij[:, 0] >= 0) & (ij[:, 0] < n)
+        ok[ok] = mask[ij[ok, 1], ij[ok, 0]] > 200
+        pts = pts[ok]
+        d = np.stack([0.25 * (pts[:, 0] - cx) / fw, np.ones(len(pts))], 1) * (0.035 * fh)
+        for k, col in enumerate((_c(idp.hair_colour, 1.35, 22), _c(idp.hair_colour, 0.55))):
+            segs = [cv.p(np.array([q, q + dd])) for q, dd in zip(pts[k::2], d[k::2])]
+            if segs:
+                cv2.polylines(cv.img, segs, False, col, 1, _AA, _SHIFT)
 
 
 def _eyes(cv: _Canvas, g: Geometry, idp: IdentityParams) -> None:
@@ -407,9 +476,9 @@ def _mouth(cv: _Canvas, g: Geometry, idp: IdentityParams) -> None:
     cv.line(m.upper_inner if m.gap <= 0.15 else m.upper_inner[:2], _c(lip, 0.42), 0.014 * fh)
 
 
-def _hair_draw(cv: _Canvas, polys: list[np.ndarray], colour) -> None:
+def _hair_draw(cv: _Canvas, polys: list[np.ndarray], colour, img=None) -> None:
     for p in polys:
-        cv.fill(p, colour)
+        cv.fill(p, colour, img=img)
 
 
 def render_face(identity: IdentityParams, au: Mapping[str, float] | None = None, size: int = 128) -> Rendered:
@@ -420,29 +489,14 @@ def render_face(identity: IdentityParams, au: Mapping[str, float] | None = None,
     cv = _Canvas(img, _SS)
     hair = _hair(g, identity)
     hair_col = identity.hair_colour
-    _hair_draw(cv, hair.back, _c(hair_col, 0.78))
     skin_mask = np.zeros((n, n), np.uint8)
-    _body(cv, g, identity, skin_mask)
-    _head(cv, g, identity, skin_mask)
-
-    # lighting x shadows x highlights x creases, applied to the skin only
-    xs, ys = _grid(size)
-    dx, dy = (xs - g.cx) / g.fw, (ys - g.cy) / g.fh
-    light = 1.06 - 0.07 * dx - 0.05 * dy - 0.1 * (dx * dx + dy * dy) ** 2
-    sh, hi = _shade_layers(g, identity, hair)
-    f = np.clip(light, 0.5, 1.15) * (1.0 - 0.5 / 255 * sh) * (1.0 + 0.22 / 255 * hi)
-    f = cv2.resize(f, (n, n), interpolation=cv2.INTER_LINEAR)
-    f *= 1.0 - 0.45 / 255 * _details(g, n).astype(np.float32)
-    a = skin_mask.astype(np.float32) * (1.0 / 255)
-    f = 1.0 + a * (f - 1.0)
-    img[:] = np.clip(img * f[..., None], 0, 255).astype(np.uint8)
-
-    _eyes(cv, g, identity)
-    _brows(cv, g, identity)
-    _nose(cv, g, identity)
-    _mouth(cv, g, identity)
+    hair_mask = np.zeros((n, n), np.uint8)
+    _hair_draw(cv, hair.back, _c(hair_col, 0.78))
+    _hair_draw(cv, hair.back, 255, img=hair_mask)
+    _body(cv, g, identity, skin_mask, hair_mask)
+    _head(cv, g, identity, skin_mask, hair_mask)
     if hair.front is not None:
-        if hair.front_alpha < 1.0:
+        if hair.front_alpha < 1.0:    # stubble-short hair: skin shows through, and is lit as skin
             layer = img.copy()
             cv.fill(hair.front, _c(hair_col), img=layer)
             cv2.addWeighted(layer, hair.front_alpha, img, 1 - hair.front_alpha, 0, dst=img)
@@ -450,6 +504,30 @@ def render_face(identity: IdentityParams, au: Mapping[str, float] | None = None,
             cv.fill(hair.front, _c(hair_col))
             for k, s in enumerate(hair.strands):
                 cv.line(s, _c(hair_col, 0.72 if k % 2 else 1.2, 0 if k % 2 else 10), 0.008 * g.fh)
+            cv.fill(hair.front, 0, img=skin_mask)
+            cv.fill(hair.front, 255, img=hair_mask)
+
+    _facial_hair(cv, g, identity, skin_mask, hair_mask)
+
+    # Lighting: skin gets light x shadows x highlights x creases (+ a little additive sheen so dark skin
+    # shows its shape); hair gets a sheen. Computed at output resolution, upsampled, applied once.
+    xs, ys = _grid(size)
+    dx, dy = (xs - g.cx) / g.fw, (ys - g.cy) / g.fh
+    light = np.clip(1.08 - 0.1 * dx - 0.05 * dy - 0.16 * (dx * dx + dy * dy) ** 2, 0.5, 1.15)
+    sh, hi, hs = _shade_layers(g, identity, hair)
+    f_skin = light * (1.0 - 0.85 / 255 * sh) * (1.0 + 0.14 / 255 * hi)
+    f_hair = (0.75 + 0.25 * light) * (1.0 + 0.35 / 255 * hs)
+    up = lambda x: cv2.resize(x, (n, n), interpolation=cv2.INTER_LINEAR)  # noqa: E731
+    a_s = skin_mask.astype(np.float32) * (1.0 / 255)
+    a_h = hair_mask.astype(np.float32) * (1.0 / 255)
+    f = 1.0 + a_s * (up(f_skin) * (1.0 - 0.45 / 255 * _details(g, n, identity.mole).astype(np.float32)) - 1.0) + a_h * (up(f_hair) - 1.0)
+    add = a_s * up(hi.astype(np.float32) * (20.0 / 255)) + a_h * up(hs.astype(np.float32) * (30.0 / 255))
+    img[:] = np.clip(img * f[..., None] + add[..., None], 0, 255).astype(np.uint8)
+
+    _eyes(cv, g, identity)
+    _brows(cv, g, identity)
+    _nose(cv, g, identity)
+    _mouth(cv, g, identity)
     out = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
     return Rendered(image=out, face_mask=_face_mask(g, hair), landmarks=g.landmarks, geometry=g)
 

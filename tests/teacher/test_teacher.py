@@ -7,7 +7,7 @@ from types import MappingProxyType
 import numpy as np
 import pytest
 
-from mifa_pipeline.teacher import AU_NAMES, HAIR_STYLES, IdentityParams, render_face, sample_identity
+from mifa_pipeline.teacher import AU_NAMES, FACIAL_HAIR, HAIR_STYLES, IdentityParams, render_face, sample_identity
 
 LEVELS = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 SEEDS = [0, 1, 2, 3]
@@ -72,6 +72,20 @@ def test_mask_covers_face_centre_not_background_corners():
         assert 0.15 < (m > 0).mean() < 0.6
 
 
+def test_every_hair_and_beard_style_renders_a_valid_face():
+    """Hair and beards never cover the eyes or mouth landmarks' neighbourhood with hair colour."""
+    from dataclasses import replace
+
+    base = ident(4)
+    for style in HAIR_STYLES:
+        for beard in FACIAL_HAIR:
+            r = render_face(replace(base, hair_style=style, facial_hair=beard), {"AU26": 3, "AU12": 2}, 128)
+            assert r.face_mask[0, 0] == 0 and r.face_mask[64, 64] == 255
+            for name in ("pupil_left", "pupil_right"):
+                x, y = np.round(r.landmarks[name]).astype(int)
+                assert r.image[y, x].max() < 120, (style, beard, name)   # a dark pupil, not hair or skin
+
+
 def test_face_is_centred_and_fills_about_half_the_height():
     for seed in range(8):
         r = render_face(ident(seed), {}, 128)
@@ -89,6 +103,7 @@ def test_identity_sampling_is_diverse():
     assert lum.min() < 60 and lum.max() > 200           # very dark and very light skin both occur
     assert np.mean(lum < 120) > 0.25 and np.mean(lum > 160) > 0.25
     assert {i.hair_style for i in ids} == set(HAIR_STYLES)
+    assert {i.facial_hair for i in ids} == set(FACIAL_HAIR)
     assert np.ptp([i.face_width for i in ids]) > 0.2 and np.ptp([i.nose_length for i in ids]) > 0.2
 
 
@@ -146,7 +161,8 @@ AU_CASES = {
     "AU17": ([("chin up", _y("chin"), UP), ("lower lip up", _y("lower_lip_bottom"), UP)],
              BROWS + EYES + NOSE + ["mouth_corner_left", "mouth_corner_right"]),
     "AU20": ([("mouth wider", width("mouth_corner_left", "mouth_corner_right"), MORE),
-              ("lips thinner", lambda L: float(L["lower_lip_bottom"][1] - L["upper_lip_top"][1]), LESS)],
+              ("upper lip thinner", lambda L: float(L["upper_lip_bottom"][1] - L["upper_lip_top"][1]), LESS),
+              ("lower lip thinner", lambda L: float(L["lower_lip_bottom"][1] - L["lower_lip_top"][1]), LESS)],
              BROWS + EYES + NOSE + ["chin"]),
     "AU25": ([("lips apart", lambda L: float(L["lower_lip_top"][1] - L["upper_lip_bottom"][1]), MORE)],
              BROWS + EYES + NOSE + ["chin"]),
@@ -171,7 +187,7 @@ def test_au_moves_named_landmarks_monotonically(au, seed):
         vals = np.array([f(L) for L in series]) * sign
         steps = np.diff(vals)
         assert np.all(steps > 1e-6), f"{au} {desc}: not monotonic {vals * sign}"
-        assert vals[-1] - vals[0] > 0.02 * fh, f"{au} {desc}: moves too little ({vals[-1] - vals[0]:.2f}px)"
+        assert vals[-1] - vals[0] > 0.015 * fh, f"{au} {desc}: moves too little ({vals[-1] - vals[0]:.2f}px)"
 
 
 @pytest.mark.parametrize("au", AU_NAMES)
