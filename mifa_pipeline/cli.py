@@ -141,6 +141,50 @@ def verify(folder: Annotated[Path, typer.Argument(help="a finished build folder"
     out.print(f"[green]✓[/] {folder}: every shard, key, count and the index match the run manifest")
 
 
+@app.command("filter")
+def filter_(
+    parent: Annotated[Path, typer.Argument(help="a finished build (or filtered version) to re-filter")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="new version's folder; default: PARENT-vVERSION")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="filter.* field: dotted.key=value (repeatable)")] = None,
+    models: Annotated[Optional[Path], typer.Option("--models", help="folder of face model files (sets filter.models_dir)")] = None,
+    version: Annotated[Optional[str], typer.Option(help="new data set version; default: parent's minor + 1")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="replace an existing version in the output folder")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS")] = None,
+    runner: Annotated[str, typer.Option(help="'ray' (default) or 'local'")] = "ray",
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress")] = None,
+) -> None:
+    """Re-run the filter stage over an existing build into a NEW data set version, regenerating nothing.
+
+    Threshold-only changes reuse the stored scores and run no model; a changed judge (detector, embedder,
+    AU estimator or their files) re-scores only what it produces. The parent version stays intact.
+    """
+    from mifa_pipeline.refilter import make_runner, prepare_refilter
+    from mifa_pipeline.runner import BuildError
+
+    if runner not in ("ray", "local"):
+        raise fail(f"--runner {runner!r}: expected 'ray' or 'local'")
+    sets = [*(overrides or []), *([f"filter.models_dir={models}"] if models else [])]
+    try:
+        prepared = prepare_refilter(parent, sets, out_dir, version, fresh)
+    except BuildError as exc:
+        raise fail(str(exc)) from None
+    target = prepared.out
+    if prepared.state == "complete":
+        out.print(f"{target}: already complete (fingerprint {prepared.fingerprint[:12]}); nothing to do")
+        return
+    try:
+        result = make_runner(runner, prepared, progress, ray_address).run()
+    except BuildError as exc:
+        raise fail(f"{exc}\n(committed work in {target} is kept; run the same command again to resume)") from None
+    from mifa_pipeline.progress import summary_table
+
+    c = result.manifest
+    out.print(summary_table(c["stages"], c["shards"], result.wall_seconds))
+    rescored = c["stages"]["filter"].get("rescored_judges") or "none (scores reused)"
+    out.print(f"{result.state}: {target} = {c['dataset']['name']} {c['dataset']['version']} "
+              f"({c['counts']['kept_samples']} samples; parent {parent}; re-scored judges: {rescored})")
+
+
 @app.command()
 def schema() -> None:
     """Print the JSON schema of the build manifest."""

@@ -75,9 +75,9 @@ def _generator_version(manifest: BuildManifest) -> str:
     return Generation.version
 
 
-def chain_fingerprints(parent: str, configs: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+def chain_fingerprints(parent: str, configs: dict[str, dict[str, Any]], stages=STAGES) -> list[dict[str, str]]:
     chain, fp = [], parent
-    for stage in STAGES:
+    for stage in stages:
         fp = sha256_text(fp + stage.name + stage.version + canonical_json(configs[stage.name]))
         chain.append({"stage": stage.name, "version": stage.version, "fingerprint": fp})
     return chain

@@ -30,7 +30,7 @@ class BuildProgress:
         )
         self._tasks = {
             stage: self._progress.add_task(label, total=totals.get(stage), completed=done.get(stage, 0), rate="")
-            for stage, label in STAGE_LABELS.items()
+            for stage, label in STAGE_LABELS.items() if stage in totals
         }
 
     def __enter__(self) -> "BuildProgress":
@@ -41,6 +41,8 @@ class BuildProgress:
         self._progress.__exit__(*exc)
 
     def advance(self, stage: str, n: int) -> None:
+        if stage not in self._tasks:
+            return
         task_id = self._tasks[stage]
         self._progress.advance(task_id, n)
         task = self._progress.tasks[task_id]

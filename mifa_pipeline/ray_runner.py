@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from mifa_pipeline.plan import WorkUnit
+from mifa_pipeline.refilter import RefilterMixin
 from mifa_pipeline.runner import BuildError, BuildRunner, PreparedBuild
 from mifa_pipeline.work import GenerationWorker, UnitState, expand_unit, filter_unit
 
@@ -84,6 +85,32 @@ class RayRunner(BuildRunner):
             if started:
                 ray.shutdown()
 
+    def map_units(self, fn, units: list[WorkUnit], *args) -> Iterator[object]:
+        """`fn(*args, unit)` as Ray tasks of `resources.filter_cpus`, a bounded number in flight."""
+        if not units:
+            return
+        import ray
+
+        started = start_ray(self.ray_address)
+        try:
+            cpus = self.manifest.resources.filter_cpus
+            task = ray.remote(num_cpus=cpus, max_retries=2)(fn)
+            limit = max(2, int(ray.cluster_resources().get("CPU", 1) / cpus))
+            queue, running = list(units), {}
+            while queue or running:
+                while queue and len(running) < limit:
+                    unit = queue.pop(0)
+                    running[task.remote(*args, unit)] = unit
+                ready, _ = ray.wait(list(running), num_returns=1)
+                unit = running.pop(ready[0])
+                try:
+                    yield ray.get(ready[0])
+                except ray.exceptions.RayError as exc:
+                    raise BuildError(f"{unit.name} failed: {_unwrap(exc)}") from None
+        finally:
+            if started:
+                ray.shutdown()
+
     def _execute(self, ray: "ray", units: list[WorkUnit]) -> Iterator[UnitState]:
         check_resources(self.build)
         m, r = self.manifest, self.manifest.resources
@@ -129,3 +156,7 @@ class RayRunner(BuildRunner):
                     raise BuildError(f"{unit.name} failed: {_unwrap(exc)}") from None
                 self.advance("filter", len(state.samples))
                 yield state
+
+
+class RayRefilterRunner(RefilterMixin, RayRunner):
+    """`mifa filter` on Ray: one CPU task per unit (re-scoring where a judge changed, then re-deciding)."""

@@ -140,6 +140,7 @@ class BuildRunner:
     """Shared build logic; subclasses implement `execute` (where units run)."""
 
     name = "base"
+    progress_stages = ("prompts", "identities", "generate", "filter", "write")
 
     def __init__(self, build: PreparedBuild, progress: bool | None = None):
         self.build = build
@@ -198,6 +199,7 @@ class BuildRunner:
                 "identities": sum(len(units[i].identities) for i in committed_before)}
         committed_now = 0
         try:
+            totals = {k: v for k, v in totals.items() if k in self.progress_stages}
             with BuildProgress(totals, done, enabled=self.show_progress) as self.progress:
                 next_unit = self._write_ready(units, 0, writer)
                 for state in self.execute(pending):
@@ -268,14 +270,17 @@ class BuildRunner:
         totals[writer_stats.name] = writer_stats
         return {name: s.to_json() for name, s in totals.items()}
 
+    def lineage(self) -> dict[str, Any]:
+        """What kind of version this is and what it derives from (a build has no parent)."""
+        return {"kind": "mifa-build", "parent": None}
+
     def _run_manifest(self, shards, writer_stats, index: Path, wall: float, units_run: int) -> dict[str, Any]:
         m = self.manifest
         return {
             "schema_version": SCHEMA_VERSION,
-            "kind": "mifa-build",
+            **self.lineage(),
             "dataset": {"name": m.dataset.name, "version": m.dataset.version, "split": m.dataset.split,
                         "description": m.dataset.description},
-            "parent": None,
             "fingerprint": self.build.fingerprint,
             "stage_fingerprints": self.build.fingerprints,
             "build_manifest": m.model_dump(mode="json"),
@@ -301,6 +306,11 @@ class LocalRunner(BuildRunner):
     """Runs every unit in this process, one after another: no Ray; the reference for the Ray runner."""
 
     name = "local"
+
+    def map_units(self, fn, units: list[WorkUnit], *args) -> Iterator[Any]:
+        """`fn(*args, unit)` for each unit (a CPU step), results in any order."""
+        for unit in units:
+            yield fn(*args, unit)
 
     def execute(self, units: list[WorkUnit]) -> Iterator[UnitState]:
         if not units:

@@ -67,3 +67,25 @@ def test_unschedulable_pool_is_refused_instead_of_hanging(ray_fake_cluster, smal
     m = small_manifest("resources.generation_workers=2", "resources.cpus_per_worker=1", out=tmp_path / "o")
     with pytest.raises(BuildError, match="resources: 2 generation worker"):
         ray_build(m)
+
+
+def test_refilter_on_ray_equals_local_and_keeps_the_parent(ray_fake_cluster, small_manifest, fake_model, tmp_path):
+    from mifa_pipeline.ray_runner import RayRefilterRunner
+    from mifa_pipeline.refilter import LocalRefilterRunner, prepare_refilter
+
+    parent = small_manifest(out=tmp_path / "v1")
+    ray_build(parent)
+    before = digests(parent.output)
+    import json
+
+    import pyarrow.parquet as pq
+
+    stds = sorted(json.loads(r["scores"])["pixel_std"] for f in sorted((parent.output / "_work" / "units").glob("*/samples.parquet"))
+                  for r in pq.read_table(f, columns=["scores"]).to_pylist())
+    sets = [f"filter.min_pixel_std={stds[len(stds) // 2]}"]  # the median contrast: about half kept
+    on_ray = RayRefilterRunner(prepare_refilter(parent.output, sets, tmp_path / "ray"), progress=False).run()
+    local = LocalRefilterRunner(prepare_refilter(parent.output, sets, tmp_path / "local"), progress=False).run()
+    assert on_ray.manifest["parent"]["fingerprint"] == local.manifest["parent"]["fingerprint"]
+    assert 0 < on_ray.manifest["counts"]["kept_samples"] < 18
+    assert digests(tmp_path / "ray") == digests(tmp_path / "local")
+    assert digests(parent.output) == before and verify(tmp_path / "ray") == []

@@ -79,3 +79,18 @@ def test_teacher_command_writes_a_verified_labelled_data_set(tmp_path):
         meta = sample["json"]
         assert sample["png"].shape == (64, 64, 3)
         assert meta["intensity_rounded"] == meta["requested_aus"]
+
+
+def test_filter_command_makes_a_new_version(tmp_path, fake_model):
+    parent = tmp_path / "v1"
+    assert runner.invoke(app, ["build", "manifests/demo.yaml", "--out", str(parent), "--runner", "local",
+                               "--no-progress", *SMALL]).exit_code == 0
+    result = runner.invoke(app, ["filter", str(parent), "--set", "filter.min_pixel_std=1000", "--runner", "local",
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    new = tmp_path / "v1-v1.1.0"
+    manifest = json.loads((new / "manifest.json").read_text())
+    assert manifest["stages"]["filter"]["dropped"] == {"blank_image": 8} and manifest["parent"]["version"] == "1.0.0"
+    assert "scores reused" in result.output
+    refused = runner.invoke(app, ["filter", str(parent), "--set", "seed=3", "--runner", "local"])
+    assert refused.exit_code == 2 and "changes only filter" in refused.output
