@@ -91,7 +91,7 @@ class Geometry:
 class _Points:
     """The movable control points of a face, before curves are built from them."""
 
-    chin_drop: float = 0.0     # extra downward displacement of the chin/jaw (negative = raised)
+    chin_drop: float = 0.0     # downward displacement of the chin/jaw outline (negative = raised, AU17)
     brow: dict = field(default_factory=dict)      # side -> {"inner","peak","outer": point, "th": float}
     eye: dict = field(default_factory=dict)       # side -> {"inner","outer": point, "hu","hl": float}
     cheek: dict = field(default_factory=dict)     # side -> point
@@ -105,7 +105,6 @@ class _Points:
     lower_push: float = 0.0                       # lower lip (inner and outer) pushed up (AU17)
     upper_th: float = 0.0                         # upper lip thickness at the midline
     lower_th: float = 0.0
-    chin: np.ndarray = None
 
 
 def _neutral(idp: IdentityParams, size: int) -> tuple[_Points, dict]:
@@ -145,7 +144,6 @@ def _neutral(idp: IdentityParams, size: int) -> tuple[_Points, dict]:
     p.stomion = np.array([cx, lip_y])
     p.upper_th = 0.06 * fh * idp.lip_fullness
     p.lower_th = 0.08 * fh * idp.lip_fullness
-    p.chin = np.array([cx, cy + fh])
     frame["nw"] = nw
     return p, frame
 
@@ -205,7 +203,6 @@ def _chin_and_jaw(p: _Points, f: dict, a: dict[str, float]) -> None:
     """AU17 pushes the chin boss and lower lip up; AU25 parts the lips; AU26 drops the jaw (chin, lower lip)."""
     fh, fw = f["fh"], f["fw"]
     push = 0.06 * fh * a["AU17"]
-    p.chin = p.chin + np.array([0.0, -0.05 * fh * a["AU17"]])
     p.chin_drop -= 0.05 * fh * a["AU17"]
     p.lower_push = push
     p.lower_th = p.lower_th * (1.0 + 0.15 * a["AU17"])
@@ -215,7 +212,6 @@ def _chin_and_jaw(p: _Points, f: dict, a: dict[str, float]) -> None:
     jaw = 0.22 * fh * a["AU26"]
     p.upper_open = 0.25 * gap25 + 0.08 * jaw
     p.lower_open = 0.75 * gap25 + 0.85 * jaw
-    p.chin = p.chin + np.array([0.0, jaw])
     p.chin_drop += jaw
     for side, sg in SIDES.items():  # an open jaw rounds the mouth: corners a little down and in
         p.corner[side] = p.corner[side] + np.array([-sg * 0.04 * fw * a["AU26"], 0.3 * jaw + 0.15 * gap25])
