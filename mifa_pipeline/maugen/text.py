@@ -92,7 +92,7 @@ class TextSide(nn.Module):
         ids = self.tokenizer(
             list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         ).input_ids
-        return ids.to(self.text_encoder.device)
+        return ids  # on the CPU: splice positions are read without a device sync
 
     def splice_positions(self, ids: torch.Tensor, has_identity: bool) -> list[list[int]]:
         """Slots holding ``<ID>`` per prompt, with the official defects turned into errors (reference §7 item 9)."""
@@ -117,6 +117,7 @@ class TextSide(nn.Module):
         """
         ids = self.tokenize(prompts)
         positions = self.splice_positions(ids, identity is not None)
+        ids = ids.to(self.text_encoder.device)
         if not any(positions):
             return self.text_encoder(input_ids=ids).last_hidden_state
         if identity.shape[0] not in (1, len(prompts)):
@@ -141,7 +142,7 @@ class TextSide(nn.Module):
     @torch.no_grad()
     def pooled(self, texts: list[str]) -> torch.Tensor:
         """Pooled output (final-LN state at EOS) of plain prompts; the AU cue's language init (reference §2)."""
-        return self.text_encoder(input_ids=self.tokenize(texts)).pooler_output
+        return self.text_encoder(input_ids=self.tokenize(texts).to(self.text_encoder.device)).pooler_output
 
     def _embeddings_path(self) -> str:
         # transformers 5 puts `embeddings` on CLIPTextModel itself, 4.x under `text_model`.
