@@ -193,9 +193,6 @@ def schema() -> None:
     out.print_json(json.dumps(json_schema()))
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    sys.exit(app())
-
 
 @app.command()
 def teacher(
@@ -220,3 +217,7 @@ def teacher(
         "writer.samples_per_shard=1000", "resources.identities_per_unit=16", "sampler.batch_size=64",
     ]
     build(None, out_dir, [*defaults, *(overrides or [])], fresh, False, ray_address, runner, progress)
+
+
+if __name__ == "__main__":  # `python -m mifa_pipeline.cli`, same as the `mifa` command
+    app()

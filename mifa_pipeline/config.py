@@ -164,7 +164,11 @@ class SamplerSection(_Section):
     resolution: int | None = Field(None, ge=16, le=2048, description="square image size; default: the model's")
     scheduler: Literal["ddim", "dpm++", "euler", "pndm"] = "ddim"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    batch_size: int = Field(16, ge=1, description="samples per model call (does not change results)")
+    batch_size: int = Field(16, ge=1, description="samples per model call")
+    batch_invariant: bool = Field(
+        True, description="true: every sample runs alone inside the batch, so results are bitwise the same for any "
+        "batch_size (slower); false: full batching (GPU throughput), results then depend on batch_size and "
+        "resources.identities_per_unit within float tolerance, and both enter the fingerprint")
 
     @field_validator("resolution")
     @classmethod
@@ -272,7 +276,11 @@ RUNTIME_ONLY_FIELDS = {
 def output_determining(manifest: BuildManifest) -> dict[str, Any]:
     """The manifest as JSON without runtime-only fields: equal dicts mean byte-identical outputs."""
     data = manifest.model_dump(mode="json")
-    for path in RUNTIME_ONLY_FIELDS:
+    runtime = set(RUNTIME_ONLY_FIELDS)
+    if not manifest.sampler.batch_invariant:  # batching then shows in the bits: it must match to resume
+        runtime.discard(("sampler", "batch_size"))
+        data["batching"] = {"identities_per_unit": manifest.resources.identities_per_unit}
+    for path in runtime:
         node = data
         for part in path[:-1]:
             node = node[part]

@@ -72,6 +72,9 @@ class Generation:
         self.au_names = list(au_names)
         self.negative_prompt = negative_prompt
         self.resolution = config.resolution or model.resolution
+        if hasattr(model, "micro_batch_size"):
+            # fixed per-sample shapes inside each model call: the same bits whatever the batch
+            model.micro_batch_size = 1 if config.batch_invariant else None
 
     def _device(self) -> torch.device:
         return next(iter(self.model.parameters())).device if hasattr(self.model, "parameters") else torch.device("cpu")
@@ -109,11 +112,11 @@ class Generation:
     @torch.no_grad()
     def run(self, samples: list[SampleRecord], people: dict[int, IdentityRecord]) -> tuple[list[SampleRecord], StageStats]:
         start = time.perf_counter()
-        # 1. identity embeddings, once per identity of the unit
-        order = sorted({s.identity for s in samples})
-        faces = _to_tensor([people[i].reference for i in order])
-        embeds = self.model.encode_identity(faces.to(self._device()))
-        embed_of = {i: embeds[k:k + 1] for k, i in enumerate(order)}
+        # 1. identity embeddings, once per identity, one identity per call (so they never depend on the unit)
+        embed_of = {
+            i: self.model.encode_identity(_to_tensor([people[i].reference]).to(self._device()))
+            for i in sorted({s.identity for s in samples})
+        }
         # 2. batches of samples, each with its own generator
         for first in range(0, len(samples), self.config.batch_size):
             batch = samples[first:first + self.config.batch_size]

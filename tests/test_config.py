@@ -57,3 +57,11 @@ def test_manifest_paths_are_relative_to_the_manifest(tmp_path):
     path.write_text("identities:\n  source: folder\n  folder: refs\n  count: 1\n")
     m = load_manifest(path)
     assert m.identities.folder == tmp_path / "refs"
+
+
+def test_without_batch_invariance_batching_enters_the_fingerprint():
+    a = load_manifest(None, ["sampler.batch_invariant=false", "sampler.batch_size=8"], output="/a")
+    b = load_manifest(None, ["sampler.batch_invariant=false", "sampler.batch_size=16"], output="/a")
+    c = load_manifest(None, ["sampler.batch_invariant=false", "resources.identities_per_unit=9"], output="/a")
+    assert output_determining(a) != output_determining(b)
+    assert output_determining(a) != output_determining(c)
