@@ -83,3 +83,23 @@ def test_pe_matches_formula_and_derived_lengths():
     assert configs.tap_tokens(cfg, 512, 512) == [64, 256, 256]
     assert configs.tap_tokens(cfg, 768, 768) == [144, 576, 576]  # not 512-only
     assert configs.required_multiple(cfg) == 64
+
+
+def test_full_size_forward_shapes_on_meta(full):
+    """Run the full DIG on meta tensors: at 512 px the stored PE buffers (64/256/256) are exactly the taps."""
+    _, dig, _, _ = full
+    used = []
+    hooks = [pe.register_forward_hook(lambda m, a, o: used.append((a[0], o is m.pe))) for pe in dig.position_embedding]
+    try:
+        for latent, expect in ((64, [(64, True), (256, True), (256, True)]), (96, [(144, False), (576, False), (576, False)])):
+            used.clear()
+            with torch.device("meta"), torch.no_grad():
+                x = torch.empty(4, 9, latent, latent)
+                noise, det, reg, tokens = dig(x, torch.tensor(500), torch.empty(4, 77, 768), torch.empty(4, 12, 768),
+                                              torch.empty(2, 2, 768), label_rows=slice(2, 4))
+            assert noise.shape == (4, 4, latent, latent)
+            assert det.shape == reg.shape == (2, 12) and tokens.shape == (2, 12, 768)
+            assert used == expect
+    finally:
+        for h in hooks:
+            h.remove()
