@@ -120,12 +120,11 @@ class MAUGen(nn.Module):
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "MAUGen":
         """Move everything to ``device``; cast all but the identity networks to ``dtype``. Returns self."""
-        if dtype == self.dtype:
-            dtype = None  # avoids diffusers' "keep in float32" notice on no-op casts
         for module in (self.dig, self.vae, self.text.text_encoder):
-            module.to(device=device, dtype=dtype)
-        self.identity_encoder.to(device=device)
-        self.mapping.to(device=device)
+            # plain nn.Module.to: diffusers' override only adds a "keep in float32" notice for other loaders
+            nn.Module.to(module, device=device, dtype=dtype)
+        nn.Module.to(self.identity_encoder, device=device)
+        nn.Module.to(self.mapping, device=device)
         self.au_cue.data = self.au_cue.data.to(device=device, dtype=dtype or self.dtype)
         return self
 

@@ -113,3 +113,13 @@ def test_missing_file_and_base(official_files, tmp_path):
         _import(official_files, base=tmp_path)
     with pytest.raises(CheckpointError, match="not a MAUGen folder"):
         MAUGen.from_pretrained(tmp_path)
+
+
+def test_half_precision_folder_loads_in_requested_dtype(tmp_path):
+    m = MAUGen.tiny(seed=2).to(dtype=torch.bfloat16)
+    m.save_pretrained(tmp_path / "m")
+    loaded = MAUGen.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert loaded.dtype == torch.float32
+    import json
+    json.dumps(loaded.config)  # JSON-able
