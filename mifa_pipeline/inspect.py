@@ -95,8 +95,10 @@ def summarise(folder: Path, console: Console) -> dict[str, Any]:
     rows = _sidecar_rows(folder, manifest)
     aus = manifest["au_names"]
     ds = manifest["dataset"]
-    console.print(f"[bold]{ds['name']}[/] {ds['version']} ({ds['split']}), fingerprint {manifest['fingerprint'][:12]}, "
-                  f"parent {manifest['parent'] or '-'}")
+    parent = manifest["parent"]
+    parent_text = f"{parent['version']} at {parent['path']}" if parent else "-"
+    console.print(f"[bold]{ds['name']}[/] {ds['version']} ({ds['split']}, {manifest['kind']}), "
+                  f"fingerprint {manifest['fingerprint'][:12]}, parent {parent_text}")
     c = manifest["counts"]
     console.print(f"{c['identities']} identities, {c['planned_samples']} planned samples, {c['kept_samples']} kept, "
                   f"{len(manifest['shards'])} shard(s); model {manifest['model']}")
@@ -124,6 +126,22 @@ def summarise(folder: Path, console: Console) -> dict[str, Any]:
                          f"{s['occurrence_rate']:.0%}")
     console.print(au_table)
 
+    score_table = Table(title="filter scores (kept samples)")
+    for col in ("score", "present", "mean", "min", "max"):
+        score_table.add_column(col, justify="right" if col != "score" else "left")
+    score_summary = {}
+    for col in sorted({k for r in rows for k in r if k.startswith("scores_")}):
+        name = col.removeprefix("scores_")
+        if name.startswith(("au_est_", "au_agree_")):
+            continue  # per-AU columns: see the sidecars; the table keeps the overall numbers
+        values = [float(r[col]) for r in rows if isinstance(r.get(col), (int, float))]
+        if values:
+            score_summary[name] = {"n": len(values), "mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+            s = score_summary[name]
+            score_table.add_row(name, str(s["n"]), f"{s['mean']:.3f}", f"{s['min']:.3f}", f"{s['max']:.3f}")
+    if score_summary:
+        console.print(score_table)
+
     demo_cols = sorted({k for r in rows for k in r if k.startswith("demographics_")})
     demographics = {col.removeprefix("demographics_"): Counter(r[col] for r in rows) for col in demo_cols}
     demographics["expression"] = Counter(r.get("expression") for r in rows)
@@ -133,4 +151,4 @@ def summarise(folder: Path, console: Console) -> dict[str, Any]:
     for attr, counts in demographics.items():
         demo_table.add_row(attr, ", ".join(f"{v}: {k}" for v, k in counts.most_common()))
     console.print(demo_table)
-    return {"au": au_summary, "demographics": {k: dict(v) for k, v in demographics.items()}}
+    return {"au": au_summary, "scores": score_summary, "demographics": {k: dict(v) for k, v in demographics.items()}}
