@@ -16,6 +16,7 @@ Nothing is ever unpickled: ``torch.load(weights_only=True)`` for .pt/.bin/.pth/.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import pickle
@@ -40,6 +41,10 @@ WEIGHTS_NAME = "model.safetensors"
 OWN_COMPONENTS = ("label_branch", "au_cue", "identity_encoder", "mapping")
 _TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
 _LIST_LIMIT = 20
+
+
+# diffusers warns on every load when accelerate is missing and low_cpu_mem_usage is left at its default.
+_LOW_MEM = {"low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
 
 
 class CheckpointError(ValueError):
@@ -132,8 +137,8 @@ def load_base(base: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{base}: not a diffusers SD-inpainting folder, missing sub-folder {sub!r}")
     sched_file = base / "scheduler" / "scheduler_config.json"
     try:
-        unet = UNet2DConditionModel.from_pretrained(base / "unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(base / "unet", local_files_only=True, **_LOW_MEM)
+        vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True, **_LOW_MEM)
         text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
         scheduler = json.loads(sched_file.read_text())
@@ -240,8 +245,8 @@ def load_folder(path: str | Path) -> MAUGen:
         if not (path / sub).is_dir():
             raise CheckpointError(f"{path}: missing component folder {sub!r}")
     try:
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True, **_LOW_MEM)
+        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, **_LOW_MEM)
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -14,6 +14,15 @@ import typer
 model_app = typer.Typer(help="MAUGen checkpoints: import the official files, inspect a model folder.", no_args_is_help=True)
 
 
+def _quiet_libraries() -> None:
+    """No per-file progress bars from diffusers/transformers in CLI output."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
@@ -34,6 +43,7 @@ def import_official_cmd(
     """Check every official file strictly (keys and shapes) and write a MAUGen folder."""
     from .checkpoints import CheckpointError, import_official, save_folder
 
+    _quiet_libraries()
     if out.exists() and any(out.iterdir()) and not overwrite:
         _fail(f"{out}: output folder is not empty (use --overwrite)")
     names = [a.strip() for a in au_names.split(",") if a.strip()] if au_names else None
