@@ -1,21 +1,21 @@
 """MAUGen model package: MRL + DIG networks and joint image + AU-label sampling. Imports nothing of the pipeline or Ray.
 
-The heavy modules (torch, diffusers, transformers) load on first use of `MAUGen`/`MAUGenOutput`, so the
-CLI can mount `maugen.cli` without slowing `mifa --help`.
+Exports resolve lazily, so ``mifa_pipeline.maugen.cli`` can be mounted by the project CLI without importing
+torch, diffusers and transformers until a command runs.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["MAUGen", "MAUGenOutput"]
 
 if TYPE_CHECKING:
     from .model import MAUGen
     from .sampler import MAUGenOutput
 
-__all__ = ["MAUGen", "MAUGenOutput"]
 
-
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name == "MAUGen":
         from .model import MAUGen
 

@@ -22,3 +22,14 @@ def test_imports_stay_inside_the_package():
                 if top == "ray" or (top == "mifa_pipeline" and not name.startswith("mifa_pipeline.maugen")):
                     bad.append(f"{file.name}: {name}")
     assert not bad
+
+
+def test_cli_module_is_cheap_to_import():
+    """The project CLI mounts model_app at import time; that must not load torch/diffusers/transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mifa_pipeline.maugen.cli as c; assert c.model_app; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
