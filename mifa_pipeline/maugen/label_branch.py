@@ -174,4 +174,17 @@ class DualPredictionHead(nn.Module):
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         det = torch.cat([m(tokens[:, i]) for i, m in enumerate(self.token_fc_layers_det)], dim=1)
         reg = torch.cat([m(tokens[:, i]) for i, m in enumerate(self.token_fc_layers_reg)], dim=1)
-        return det, torch.sigmoid(reg)
+        return det, sigmoid_rows(reg)
+
+
+def sigmoid_rows(x: torch.Tensor) -> torch.Tensor:
+    """Sigmoid whose bits for a row do not depend on the row's position in the batch.
+
+    CPU elementwise kernels run SIMD code on blocks of 2 vectors and scalar code on the tail of the
+    tensor, and the two sigmoid implementations differ in the last bit; on a small [B, A] tensor the tail
+    belongs to the last rows. One op per row gives every row the same code path (GPU kernels compute every
+    element the same way already).
+    """
+    if x.device.type != "cpu":
+        return torch.sigmoid(x)
+    return torch.stack([torch.sigmoid(row) for row in x])

@@ -47,8 +47,9 @@ class MAUGen(nn.Module):
         if tuple(au_cue.shape) != shape:
             raise ValueError(f"AU cue must have shape {list(shape)}, got {list(au_cue.shape)}")
         self.au_cue = nn.Parameter(au_cue.detach().clone(), requires_grad=False)
-        # Samples per UNet batch inside ``sample`` (None: the whole call). 1 gives bitwise batch invariance
-        # on CPU at some speed cost; batching only changes results within float tolerance otherwise.
+        # Samples per model call inside ``sample`` (None: the caller's whole batch, results then depend on
+        # the batch within float tolerance). 1: bitwise batch invariant on CPU, any thread count. k > 1 (last
+        # chunk padded): bitwise on 1 CPU thread, expected on GPU; see README "Batch invariance".
         self.micro_batch_size: int | None = None
         self.requires_grad_(False)
         self.eval()

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import configs
+from .label_branch import sigmoid_rows
 
 if TYPE_CHECKING:
     from .model import MAUGen
@@ -80,7 +81,7 @@ class LabelReadout:
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(occurrence_prob, intensity, intensity_rounded) on the CPU."""
-        prob = torch.sigmoid(self.det).cpu()
+        prob = sigmoid_rows(self.det.cpu())
         intensity = (5.0 * self.reg).clamp(0.0, 5.0).cpu()
         return prob, intensity, torch.round(intensity).to(torch.int64)  # torch.round: half to even
 
@@ -124,24 +125,38 @@ def sample(
 ) -> MAUGenOutput:
     """Generate ``len(prompts)`` samples; see ``MAUGen.sample`` for the argument contract.
 
-    With ``model.micro_batch_size`` set, the batch is processed in chunks of that many samples. Chunks of 1
-    make every sample's computation use the same tensor shapes whatever batch it came in, which makes the
-    result bitwise independent of the batch (CPU kernels pick shape-dependent algorithms; see README).
+    With ``model.micro_batch_size = k`` every model call holds exactly k samples: the batch is cut into
+    chunks of k and the last chunk is padded with throw-away copies (own dummy generators, so no caller
+    generator is consumed twice); identities are expanded per sample. All calls then have the same shapes
+    whatever the caller's batch size, and since no op mixes samples, a sample's bits do not depend on its
+    batch (CPU kernels choose algorithms by shape, so different batch sizes differ in the last bits;
+    README, "Batch invariance").
     """
     _check_inputs(model, prompts, masked_images, masks, identity_embeds, generators)
     n = len(prompts)
-    chunk = model.micro_batch_size or n
-    if chunk >= n:
+    k = model.micro_batch_size
+    if not k:
         return _sample_batch(model, prompts, masked_images, masks, identity_embeds, generators,
                              num_inference_steps, guidance_scale, negative_prompt, scheduler)
+    ident = None if identity_embeds is None else identity_embeds.expand(n, -1, -1)
     outs = []
-    for lo in range(0, n, chunk):
-        sl = slice(lo, lo + chunk)
-        ident = identity_embeds if identity_embeds is None or identity_embeds.shape[0] == 1 else identity_embeds[sl]
-        outs.append(_sample_batch(model, list(prompts[sl]), masked_images[sl], masks[sl], ident, generators[sl],
-                                  num_inference_steps, guidance_scale, negative_prompt, scheduler))
-    return MAUGenOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in
-                          ("images", "occurrence_prob", "intensity", "intensity_rounded")))
+    for lo in range(0, n, k):
+        idx = list(range(lo, min(lo + k, n)))
+        pad = k - len(idx)
+        rows = idx + [idx[-1]] * pad
+        gens = [generators[i] for i in idx] + [_dummy_generator(generators[idx[-1]]) for _ in range(pad)]
+        out = _sample_batch(model, [prompts[i] for i in rows], masked_images[rows], masks[rows],
+                            None if ident is None else ident[rows], gens,
+                            num_inference_steps, guidance_scale, negative_prompt, scheduler)
+        outs.append([getattr(out, f)[: len(idx)] for f in _FIELDS])
+    return MAUGenOutput(*(torch.cat([o[j] for o in outs]) for j in range(len(_FIELDS))))
+
+
+_FIELDS = ("images", "occurrence_prob", "intensity", "intensity_rounded")
+
+
+def _dummy_generator(like: torch.Generator) -> torch.Generator:
+    return torch.Generator(device=like.device).manual_seed(0)
 
 
 def _sample_batch(model, prompts, masked_images, masks, identity_embeds, generators,

@@ -139,16 +139,21 @@ def test_au_cue_language_init(tiny):
     assert m.au_cue.shape == (1, 12, m.token_dim)
 
 
-def test_micro_batch_one_is_bitwise_batch_invariant(identities):
-    """Batched CPU kernels (GEMM M=1 vs M>1, oneDNN conv) differ in the last bits; chunks of one sample don't."""
+@pytest.mark.parametrize("micro", [1, 4])
+def test_fixed_micro_batch_is_bitwise_batch_invariant(identities, micro):
+    """Batched CPU kernels (GEMM M=1 vs M>1, oneDNN conv) differ in the last bits between batch sizes;
+    fixed-size (padded) chunks don't, whatever the position of the sample in its chunk."""
     model = MAUGen.tiny(seed=0)
-    model.micro_batch_size = 1
-    batch = _run(model, [0, 1, 2, 3, 4], identities, steps=3)
-    for i in (0, 3):
-        alone = _run(model, [i], identities, steps=3)
+    model.micro_batch_size = micro
+    batch = _run(model, [0, 1, 2, 3, 4], identities, steps=3)  # micro=4: chunks [0..3], [4 + 3 pads]
+    for i in (0, 3, 4):
+        alone = _run(model, [i], identities, steps=3)           # position 0 of a padded chunk
         assert torch.equal(alone.images[0], batch.images[i])
         assert torch.equal(alone.occurrence_prob[0], batch.occurrence_prob[i])
         assert torch.equal(alone.intensity[0], batch.intensity[i])
+    assert batch.images.shape[0] == 5
+    shared = _run(model, [1, 2], identities[1:2].expand(5, -1, -1), steps=3)  # [1,2,D] broadcast == per sample
+    assert torch.equal(shared.images[0], batch.images[1])
 
 
 def test_generator_order_latents_then_posterior(tiny):
