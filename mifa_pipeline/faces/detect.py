@@ -76,6 +76,7 @@ class YuNetDetector(FaceDetector):
                  nms_threshold: float = 0.3, top_k: int = 5000):
         import cv2
 
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # OpenCV 5 warns per detector created
         self.model_path = _model_file(model_path)
         self.score_threshold = score_threshold
         self._net = cv2.FaceDetectorYN.create(str(self.model_path), "", (320, 320),
