@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--no-stock", action="store_true", help="skip the stock diffusers pipeline")
     ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="MAUGen.micro_batch_size (fixed-shape chunks for bitwise batch invariance)")
     args = ap.parse_args()
 
     from diffusers import StableDiffusionInpaintPipeline
@@ -117,6 +119,7 @@ def main() -> None:
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     if args.channels_last or args.compile:
         model.enable_speedups(channels_last=args.channels_last, compile=args.compile)
+    model.micro_batch_size = args.micro_batch
     counts = model.parameter_counts()
     print(f"{size} MAUGen on {device} {dtype_name}: {cfg['resolution']} px, {args.steps} steps, CFG {args.guidance}, "
           f"{sum(counts.values()) / 1e6:.1f} M params (UNet {counts['unet'] / 1e6:.1f} M, label branch "
@@ -169,6 +172,7 @@ def main() -> None:
         "compile": args.compile,
         "channels_last": args.channels_last,
         "repeats": args.repeats,
+        "micro_batch_size": args.micro_batch,
         "torch": torch.__version__,
         "results": results,
     }
