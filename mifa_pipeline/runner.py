@@ -2,7 +2,8 @@
 
 `BuildRunner` owns everything that must be identical whoever executes the units: what is already
 done, committing units to the pool, writing shards in global order, the run manifest. Subclasses only
-decide where units run: `LocalRunner` here (in-process, no Ray), `RayRunner` in `ray_runner.py`.
+decide where units run: `LocalRunner` here (in-process, no Ray), `RayRunner` in `ray_runner.py`; both
+also offer `map_units` for plain CPU steps, which `refilter.py` uses to run `mifa filter` either way.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from mifa_pipeline import pool
 from mifa_pipeline.config import BUILTIN_GENERATORS, BuildManifest, canonical_json, sha256_text
+from mifa_pipeline.judging import JudgeFileError, judge_specs
 from mifa_pipeline.manifest import (MANIFEST_NAME, SCHEMA_VERSION, chain_fingerprints, code_version, model_files,
                                     model_hash, now_iso, package_versions, stage_configs, write_run_manifest)
 from mifa_pipeline.plan import BuildPlan, WorkUnit
@@ -28,7 +30,6 @@ from mifa_pipeline.stages.filter import DuplicateIdentities
 from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.stages.identities import reference_files
 from mifa_pipeline.stages.write import ShardWriting
-from mifa_pipeline.judging import JudgeFileError, judge_specs
 from mifa_pipeline.work import GenerationWorker, UnitState, expand_unit, filter_unit
 
 BUILD_STATE = "build.json"  # _work/build.json: which build this folder holds (written before any unit)
@@ -133,7 +134,6 @@ class BuildResult:
     manifest: dict[str, Any]
     wall_seconds: float
     units_run: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class BuildRunner:
