@@ -100,3 +100,38 @@ def test_refilter_refuses_non_filter_changes_and_its_parent_folder(judged_build)
         prepare_refilter(judged_build, ["filter.min_pixel_std=3"], judged_build)
     with pytest.raises(BuildError, match="no manifest.json"):
         prepare_refilter(judged_build / "nowhere", [])
+
+
+def test_filter_stage_with_real_photos_drops_no_face_and_several_faces_with_reasons():
+    """The filter stage itself, fed real photos: one face kept, six faces and a faceless image dropped."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    import insightface
+    from mifa_pipeline.config import FilterSection
+    from mifa_pipeline.judging import Judges, judge_specs
+    from mifa_pipeline.records import IdentityRecord, SampleRecord
+    from mifa_pipeline.stages.filter import Filtering
+
+    size = 256
+    astronaut = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((size, size)))
+    group_path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+    group = np.asarray(Image.open(group_path).convert("RGB").resize((size, size)))
+    sky = np.asarray(Image.fromarray(skimage.data.astronaut()[:120, 300:420]).resize((size, size)))  # no face
+    cfg = FilterSection(face={"detector": "yunet", "min_fraction": 0.01}, identity={"embedder": "sface"},
+                        au={"estimator": "mediapipe"})
+    person = IdentityRecord(0, 0, {}, "", reference=np.ascontiguousarray(astronaut[:, ::-1]))
+    aus = {"AU12": 3, "AU25": 2}
+    samples = [SampleRecord(0, i, 0, requested=aus, image=img, occurrence_prob={a: 0.9 for a in aus},
+                            intensity={a: 3.0 for a in aus}) for i, img in enumerate([astronaut, group, sky])]
+    judges = Judges(cfg, judge_specs(cfg))
+    out, stats = Filtering(cfg, size, judges).run(samples, {0: person})
+    judges.close()
+    kept, several, none = out
+    assert kept.keep and kept.scores["face_count"] == 1
+    assert kept.scores["identity_cosine"] > 0.8  # the astronaut vs her mirror image
+    assert kept.scores["au_est_AU12"] > 0.5  # she smiles
+    assert several.drop_reason == "multiple_faces" and several.scores["face_count"] > 1
+    assert none.drop_reason == "no_face" and none.scores["identity_cosine"] is None
+    assert stats.dropped == {"multiple_faces": 1, "no_face": 1}
