@@ -18,6 +18,7 @@ import numpy as np
 from mifa_pipeline.config import FilterSection, canonical_json, sha256_text
 
 JUDGES = ("face", "identity", "au")
+JUDGE_MIN_SIDE = 192  # face models are trained on faces far larger than a 64 px sample's
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,23 @@ def judge_specs(cfg: FilterSection) -> dict[str, JudgeSpec]:
                 raise JudgeFileError(f"filter.{field_name}: {kind} needs {path}, which is missing; "
                                      "run scripts/install-face-models.sh or set filter.models_dir / the path")
             record = model_record(path, f"judge:{name}")
-        options = {"kind": kind, "sha256": record.get("sha256"),
+        options = {"kind": kind, "sha256": record.get("sha256"), "min_side": JUDGE_MIN_SIDE,
                    "aligned_with": specs["face"].fingerprint if name != "face" else None}
         if name == "au":
             options["aus"] = cfg.au.aus
         specs[name] = JudgeSpec(name, kind, path, sha256_text(canonical_json(options)), record)
     return specs
+
+
+def upscale_for_judges(image: np.ndarray) -> np.ndarray:
+    """Small images are enlarged (bicubic) before judging; ratios such as face_fraction do not change."""
+    side = min(image.shape[:2])
+    if side >= JUDGE_MIN_SIDE:
+        return image
+    import cv2
+
+    scale = JUDGE_MIN_SIDE / side
+    return cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)), interpolation=cv2.INTER_CUBIC)
 
 
 class Judges:
@@ -106,12 +118,14 @@ class Judges:
     def reference_embeddings(self, references: dict[int, np.ndarray]) -> dict[int, list[float] | None]:
         out: dict[int, list[float] | None] = {}
         for identity, image in references.items():
+            image = upscale_for_judges(image)
             _, face = self._best_face(image)
             out[identity] = None if face is None else [float(v) for v in self.embedder.embed(image, face)]
         return out
 
     def score(self, image: np.ndarray, reference_embedding: list[float] | None) -> dict[str, Any]:
         """Raw scores of the judges in `self.run` for one generated image."""
+        image = upscale_for_judges(image)
         faces, face = self._best_face(image)
         scores: dict[str, Any] = {}
         if "face" in self.run:
