@@ -1,0 +1,36 @@
+"""MAUGen training (``mifa train``). The model package never imports this one.
+
+Phases. A model without a trained VAE (``--config`` from scratch) first trains the VAE alone (L1 + MSE
+reconstruction + a small KL, ``--vae-steps``), then sets its scaling factor so scaled latents have unit
+variance; the VAE is then frozen and every image is encoded once (latent mean/std cached), which makes the
+second phase cheap. Phase 2 trains, jointly: the UNet and label branch (DIG), the identity encoder and
+mapping, the AU cue (language-initialised from the FACS names through the text encoder, reference §6), the
+text encoder (from scratch: yes; from ``--base``/``--init``: frozen unless ``--train-text-encoder``), with
+a word-level BPE tokenizer learnt from the data's prompts when none is given (``tokenizer.py``).
+
+Losses of phase 2, per batch:
+- diffusion: epsilon MSE on the inpainting input [noisy 4 | mask 1 | masked-image latent 4], exactly as the
+  sampler builds it (canvas = reference with the mask region black, binarised mask, posterior sample);
+- occurrence: MultiLabelFocalLoss (alpha 1, gamma 2) of the label branch's logits against
+  occurrence = intensity >= 2 (the DISFA protocol, ``--occurrence-threshold``);
+- intensity: FocalMSELoss (gamma 2; ``--int-gamma 0`` is plain MSE) of sigmoid output vs intensity / 5;
+- deep supervision (``--aux-weight``): the same two losses on the labels read after every earlier level
+  of the AU transformer through the shared dual head (the official ``aux_loss`` / ``*_tmp`` lists);
+- MRL alignment (``--w-mrl``). The paper names MRL but the official code shows no loss, so this is our
+  choice: small linear heads project into one D-dim space (a) the pooled text embedding and the mean of
+  the final AU tokens, matched by a symmetric InfoNCE whose positives are the rows asking for the same
+  AU intensities, and (b) the identity pseudo-words (from the reference face) and the identity-encoder
+  features of the generated target image, with positives = same identity. So text, AU, identity and image
+  embeddings share one space; the heads are training-only and never saved in the model folder.
+
+Batches mix three kinds of rows, as the pipeline uses the model: inpainting with identity (the build's
+samples), whole-frame painting without identity from the identity prompt (how a build paints references,
+``--paint-prob``), and classifier-free-guidance rows with the empty or the default negative prompt
+(``--cond-drop-prob``). The identity input is sometimes another image of the same identity (robustness),
+and "a person" in prompts is sometimes replaced by build-style demographics (which the teacher ignores).
+The saved weights are an EMA (``--ema``) of the trained ones.
+"""
+
+from .trainer import TrainConfig, train
+
+__all__ = ["TrainConfig", "train"]

@@ -1,0 +1,82 @@
+"""``mifa train``: a typer app whose root command trains MAUGen (mount with ``app.add_typer(train_app, name="train")``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+train_app = typer.Typer(invoke_without_command=True, add_completion=False, pretty_exceptions_enable=False,
+                        context_settings={"allow_interspersed_args": True},
+                        help="Train MAUGen on labelled data sets in the build's shard format.")
+
+
+@train_app.callback(invoke_without_command=True)
+def train(
+    data: Annotated[list[Path], typer.Argument(help="data folders (mifa build / mifa teacher output)")],
+    out: Annotated[Path, typer.Option("--out", help="output folder: checkpoints/, model/, train_log.jsonl, validation/")],
+    base: Annotated[Optional[Path], typer.Option("--base", help="diffusers SD-1.5 inpainting folder to start from")] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="mifa MAUGen checkpoint folder to start from")] = None,
+    config: Annotated[str, typer.Option("--config", help="tiny | small (the demo model) | full; with --base: label-branch sizes")] = "tiny",
+    resolution: Annotated[int, typer.Option("--resolution", help="training image size (pixels)")] = 64,
+    steps: Annotated[int, typer.Option("--steps", help="MAUGen training steps")] = 1000,
+    vae_steps: Annotated[Optional[int], typer.Option("--vae-steps", help="VAE steps first (default: max(100, steps/8) when no VAE is given, else 0)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
+    lr: Annotated[float, typer.Option("--lr")] = 5e-4,
+    vae_lr: Annotated[float, typer.Option("--vae-lr")] = 1e-3,
+    warmup: Annotated[int, typer.Option("--warmup")] = 100,
+    ema: Annotated[float, typer.Option("--ema", help="EMA decay of the saved weights (0: off)")] = 0.999,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 500,
+    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints")] = 2,
+    log_every: Annotated[int, typer.Option("--log-every")] = 10,
+    validate_every: Annotated[int, typer.Option("--validate-every", help="0: only at the end")] = 0,
+    val_data: Annotated[Optional[list[Path]], typer.Option("--val-data", help="held-out data folder(s) for validation")] = None,
+    val_identities: Annotated[int, typer.Option("--val-identities", help="identities held out of DATA when no --val-data")] = 4,
+    val_samples: Annotated[int, typer.Option("--val-samples")] = 8,
+    val_steps: Annotated[int, typer.Option("--val-steps")] = 20,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale")] = 7.5,
+    train_text_encoder: Annotated[Optional[bool], typer.Option("--train-text-encoder/--freeze-text-encoder", help="default: train from scratch, freeze from --base/--init")] = None,
+    occurrence_threshold: Annotated[float, typer.Option("--occurrence-threshold", help="occurrence label = intensity >= this")] = 2.0,
+    occ_gamma: Annotated[float, typer.Option("--occ-gamma")] = 2.0,
+    int_gamma: Annotated[float, typer.Option("--int-gamma", help="FocalMSE gamma (0: plain MSE)")] = 2.0,
+    w_occ: Annotated[float, typer.Option("--w-occ")] = 1.0,
+    w_int: Annotated[float, typer.Option("--w-int")] = 1.0,
+    aux_weight: Annotated[float, typer.Option("--aux-weight", help="deep supervision weight of the earlier levels (0: off)")] = 0.5,
+    w_mrl: Annotated[float, typer.Option("--w-mrl", help="MRL alignment weight (0: off)")] = 0.05,
+    paint_prob: Annotated[float, typer.Option("--paint-prob")] = 0.2,
+    cond_drop_prob: Annotated[float, typer.Option("--cond-drop-prob")] = 0.1,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint in --out")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no | fp16 | bf16")] = "no",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads")] = None,
+    max_time: Annotated[Optional[float], typer.Option("--max-time", help="stop with a checkpoint after this many seconds")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Train MAUGen (VAE first when none is given, then UNet + label branch + identity + text + AU cue)."""
+    from .trainer import TrainConfig
+    from .trainer import train as run_training
+
+    if base is not None and init is not None:
+        raise typer.BadParameter("give --base or --init, not both")
+    cfg = TrainConfig(
+        data=[str(d) for d in data], out=str(out), base=str(base) if base else None, init=str(init) if init else None,
+        config=config, resolution=resolution, steps=steps, vae_steps=vae_steps, batch_size=batch_size, lr=lr,
+        vae_lr=vae_lr, warmup=warmup, ema=ema, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+        log_every=log_every, validate_every=validate_every, val_data=[str(v) for v in (val_data or [])],
+        val_identities=val_identities, val_samples=val_samples, val_steps=val_steps, guidance_scale=guidance_scale,
+        train_text_encoder=train_text_encoder, occurrence_threshold=occurrence_threshold, occ_gamma=occ_gamma,
+        int_gamma=int_gamma, w_occ=w_occ, w_int=w_int, aux_weight=aux_weight, w_mrl=w_mrl, paint_prob=paint_prob,
+        cond_drop_prob=cond_drop_prob, resume=resume, device=device, mixed_precision=mixed_precision,
+        threads=threads, max_time_s=max_time, seed=seed,
+    )
+    try:
+        final = run_training(cfg, echo=typer.echo)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"model: {final}")
+
+
+def main() -> None:  # pragma: no cover
+    train_app()

@@ -1,0 +1,204 @@
+"""Labelled face data sets in the build's shard format, loaded into memory for training.
+
+A data folder is what ``mifa build`` / ``mifa teacher`` write: ``*.tar`` WebDataset shards (``KEY.png``,
+``KEY.json`` with ``prompt``, ``identity``, ``intensity``, ``demographics``; ``KEY.cls``), ``manifest.json``
+(``au_names``) and ``_work/units/*/identities.parquet`` (per identity: ``reference_png``, ``mask_png``,
+``prompt``). A folder without the identity tables (e.g. a user's own data converted to the shard format)
+still works: each identity's least expressive sample stands in as its reference, with the default ellipse
+mask. Several folders are concatenated; identities are numbered globally (folder, identity) -> 0..I-1.
+
+Everything is decoded once into uint8 tensors (64 px: ~12 KB per sample), so a training step only indexes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+# The build manifest's default inpainting ellipse (mifa_pipeline.config.EllipseMask), as fractions.
+DEFAULT_ELLIPSE = (0.5, 0.45, 0.3, 0.4)
+
+
+@dataclass
+class FaceData:
+    au_names: list[str]
+    images: torch.Tensor                 # [N,3,H,W] uint8, the generated / rendered faces
+    prompts: list[str]                   # MIFA-style, with the "<ID> <ID2>" placeholder
+    identity: torch.Tensor               # [N] int64, global identity index
+    intensity: torch.Tensor              # [N,A] float32 0..5
+    ref_images: torch.Tensor             # [I,3,H,W] uint8, one reference face per identity
+    ref_masks: torch.Tensor              # [I,1,H,W] uint8 255 = region to generate
+    ref_prompts: list[str]               # identity prompt (describes the reference) per identity
+    identity_names: list[str]            # "folder#id" per global identity
+    keys: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_identities(self) -> int:
+        return len(self.identity_names)
+
+    def subset_identities(self, keep: list[int]) -> "FaceData":
+        """Only the samples (and references) of the identities in ``keep``, renumbered 0..len(keep)-1."""
+        remap = {old: new for new, old in enumerate(keep)}
+        rows = [i for i, ident in enumerate(self.identity.tolist()) if ident in remap]
+        idx = torch.tensor(rows, dtype=torch.long)
+        keep_t = torch.tensor(keep, dtype=torch.long)
+        return FaceData(
+            au_names=list(self.au_names), images=self.images[idx], prompts=[self.prompts[i] for i in rows],
+            identity=torch.tensor([remap[self.identity[i].item()] for i in rows], dtype=torch.long),
+            intensity=self.intensity[idx], ref_images=self.ref_images[keep_t], ref_masks=self.ref_masks[keep_t],
+            ref_prompts=[self.ref_prompts[i] for i in keep], identity_names=[self.identity_names[i] for i in keep],
+            keys=[self.keys[i] for i in rows] if self.keys else [],
+        )
+
+
+def _decode_rgb(data: bytes, size: int) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            side = min(img.size)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+        return np.asarray(img, dtype=np.uint8).copy()
+
+
+def _decode_mask(data: bytes, size: int) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("L")
+        if img.size != (size, size):
+            side = min(img.size)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.NEAREST)
+        return np.where(np.asarray(img) >= 128, 255, 0).astype(np.uint8)
+
+
+def ellipse_mask(size: int, ellipse: tuple[float, float, float, float] = DEFAULT_ELLIPSE) -> np.ndarray:
+    cx, cy, rx, ry = ellipse
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    inside = ((xx / size - cx) / rx) ** 2 + ((yy / size - cy) / ry) ** 2 <= 1.0
+    return np.where(inside, 255, 0).astype(np.uint8)
+
+
+def identity_prompt(demographics: dict[str, str]) -> str:
+    """The build's identity prompt (stages/prompts.py) for a sample's demographics."""
+    from mifa_pipeline.stages.prompts import describe_person
+
+    return (f"a close-up portrait photo of {describe_person(demographics)}, neutral expression, "
+            "looking at the camera, soft studio lighting")
+
+
+def _read_shards(folder: Path):
+    shards = sorted(folder.glob("*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"{folder}: no *.tar shards")
+    for shard in shards:
+        groups: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shard) as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                groups.setdefault(key, {})[ext] = tf.extractfile(member).read()
+        for key in sorted(groups):
+            yield key, groups[key]
+
+
+def _identity_tables(folder: Path) -> dict[int, dict]:
+    tables = sorted(folder.glob("_work/units/*/identities.parquet"))
+    out: dict[int, dict] = {}
+    if not tables:
+        return out
+    import pyarrow.parquet as pq
+
+    for table in tables:
+        for row in pq.read_table(table).to_pylist():
+            out[int(row["identity"])] = row
+    return out
+
+
+def load_folder(folder: str | Path, resolution: int) -> FaceData:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder")
+    manifest_file = folder / "manifest.json"
+    au_names = json.loads(manifest_file.read_text())["au_names"] if manifest_file.is_file() else None
+    images, prompts, idents, intens, keys, demo_of = [], [], [], [], [], {}
+    for key, parts in _read_shards(folder):
+        meta = json.loads(parts["json"])
+        img_ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
+        if img_ext is None:
+            continue
+        if au_names is None:
+            au_names = list(meta["intensity"])
+        images.append(_decode_rgb(parts[img_ext], resolution))
+        prompts.append(meta["prompt"])
+        ident = int(meta["identity"]) if "identity" in meta else int(parts["cls"])
+        idents.append(ident)
+        intens.append([float(meta["intensity"][au]) for au in au_names])
+        keys.append(key)
+        demo_of.setdefault(ident, meta.get("demographics") or {})
+    if not images:
+        raise ValueError(f"{folder}: the shards hold no images")
+    tables = _identity_tables(folder)
+    order = sorted(set(idents))
+    intensity = torch.tensor(intens, dtype=torch.float32)
+    ref_images, ref_masks, ref_prompts = [], [], []
+    for ident in order:
+        row = tables.get(ident)
+        if row is not None:
+            ref_images.append(_decode_rgb(row["reference_png"], resolution))
+            ref_masks.append(_decode_mask(row["mask_png"], resolution))
+            ref_prompts.append(row.get("prompt") or identity_prompt(demo_of[ident]))
+        else:  # no identity table: the least expressive sample of the identity is its reference
+            rows = [i for i, x in enumerate(idents) if x == ident]
+            best = min(rows, key=lambda i: float(intensity[i].sum()))
+            ref_images.append(images[best])
+            ref_masks.append(ellipse_mask(resolution))
+            ref_prompts.append(identity_prompt(demo_of[ident]))
+    index = {ident: k for k, ident in enumerate(order)}
+    return FaceData(
+        au_names=list(au_names),
+        images=torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
+        prompts=prompts,
+        identity=torch.tensor([index[i] for i in idents], dtype=torch.long),
+        intensity=intensity,
+        ref_images=torch.from_numpy(np.stack(ref_images)).permute(0, 3, 1, 2).contiguous(),
+        ref_masks=torch.from_numpy(np.stack(ref_masks))[:, None].contiguous(),
+        ref_prompts=ref_prompts,
+        identity_names=[f"{folder.name}#{i}" for i in order],
+        keys=keys,
+    )
+
+
+def load_data(folders: list[str | Path], resolution: int, au_names: list[str] | None = None) -> FaceData:
+    """Load and concatenate data folders; all must share one AU list (and match ``au_names`` if given)."""
+    parts = [load_folder(f, resolution) for f in folders]
+    names = au_names or parts[0].au_names
+    for folder, part in zip(folders, parts):
+        if part.au_names != list(names):
+            raise ValueError(f"{folder}: AU list {part.au_names} differs from {list(names)}")
+    offset, idents = 0, []
+    for part in parts:
+        idents.append(part.identity + offset)
+        offset += part.num_identities
+    return FaceData(
+        au_names=list(names),
+        images=torch.cat([p.images for p in parts]),
+        prompts=[s for p in parts for s in p.prompts],
+        identity=torch.cat(idents),
+        intensity=torch.cat([p.intensity for p in parts]),
+        ref_images=torch.cat([p.ref_images for p in parts]),
+        ref_masks=torch.cat([p.ref_masks for p in parts]),
+        ref_prompts=[s for p in parts for s in p.ref_prompts],
+        identity_names=[s for p in parts for s in p.identity_names],
+        keys=[k for p in parts for k in p.keys],
+    )

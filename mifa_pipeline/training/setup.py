@@ -1,0 +1,213 @@
+"""Which MAUGen to train: a preset configuration from scratch, an SD-1.5 inpainting folder (``--base``), or
+one of our checkpoint folders (``--init``); and the forward passes training needs with gradients.
+
+The model package is inference-only (frozen weights, ``no_grad`` text and identity encoders); the few
+forward helpers here re-run the same computations with autograd (the ``<ID>`` splice of ``maugen.text``,
+the identity path of ``MAUGen.encode_identity``, the DIG forward of ``maugen.unet`` with every level's
+labels for deep supervision). ``tests/training`` checks that they equal the package's own outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mifa_pipeline.maugen import MAUGen, configs
+from mifa_pipeline.maugen.identity import IdentityEncoder, IdentityMapping, preprocess_faces
+from mifa_pipeline.maugen.text import TextSide
+from mifa_pipeline.maugen.unet import MAUGenUNet
+
+PRESETS = ("tiny", "small", "full")
+
+
+def small_config(au_names: list[str] | None = None, resolution: int = 64) -> dict[str, Any]:
+    """The demo model's configuration: a 3-level UNet on 16x16x4 latents (VAE factor 4 at 64 px).
+
+    Self-attention only at 8x8 and 4x4 (the 16x16 level has none: most of the CPU cost for little gain),
+    token width 64, a 2-layer text encoder, 2 label-branch levels with 2x2 patches (16 and 64 tokens).
+    """
+    cfg = configs.tiny_config(au_names, resolution)
+    d = 64
+    cfg["unet"].update({
+        "sample_size": resolution // 4,
+        "block_out_channels": [32, 64, 128],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "layers_per_block": 1,
+        "cross_attention_dim": d,
+        "attention_head_dim": 4,
+        "norm_num_groups": 16,
+    })
+    cfg["vae"].update({
+        "block_out_channels": [24, 48, 64],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "mid_block_add_attention": False,
+        "sample_size": resolution,
+    })
+    cfg["text_encoder"].update({
+        "hidden_size": d, "intermediate_size": 2 * d, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "projection_dim": d,
+    })
+    cfg["label_branch"].update({
+        "stem_channels": 32, "stem_groups": 16, "patch_channels": 16, "patch_size": 2,
+        "idm_dim": 32, "num_heads": 4, "ffn_dim": 128, "head_hidden": 32,
+    })
+    cfg["identity_encoder"].update({
+        "image_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4,
+        "feature_blocks": [0, 1, 2, 3], "pre_resize": 64,
+    })
+    cfg["mapping"].update({"middle_dim": 128, "exp_dim": 8})
+    configs.validate(cfg)
+    return cfg
+
+
+def preset_config(name: str, au_names: list[str] | None, resolution: int) -> dict[str, Any]:
+    if name == "tiny":
+        return configs.tiny_config(au_names, resolution)
+    if name == "small":
+        return small_config(au_names, resolution)
+    if name == "full":
+        return configs.full_config(au_names, resolution)
+    raise ValueError(f"unknown config {name!r}; choose one of {PRESETS}")
+
+
+def _library_config(config) -> dict[str, Any]:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def _text_config(text_encoder) -> dict[str, Any]:
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "hidden_act", "layer_norm_eps", "projection_dim",
+            "bos_token_id", "eos_token_id", "pad_token_id")
+    d = text_encoder.config.to_dict()
+    return {k: d[k] for k in keep if k in d}
+
+
+def build_from_scratch(preset: str, au_names: list[str], resolution: int, tokenizer_dir: str | Path, seed: int) -> MAUGen:
+    """Random weights of ``preset`` with the tokenizer in ``tokenizer_dir`` (vocabulary size taken from it)."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    vocab = tokenizer.get_vocab()
+    cfg = preset_config(preset, au_names, resolution)
+    cfg["text_encoder"].update({
+        "vocab_size": len(vocab), "bos_token_id": vocab["<|startoftext|>"],
+        "eos_token_id": vocab["<|endoftext|>"], "pad_token_id": vocab["<|endoftext|>"],
+    })
+    return MAUGen.from_config(cfg, seed=seed, tokenizer=tokenizer)
+
+
+def build_from_base(base: str | Path, preset: str, au_names: list[str], resolution: int | None, seed: int) -> MAUGen:
+    """UNet, VAE, text encoder, tokenizer and scheduler from a diffusers SD inpainting folder; the label
+    branch, identity encoder and mapping new (sizes of ``preset``: "full" for SD-1.5)."""
+    from mifa_pipeline.maugen.checkpoints import load_base
+
+    parts = load_base(base)
+    unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+    cfg = preset_config(preset if preset != "small" else "tiny", au_names, 512)
+    cfg["unet"] = _library_config(unet.config)
+    cfg["vae"] = _library_config(vae.config)
+    cfg["text_encoder"] = _text_config(text_encoder)
+    cfg["scheduler"] = {k: v for k, v in parts["scheduler"].items()}
+    cfg["resolution"] = int(resolution or int(unet.config.sample_size) * configs.vae_scale_factor(cfg))
+    if configs.token_dim(cfg) % cfg["label_branch"]["num_heads"]:
+        cfg["label_branch"]["num_heads"] = 1
+    configs.validate(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dig = MAUGenUNet(cfg, unet=unet)
+        identity_encoder = IdentityEncoder(cfg["identity_encoder"])
+        mapping = IdentityMapping(identity_encoder.out_dim, configs.token_dim(cfg), cfg["mapping"])
+        cue = torch.randn(1, len(cfg["au_names"]), configs.token_dim(cfg))
+    text = TextSide(parts["tokenizer"], text_encoder, cfg["max_text_tokens"])
+    cfg["text_encoder"] = _text_config(text_encoder)
+    return MAUGen(cfg, dig, vae, text, identity_encoder, mapping, cue)
+
+
+def rebuild(model: MAUGen, config: dict[str, Any]) -> MAUGen:
+    """The same networks under a changed config (e.g. the VAE scaling factor found after its training)."""
+    return MAUGen(copy.deepcopy(config), model.dig, model.vae, model.text, model.identity_encoder, model.mapping,
+                  model.au_cue.data)
+
+
+# --------------------------------------------------------------------------- forward passes with grad
+def encode_prompts(text: TextSide, prompts: list[str], identity: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``TextSide.encode`` with autograd, plus the pooled output: (last_hidden_state [B,T,D], pooled [B,D]).
+
+    identity: [B,2,D] or None; rows whose prompt has no ``<ID>`` ignore it.
+    """
+    ids = text.tokenize(prompts)
+    positions = text.splice_positions(ids, identity is not None)
+    encoder = text.text_encoder
+    if not any(positions):
+        out = encoder(input_ids=ids)
+        return out.last_hidden_state, out.pooler_output
+
+    def splice(module, args, output):
+        output = output.clone()
+        ident = identity.to(device=output.device, dtype=output.dtype)
+        for b, pos in enumerate(positions):
+            src = ident[b if ident.shape[0] > 1 else 0]
+            for p in pos:
+                output[b, p] = src[0]
+                output[b, p + 1] = src[1]
+        return output
+
+    handle = encoder.get_submodule(text._embeddings_path()).register_forward_hook(splice)
+    try:
+        out = encoder(input_ids=ids)
+    finally:
+        handle.remove()
+    return out.last_hidden_state, out.pooler_output
+
+
+def identity_features(model: MAUGen, faces: torch.Tensor) -> torch.Tensor:
+    """Identity-encoder features [B, 4*dim] of RGB faces in [0,1], with autograd."""
+    cfg = model.config["identity_encoder"]
+    x = preprocess_faces(faces, cfg["image_size"], cfg.get("pre_resize"))
+    return model.identity_encoder(x.to(model.identity_encoder.cls_token.device))
+
+
+def dig_forward(dig: MAUGenUNet, sample, timestep, text, au_cue, identity):
+    """``MAUGenUNet.forward`` returning every level's labels: (noise, [(det, reg) per level], final tokens)."""
+    ctx = torch.cat([text, au_cue], dim=1)
+    with dig._capture() as taps:
+        noise = dig.unet(sample, timestep, encoder_hidden_states=ctx, return_dict=False)[0]
+    emb, tokens = taps["emb"], au_cue
+    ident = identity.flatten(1)
+    levels = []
+    for level in range(len(dig.tap_levels)):
+        s = dig.auxiliary_head[level](taps[level], emb, ident)
+        s_pos = s + dig.position_embedding[level](s.shape[1])
+        tokens = dig.au_transformer[level](s, s_pos, tokens, ctx)
+        levels.append(dig.dual_prediction_head(tokens))
+    return noise, levels, tokens
+
+
+class MRLHeads(nn.Module):
+    """Projections of the MRL alignment term into one D-dim space (training only, never in the model folder):
+    pooled text, AU tokens (mean over AUs), identity pseudo-words, identity features of the target image."""
+
+    def __init__(self, dim: int, id_feature_dim: int):
+        super().__init__()
+        self.text = nn.Linear(dim, dim)
+        self.au = nn.Linear(dim, dim)
+        self.identity = nn.Linear(2 * dim, dim)
+        self.image = nn.Linear(id_feature_dim, dim)
+
+
+def save_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def temp_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="mifa-train-")

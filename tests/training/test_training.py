@@ -1,0 +1,233 @@
+"""`mifa train`: losses go down, resume continues bit for bit, --base works, a trained checkpoint generates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mifa_pipeline.maugen import MAUGen
+from mifa_pipeline.training import TrainConfig, setup, train
+from mifa_pipeline.training.tokenizer import pretokenize, write_word_tokenizer
+
+QUICK = dict(resolution=32, batch_size=6, val_identities=2, val_samples=2, val_steps=2, log_every=1, threads=1,
+             warmup=2, seed=0)
+
+
+def _log(out: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {f"{p.parent.name}/{k}": v for p in sorted(folder.rglob("*.safetensors")) for k, v in load_file(str(p)).items()}
+
+
+# --------------------------------------------------------------------------- pieces
+def test_word_tokenizer_makes_every_corpus_word_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    corpus = ["a close-up portrait photo of <ID> <ID2>, the face shows strongly raised inner brows",
+              "a person with dark brown skin, moderately pulled-up lip corners"]
+    tok = CLIPTokenizer.from_pretrained(str(write_word_tokenizer(tmp_path / "tok", corpus)))
+    for text in corpus:
+        pieces = tok.convert_ids_to_tokens(tok(text.replace("<ID> <ID2>", "")).input_ids)[1:-1]
+        assert len(pieces) == len(pretokenize(text)), pieces
+    assert len(tok("an unseen zebra").input_ids) > 4  # unknown words still tokenise (sub-words / bytes)
+
+
+def test_forward_helpers_match_the_model(tmp_path):
+    """The autograd re-implementations equal the inference package's own forward passes."""
+    model = MAUGen.tiny(seed=3, resolution=32)
+    b, dim = 2, model.token_dim
+    ident = torch.randn(b, 2, dim)
+    prompts = ["a photo of <ID> <ID2> smiling", "plain prompt"]
+    hidden, _ = setup.encode_prompts(model.text, prompts, ident)
+    assert torch.equal(hidden, model.text.encode(prompts, ident))
+    faces = torch.rand(b, 3, 40, 40)
+    assert torch.allclose(model.mapping(setup.identity_features(model, faces)), model.encode_identity(faces))
+    x = torch.randn(b, 9, 8, 8)
+    t = torch.tensor([10, 500])
+    cue = model.au_cue.expand(b, -1, -1)
+    eps, levels, tokens = setup.dig_forward(model.dig, x, t, hidden, cue, ident)
+    ref = model.dig(x, t, hidden, cue, ident)
+    assert torch.equal(eps, ref[0]) and torch.equal(levels[-1][0], ref[1]) and torch.equal(levels[-1][1], ref[2])
+    assert torch.equal(tokens, ref[3]) and len(levels) == 3
+
+
+def test_focal_losses_and_info_nce():
+    from mifa_pipeline.training.losses import focal_mse, info_nce, multilabel_focal
+
+    p, y = torch.tensor([0.2, 0.9]), torch.tensor([0.0, 1.0])
+    e = (p - y) ** 2
+    assert torch.isclose(focal_mse(p, y), ((1 - torch.exp(-e)) ** 2 * e).mean())
+    assert torch.isclose(focal_mse(p, y, gamma=0), e.mean())
+    assert multilabel_focal(torch.tensor([5.0, -5.0]), torch.tensor([1.0, 0.0])) < multilabel_focal(torch.tensor([-5.0, 5.0]), torch.tensor([1.0, 0.0]))
+    a = torch.eye(4)
+    assert info_nce(a, a, torch.eye(4, dtype=torch.bool)) < info_nce(a, a.flip(0), torch.eye(4, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------- training runs
+def test_training_reduces_every_loss(teacher_data, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(data=[str(teacher_data)], out=str(out), config="tiny", steps=80, vae_steps=40, lr=2e-3,
+                      vae_lr=3e-3, checkpoint_every=1000, w_mrl=0.5, cond_drop_prob=0.0, paint_prob=0.0, ema=0,
+                      **QUICK), echo=None)
+    vae = [r for r in _log(out) if r["phase"] == "vae"]
+    main = [r for r in _log(out) if r["phase"] == "main"]
+    assert len(vae) == 40 and len(main) == 80
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    for key in ("vae_l1", "vae_mse"):
+        assert mean(vae[-8:], key) < 0.8 * mean(vae[:8], key), key
+    for key in ("diffusion", "occurrence", "intensity", "aux_occurrence", "aux_intensity", "mrl"):
+        assert mean(main[-15:], key) < 0.9 * mean(main[:15], key), (key, mean(main[:15], key), mean(main[-15:], key))
+    assert (out / "model" / "maugen_config.json").is_file()
+    val = _log(out, "validation")
+    assert val and Path(val[-1]["grid"]).is_file()
+
+
+@pytest.fixture(scope="module")
+def resumable_run(teacher_data, tmp_path_factory):
+    """One uninterrupted run with a checkpoint every 2 steps (VAE phase and main phase), all kept."""
+    root = tmp_path_factory.mktemp("resume")
+    cfg = dict(data=[str(teacher_data)], config="tiny", steps=6, vae_steps=4, checkpoint_every=2, keep_checkpoints=100,
+               **QUICK)
+    train(TrainConfig(out=str(root / "a"), **cfg), echo=None)
+    return root, cfg
+
+
+@pytest.mark.parametrize("checkpoint", ["vae-0000002", "step-0000002"])
+def test_resume_continues_bit_for_bit(resumable_run, checkpoint):
+    root, cfg = resumable_run
+    full = root / "a"
+    assert {p.name for p in (full / "checkpoints").iterdir()} >= {"vae-0000002", "step-0000000", "step-0000004", "step-0000006"}
+    part = root / f"b-{checkpoint}"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / checkpoint, part / "checkpoints" / checkpoint)
+    train(TrainConfig(out=str(part), resume=True, **cfg), echo=None)
+    starts = _log(part, "start")
+    assert starts[-1]["resume_from"].endswith(checkpoint)
+    # same loss trajectory after the checkpoint, same step counter, same final weights
+    key = lambda r: (r["phase"], r["step"])  # noqa: E731
+    a = {key(r): r for r in _log(full)}
+    b = {key(r): r for r in _log(part)}
+    assert b and set(b) <= set(a)
+    for k, rec in b.items():
+        for name in ("loss", "diffusion", "occurrence", "intensity", "mrl", "vae_l1"):
+            if name in rec:
+                assert rec[name] == a[k][name], (k, name)
+    assert max(s for p, s in b if p == "main") == 6
+    wa, wb = _weights(full / "model"), _weights(part / "model")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_existing_checkpoints_need_resume(resumable_run):
+    root, cfg = resumable_run
+    with pytest.raises(FileExistsError):
+        train(TrainConfig(out=str(root / "a"), **cfg), echo=None)
+
+
+def test_trained_checkpoint_loads_and_generates(resumable_run):
+    root, _ = resumable_run
+    model = MAUGen.from_pretrained(root / "a" / "model")
+    assert model.resolution == 32 and len(model.au_names) == 12
+    refs = torch.rand(2, 3, 32, 32)
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[:, :, 8:28, 8:24] = 1
+    ids = model.encode_identity(refs)
+
+    def run():
+        gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        return model.sample(["a close-up portrait photo of <ID> <ID2>, the face shows strongly raised cheeks"] * 2,
+                            refs * (1 - masks), masks, ids, gens, num_inference_steps=3)
+
+    first, again = run(), run()
+    assert first.images.shape == (2, 3, 32, 32)
+    assert torch.equal(first.images, again.images) and torch.equal(first.intensity, again.intensity)
+    assert ((first.intensity >= 0) & (first.intensity <= 5)).all()
+    # the checkpoint's optimizer state is plain tensors (safetensors) plus JSON
+    ckpt = root / "a" / "checkpoints" / "step-0000006"
+    state = load_file(str(ckpt / "training_state.safetensors"))
+    assert any(k.startswith("opt/") for k in state) and any(k.startswith("raw/dig.") for k in state)
+    assert json.loads((ckpt / "trainer.json").read_text())["step"] == 6
+
+
+# --------------------------------------------------------------------------- from a diffusers SD inpainting folder
+def _write_tiny_sd_inpainting(folder: Path) -> Path:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from mifa_pipeline.maugen import configs
+    from mifa_pipeline.maugen.text import write_tiny_tokenizer
+
+    cfg = configs.tiny_config(resolution=32)
+    torch.manual_seed(0)
+    UNet2DConditionModel(**cfg["unet"]).save_pretrained(folder / "unet")
+    AutoencoderKL(**cfg["vae"]).save_pretrained(folder / "vae")
+    CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])).save_pretrained(folder / "text_encoder")
+    CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(folder / "_tok"))).save_pretrained(folder / "tokenizer")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg["scheduler"]))
+    return folder
+
+
+def test_training_from_a_diffusers_base(teacher_data, tmp_path):
+    base = _write_tiny_sd_inpainting(tmp_path / "sd-inpainting")
+    out = tmp_path / "run"
+    final = train(TrainConfig(data=[str(teacher_data)], out=str(out), base=str(base), config="tiny", steps=4,
+                              checkpoint_every=100, ema=0, **QUICK), echo=None)
+    log = _log(out)
+    assert [r["phase"] for r in log] == ["main"] * 4  # the base's VAE is used as it is
+    assert all(r["diffusion"] > 0 for r in log)
+    trained, before = _weights(final), _weights(base)
+    # VAE and text encoder frozen (from a base: default), UNet trained
+    assert all(torch.equal(trained[k], before[k]) for k in before if k.startswith("vae/"))
+    assert any(not torch.equal(trained[k], before[k]) for k in before if k.startswith("unet/"))
+    model = MAUGen.from_pretrained(final)
+    refs = torch.rand(1, 3, 32, 32)
+    out_s = model.sample(["a photo of <ID> <ID2>"], refs, torch.ones(1, 1, 32, 32), model.encode_identity(refs),
+                         [torch.Generator().manual_seed(0)], num_inference_steps=2)
+    assert out_s.images.shape == (1, 3, 32, 32)
+
+
+def test_training_from_an_init_checkpoint(resumable_run, teacher_data, tmp_path):
+    root, _ = resumable_run
+    out = tmp_path / "finetune"
+    train(TrainConfig(data=[str(teacher_data)], out=str(out), init=str(root / "a" / "model"), config="tiny", steps=2,
+                      checkpoint_every=100, **QUICK), echo=None)
+    assert [r["phase"] for r in _log(out)] == ["main", "main"]
+    assert MAUGen.from_pretrained(out / "model").au_names == MAUGen.from_pretrained(root / "a" / "model").au_names
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_mounted_as_mifa_train(teacher_data, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from mifa_pipeline.training.cli import train_app
+
+    app = typer.Typer()
+
+    @app.command()
+    def other() -> None:  # a second command, so `train` is a real sub-command as in `mifa`
+        pass
+
+    app.add_typer(train_app, name="train")
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    res = runner.invoke(app, ["train", str(teacher_data), "--out", str(out), "--steps", "2", "--vae-steps", "1",
+                              "--batch-size", "4", "--resolution", "32", "--val-samples", "1", "--val-steps", "1",
+                              "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert (out / "model" / "maugen_config.json").is_file() and "model:" in res.output
+    res = runner.invoke(app, ["train", str(teacher_data), "--out", str(out), "--base", "x", "--init", "y"])
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["train", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 2 and "missing" in res.output
