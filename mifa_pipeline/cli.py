@@ -17,8 +17,10 @@ from rich.console import Console
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build MIFA-style face data sets (images + AU labels) with MAUGen, as Ray-distributed stages.")
 from mifa_pipeline.maugen.cli import model_app  # noqa: E402  (cheap: the model package loads lazily)
+from mifa_pipeline.training.cli import train_app  # noqa: E402  (cheap: training modules load in the command)
 
 app.add_typer(model_app, name="model")
+app.add_typer(train_app, name="train", help="Train MAUGen on data sets in mifa's shard format (e.g. `mifa teacher`).")
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
