@@ -18,6 +18,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="output folder: checkpoints/, model/, train_log.jsonl, validation/")],
     base: Annotated[Optional[Path], typer.Option("--base", help="diffusers SD-1.5 inpainting folder to start from")] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="mifa MAUGen checkpoint folder to start from")] = None,
+    vae: Annotated[Optional[Path], typer.Option("--vae", help="a trained VAE (mifa model folder or diffusers vae folder): skip the VAE phase")] = None,
     config: Annotated[str, typer.Option("--config", help="tiny | small (the demo model) | full; with --base: label-branch sizes")] = "tiny",
     resolution: Annotated[int, typer.Option("--resolution", help="training image size (pixels)")] = 64,
     steps: Annotated[int, typer.Option("--steps", help="MAUGen training steps")] = 1000,
@@ -51,6 +52,8 @@ def train(
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no | fp16 | bf16")] = "no",
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads")] = None,
     max_time: Annotated[Optional[float], typer.Option("--max-time", help="stop with a checkpoint after this many seconds")] = None,
+    prediction_type: Annotated[Optional[str], typer.Option("--prediction-type", help="epsilon | v_prediction (default: v_prediction from scratch, else the model's)")] = None,
+    zero_snr: Annotated[Optional[bool], typer.Option("--zero-snr/--no-zero-snr", help="zero-terminal-SNR betas, trailing timesteps (default: on from scratch, else the model's)")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Train MAUGen (VAE first when none is given, then UNet + label branch + identity + text + AU cue)."""
@@ -61,14 +64,14 @@ def train(
         raise typer.BadParameter("give --base or --init, not both")
     cfg = TrainConfig(
         data=[str(d) for d in data], out=str(out), base=str(base) if base else None, init=str(init) if init else None,
-        config=config, resolution=resolution, steps=steps, vae_steps=vae_steps, batch_size=batch_size, lr=lr,
+        vae=str(vae) if vae else None, config=config, resolution=resolution, steps=steps, vae_steps=vae_steps, batch_size=batch_size, lr=lr,
         vae_lr=vae_lr, warmup=warmup, ema=ema, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         log_every=log_every, validate_every=validate_every, val_data=[str(v) for v in (val_data or [])],
         val_identities=val_identities, val_samples=val_samples, val_steps=val_steps, guidance_scale=guidance_scale,
         train_text_encoder=train_text_encoder, occurrence_threshold=occurrence_threshold, occ_gamma=occ_gamma,
         int_gamma=int_gamma, w_occ=w_occ, w_int=w_int, aux_weight=aux_weight, w_mrl=w_mrl, paint_prob=paint_prob,
         cond_drop_prob=cond_drop_prob, resume=resume, device=device, mixed_precision=mixed_precision,
-        threads=threads, max_time_s=max_time, seed=seed,
+        threads=threads, max_time_s=max_time, seed=seed, prediction_type=prediction_type, zero_snr=zero_snr,
     )
     try:
         final = run_training(cfg, echo=typer.echo)

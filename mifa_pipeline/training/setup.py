@@ -137,6 +137,20 @@ def rebuild(model: MAUGen, config: dict[str, Any]) -> MAUGen:
                   model.au_cue.data)
 
 
+def with_vae(model: MAUGen, path: str | Path) -> MAUGen:
+    """``model`` with the VAE of ``path`` (our model folder, or a diffusers ``AutoencoderKL`` folder)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(path)
+    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+    vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    config = model.config
+    config["vae"] = _library_config(vae.config)
+    if config["vae"].get("sample_size") != config["resolution"]:
+        config["vae"]["sample_size"] = config["resolution"]
+    return MAUGen(config, model.dig, vae, model.text, model.identity_encoder, model.mapping, model.au_cue.data)
+
+
 # --------------------------------------------------------------------------- forward passes with grad
 def encode_prompts(text: TextSide, prompts: list[str], identity: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``TextSide.encode`` with autograd, plus the pooled output: (last_hidden_state [B,T,D], pooled [B,D]).

@@ -1,0 +1,302 @@
+"""Quality of a MAUGen checkpoint on held-out teacher identities and prompts (issue 4).
+
+    python benchmarks/quality.py --model mifa_pipeline/assets/demo_model [--n 96] [--sweep-identities 4]
+
+The held-out set is drawn like a `mifa teacher` build with another seed (default 4242; the demo model was
+trained on seed 0): the build's own prompt stage (teacher descriptions of each identity, the demo
+manifest's expression mix), neutral teacher renders as references, the default ellipse mask and canvas,
+and MAUGen sampled exactly as `mifa build` does (DDIM, 20 steps, guidance 7.5, the default negative prompt).
+
+Figures (every one printed, the last line is one JSON object):
+1. labels vs request: per-AU intensity MAE of MAUGen's intensities against the requested FACS 0-5, and
+   per-AU occurrence F1 (requested >= 2, the DISFA protocol, vs MAUGen's occurrence_prob >= 0.5);
+2. labels vs image: single-AU sweeps (same identity, one AU asked at 0..5, the others 0): per-AU Spearman
+   of MAUGen's intensity for that AU against the independent MediaPipe/landmark proxy of the image, beside
+   the same Spearman for the teacher's own renders of the same sweeps (exact intensities; the ceiling), and
+   the Spearman of the requested level against the proxy on MAUGen's images (does the face follow the
+   prompt). AUs the estimator has no proxy for are n/a; MediaPipe's AU6 proxy (cheekSquint) stays ~0 even
+   on real smiles (faces/au_estimate.py), so AU6 figures say little about the model;
+3. identity: SFace cosine of each generated face to its own reference vs to the other identities'
+   references, as a ROC AUC;
+4. face detection rate (YuNet) of the generated images (teacher renders beside it).
+Images are enlarged to --judge-size px (bicubic) before any face model sees them: at 64 px YuNet and
+MediaPipe miss many faces (the teacher probe measured at 128/256 px).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mifa_pipeline.aus import DISFA12, describe_aus  # noqa: E402
+
+NEGATIVE = ("deformed, distorted, disfigured, cartoon, 3d render, low quality, blurry, jpeg artifacts, "
+            "plastic skin, blotchy skin, exaggerated wrinkles, over-exaggerated expression")
+
+
+# --------------------------------------------------------------------------- statistics
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sx = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sx[j + 1] == sx[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0
+        i = j + 1
+    return ranks
+
+
+def spearman(a, b) -> float | None:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    if len(a) < 3 or a.std() == 0 or b.std() == 0:
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def roc_auc(pos, neg) -> float | None:
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    ranks = _ranks(np.concatenate([pos, neg])) + 1
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def f1(true: np.ndarray, pred: np.ndarray) -> float | None:
+    tp = float((true & pred).sum())
+    denom = float(true.sum() + pred.sum())
+    return None if denom == 0 else 2 * tp / denom
+
+
+def fmt(v, digits=3) -> str:
+    return "  n/a" if v is None else f"{v:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- held-out set
+def held_out(seed: int, identities: int, per_identity: int, resolution: int):
+    """People (with neutral teacher references, masks, canvases) and samples, as a teacher build draws them."""
+    from mifa_pipeline.config import EllipseMask, PromptSection
+    from mifa_pipeline.stages.identities import ellipse_mask, make_canvas
+    from mifa_pipeline.stages.prompts import PromptExpansion
+    from mifa_pipeline.stages.teacher import describe, identity_params
+    from mifa_pipeline.teacher import render_face
+
+    stage = PromptExpansion(PromptSection(), seed, per_identity, describe=describe)
+    people, samples, _ = stage.run(range(identities))
+    mask = ellipse_mask(resolution, EllipseMask())
+    for p in people:
+        p.reference = render_face(identity_params(p.seed), {}, size=resolution).image
+        p.mask = mask
+        p.canvas = make_canvas(p.reference, mask)
+    return people, samples
+
+
+def _tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0)
+
+
+def generate(model, prompts, people_of, seeds, steps, guidance, batch):
+    """MAUGen as the generation stage calls it: per-sample generators, identity from the reference."""
+    images, intensity, prob = [], [], []
+    for s in range(0, len(prompts), batch):
+        ps, ppl, sd = prompts[s:s + batch], people_of[s:s + batch], seeds[s:s + batch]
+        refs = _tensor([p.reference for p in ppl])
+        ids = model.encode_identity(refs)
+        out = model.sample(ps, _tensor([p.canvas for p in ppl]),
+                           torch.from_numpy(np.stack([p.mask for p in ppl])).float().div(255.0)[:, None], ids,
+                           [torch.Generator().manual_seed(int(x)) for x in sd], num_inference_steps=steps,
+                           guidance_scale=guidance, negative_prompt=NEGATIVE)
+        images += [a.copy() for a in out.images.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()]
+        intensity.append(out.intensity.numpy())
+        prob.append(out.occurrence_prob.numpy())
+    return images, np.concatenate(intensity), np.concatenate(prob)
+
+
+def enlarge(image: np.ndarray, size: int) -> np.ndarray:
+    if size <= 0 or image.shape[0] >= size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mifa_pipeline/assets/demo_model", help="MAUGen checkpoint folder")
+    ap.add_argument("--n", type=int, default=96, help="held-out samples for the label and identity figures")
+    ap.add_argument("--per-identity", type=int, default=4)
+    ap.add_argument("--sweep-identities", type=int, default=4, help="identities per single-AU sweep")
+    ap.add_argument("--seed", type=int, default=4242, help="held-out teacher seed (training used 0)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--judge-size", type=int, default=256, help="enlarge images to this size before judging")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--grid", default=None, help="PNG grid: references, generated samples, AU12 and AU26 sweeps")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+
+    from mifa_pipeline.faces import build_face_models, cosine
+    from mifa_pipeline.maugen import MAUGen
+    from mifa_pipeline.teacher import render_face
+    from mifa_pipeline.stages.teacher import identity_params
+
+    model = MAUGen.from_pretrained(args.model)
+    res = model.resolution
+    au_names = model.au_names
+    judges = build_face_models()
+    print(f"model {args.model}: {res} px, AUs {au_names}; judges see images at {max(args.judge_size, res)} px")
+
+    # ------------------------------------------------------------------ 1. labels vs request, identity, detection
+    n_ids = max(2, -(-args.n // args.per_identity))
+    people, samples = held_out(args.seed, n_ids, args.per_identity, res)
+    samples = samples[:args.n]
+    person = {p.identity: p for p in people}
+    t0 = time.time()
+    images, inten, prob = generate(model, [s.prompt for s in samples], [person[s.identity] for s in samples],
+                                   [s.seed for s in samples], args.steps, args.guidance, args.batch)
+    gen_s = time.time() - t0
+    requested = np.array([[s.requested[a] for a in au_names] for s in samples], np.float64)
+    mae = np.abs(inten - requested)
+    occ_true, occ_pred = requested >= 2, prob >= 0.5
+    per_au = {}
+    print(f"\n1. labels vs request on {len(samples)} held-out samples ({n_ids} identities; "
+          f"{gen_s / len(samples):.2f} s/sample)")
+    print(f"{'AU':6s} {'MAE':>6s} {'F1>=2':>6s} {'asked':>6s} {'pred':>6s}")
+    for j, au in enumerate(au_names):
+        per_au[au] = {"mae": float(mae[:, j].mean()), "f1": f1(occ_true[:, j], occ_pred[:, j]),
+                      "asked": int(occ_true[:, j].sum()), "predicted": int(occ_pred[:, j].sum())}
+        print(f"{au:6s} {per_au[au]['mae']:6.3f} {fmt(per_au[au]['f1']):>6s} {per_au[au]['asked']:6d} {per_au[au]['predicted']:6d}")
+    f1s = [v["f1"] for v in per_au.values() if v["f1"] is not None]
+    micro_f1 = f1(occ_true.ravel(), occ_pred.ravel())
+    print(f"mean   {mae.mean():6.3f} {np.mean(f1s):6.3f} (macro F1 over {len(f1s)} AUs; micro F1 {fmt(micro_f1)})")
+
+    # identity + detection
+    ref_emb = {}
+    for p in people:
+        big = enlarge(p.reference, args.judge_size)
+        faces = judges.detect(big)
+        ref_emb[p.identity] = judges.embed(big, faces[0]) if faces else None
+    detected, pos, neg = 0, [], []
+    teacher_detected = 0
+    for s, img in zip(samples, images):
+        big = enlarge(img, args.judge_size)
+        faces = judges.detect(big)
+        if faces:
+            detected += 1
+            e = judges.embed(big, faces[0])
+            for ident, r in ref_emb.items():
+                if r is None:
+                    continue
+                (pos if ident == s.identity else neg).append(float(cosine(e, r)))
+        t_img = render_face(identity_params(person[s.identity].seed), s.requested, size=res).image
+        teacher_detected += bool(judges.detect(enlarge(t_img, args.judge_size)))
+    det_rate = detected / len(samples)
+    auc = roc_auc(pos, neg)
+    print(f"\n3. identity: SFace cosine to own reference {np.mean(pos) if pos else float('nan'):.3f} vs others "
+          f"{np.mean(neg) if neg else float('nan'):.3f}; ROC AUC {fmt(auc)} ({len(pos)} own, {len(neg)} other pairs)")
+    print(f"4. face detection rate: {det_rate:.3f} ({detected}/{len(samples)}); teacher renders of the same "
+          f"requests: {teacher_detected / len(samples):.3f}")
+
+    # ------------------------------------------------------------------ 2. single-AU sweeps
+    sweep_people, _ = held_out(args.seed + 1, args.sweep_identities, 1, res)
+    from mifa_pipeline.stages.prompts import ID_PLACEHOLDER, describe_person
+
+    prompts, owners, seeds, jobs = [], [], [], []
+    for p in sweep_people:
+        who = describe_person(p.demographics)
+        for j, au in enumerate(au_names):
+            for level in range(6):
+                words = ("with a neutral, relaxed expression" if level == 0
+                         else "the face shows " + describe_aus({au: level}))
+                prompts.append(f"a close-up portrait photo of {ID_PLACEHOLDER}, {who}, {words}")
+                owners.append(p)
+                seeds.append(1000 * p.identity + 10 * j + level)
+                jobs.append((p, au, j, level))
+    t0 = time.time()
+    s_images, s_inten, _ = generate(model, prompts, owners, seeds, args.steps, args.guidance, args.batch)
+    sweep_s = time.time() - t0
+    rows = {au: {"label": [], "proxy": [], "level": [], "t_level": [], "t_proxy": []} for au in au_names}
+    covered = set(judges.au_estimator.describe().get("covered", au_names))
+    missing = 0
+    for (p, au, j, level), img, lab in zip(jobs, s_images, s_inten):
+        big = enlarge(img, args.judge_size)
+        faces = judges.detect(big)
+        est = judges.estimate_aus(big, faces[0] if faces else None)
+        proxy = est.get(au)
+        missing += proxy is None and au in covered
+        r = rows[au]
+        r["label"].append(float(lab[j]))
+        r["proxy"].append(np.nan if proxy is None else float(proxy))
+        r["level"].append(level)
+        t_img = enlarge(render_face(identity_params(p.seed), {au: level}, size=res).image, args.judge_size)
+        t_faces = judges.detect(t_img)
+        t_est = judges.estimate_aus(t_img, t_faces[0] if t_faces else None).get(au)
+        r["t_level"].append(level)
+        r["t_proxy"].append(np.nan if t_est is None else float(t_est))
+    sweep = {}
+    print(f"\n2. single-AU sweeps: {args.sweep_identities} identities x {len(au_names)} AUs x levels 0..5 "
+          f"({len(jobs)} images, {sweep_s / len(jobs):.2f} s/image; {missing} without a landmark fit)")
+    print(f"{'AU':6s} {'rho(label,proxy)':>16s} {'rho(asked,proxy)':>16s} {'teacher':>8s} {'ratio':>6s} "
+          f"{'rho(label,asked)':>16s}")
+    for au in au_names:
+        r = rows[au]
+        rho = spearman(r["label"], r["proxy"])
+        rho_req = spearman(r["level"], r["proxy"])
+        ceil = spearman(r["t_level"], r["t_proxy"])
+        follow = spearman(r["label"], r["level"])
+        ratio = None if rho is None or ceil is None or ceil <= 0 else rho / ceil
+        sweep[au] = {"rho_label_proxy": rho, "rho_asked_proxy": rho_req, "teacher_rho": ceil, "ratio": ratio,
+                     "rho_label_asked": follow}
+        note = "  (AU6: MediaPipe proxy ~0)" if au == "AU6" else ""
+        print(f"{au:6s} {fmt(rho):>16s} {fmt(rho_req):>16s} {fmt(ceil):>8s} {fmt(ratio, 2):>6s} {fmt(follow):>16s}{note}")
+
+    if args.grid:
+        cols = min(12, len(samples))
+        top = np.concatenate([person[s.identity].reference for s in samples[:cols]], axis=1)
+        mid = np.concatenate(images[:cols], axis=1)
+        # the first sweep identity asked for AU12 then AU26 at levels 0..5
+        picks = [k for k, (p, au, j, level) in enumerate(jobs) if p is jobs[0][0] and au in ("AU12", "AU26")]
+        sweep_imgs = [s_images[k] for k in picks][:cols] + [np.zeros_like(images[0])] * max(0, cols - len(picks))
+        Image.fromarray(np.concatenate([top, mid, np.concatenate(sweep_imgs, axis=1)], axis=0)).save(args.grid)
+        print(f"grid: {args.grid}")
+
+    targets = {
+        "detection>=0.95": det_rate >= 0.95,
+        "occurrence_f1>=0.8": bool(np.mean(f1s) >= 0.8) if f1s else False,
+        "intensity_mae<=0.6": bool(mae.mean() <= 0.6),
+        "identity_auc>=0.9": bool(auc is not None and auc >= 0.9),
+        "sweep_ratio>=0.7_every_measurable_AU": all(v["ratio"] is not None and v["ratio"] >= 0.7
+                                                    for au, v in sweep.items()
+                                                    if v["teacher_rho"] is not None and v["teacher_rho"] > 0.3),
+    }
+    result = {
+        "model": str(args.model), "resolution": res, "judge_size": max(args.judge_size, res), "n": len(samples),
+        "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+        "intensity_mae": float(mae.mean()), "occurrence_f1_macro": float(np.mean(f1s)) if f1s else None,
+        "occurrence_f1_micro": micro_f1, "per_au": per_au, "identity_auc": auc,
+        "identity_cos_own": float(np.mean(pos)) if pos else None, "identity_cos_other": float(np.mean(neg)) if neg else None,
+        "detection_rate": det_rate, "teacher_detection_rate": teacher_detected / len(samples),
+        "sweep": sweep, "targets": targets, "seconds": round(time.time() - t_start, 1),
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result, separators=(",", ":")))
+    judges.close()
+    return result
+
+
+if __name__ == "__main__":
+    main()
