@@ -31,6 +31,13 @@ and "a person" in prompts is sometimes replaced by build-style demographics (whi
 The saved weights are an EMA (``--ema``) of the trained ones.
 """
 
-from .trainer import TrainConfig, train
-
 __all__ = ["TrainConfig", "train"]
+
+
+def __getattr__(name: str):
+    """Lazy exports: importing the package (e.g. to mount ``train_app`` in ``mifa``) does not import torch."""
+    if name in __all__:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

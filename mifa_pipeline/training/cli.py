@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 train_app = typer.Typer(invoke_without_command=True, add_completion=False, pretty_exceptions_enable=False,
-                        context_settings={"allow_interspersed_args": True},
+                        context_settings={"allow_interspersed_args": True}, subcommand_metavar="",
                         help="Train MAUGen on labelled data sets in the build's shard format.")
 
 
