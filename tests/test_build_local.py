@@ -200,3 +200,30 @@ def test_missing_face_model_is_a_clear_error(small_manifest, tmp_path):
     with pytest.raises(BuildError, match="filter.face.detector: yunet needs .*missing"):
         prepare(m)
     assert not (tmp_path / "o").exists()
+
+
+def test_interrupted_refilter_resumes_to_the_same_bytes(small_manifest, fake_model, tmp_path, monkeypatch):
+    from mifa_pipeline import refilter as rf
+
+    parent = small_manifest(out=tmp_path / "v1")
+    build(parent)
+    sets = ["filter.min_pixel_std=46"]
+    rf.LocalRefilterRunner(rf.prepare_refilter(parent.output, sets, tmp_path / "whole"), progress=False).run()
+    real, calls = rf.refilter_unit, []
+
+    def dies_on_the_second_unit(*args):
+        calls.append(args[-1].name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the process were stopped mid-way
+        return real(*args)
+
+    monkeypatch.setattr(rf, "refilter_unit", dies_on_the_second_unit)
+    with pytest.raises(KeyboardInterrupt):
+        rf.LocalRefilterRunner(rf.prepare_refilter(parent.output, sets, tmp_path / "cut"), progress=False).run()
+    assert not (tmp_path / "cut" / "manifest.json").exists()
+    monkeypatch.setattr(rf, "refilter_unit", real)
+    again = rf.prepare_refilter(parent.output, sets, tmp_path / "cut")
+    assert again.state == "resume"
+    result = rf.LocalRefilterRunner(again, progress=False).run()
+    assert result.state == "resumed" and result.units_run == 2
+    assert digests(tmp_path / "cut") == digests(tmp_path / "whole")
