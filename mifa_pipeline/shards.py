@@ -176,8 +176,13 @@ class ShardFileWriter:
         return ShardInfo(self.name, len(self.keys), size, sha, md5, self.keys[0], self.keys[-1])
 
     def abort(self) -> None:
-        self._file.close()
-        self.tmp_path.unlink(missing_ok=True)
+        """Drop the half-written shard; closes the tar stream first so nothing writes to it later."""
+        try:
+            self._writer.close()
+        finally:
+            if not self._file.closed:
+                self._file.close()
+            self.tmp_path.unlink(missing_ok=True)
 
 
 def write_shard_index(folder: Path, name: str, shards: list[ShardInfo]) -> Path:
