@@ -28,7 +28,15 @@ samples), whole-frame painting without identity from the identity prompt (how a 
 ``--paint-prob``), and classifier-free-guidance rows with the empty or the default negative prompt
 (``--cond-drop-prob``). The identity input is sometimes another image of the same identity (robustness),
 and "a person" in prompts is sometimes replaced by build-style demographics (which the teacher ignores).
-The saved weights are an EMA (``--ema``) of the trained ones.
+The saved weights are an EMA (``--ema``) of the trained ones. An optional phase 3 (``--decoder-steps``)
+then trains the VAE decoder alone (encoder, latent space and everything else frozen): a small VAE trained
+briefly is the sharpness bottleneck, and the decoder can be improved after the UNet without retraining it.
+
+Noise schedule: from scratch the model is trained (and, since the schedule is part of the checkpoint,
+sampled) with v-prediction on zero-terminal-SNR betas and trailing timesteps; with SD-1.5's schedule the
+noisiest training step still shows ~7% of the image, a small model learns to read global colours from it
+and then ignores the inpainting canvas when sampling from pure noise. ``--base``/``--init`` keep their
+model's schedule unless ``--prediction-type``/``--zero-snr`` say otherwise.
 """
 
 __all__ = ["TrainConfig", "train"]

@@ -23,6 +23,7 @@ def train(
     resolution: Annotated[int, typer.Option("--resolution", help="training image size (pixels)")] = 64,
     steps: Annotated[int, typer.Option("--steps", help="MAUGen training steps")] = 1000,
     vae_steps: Annotated[Optional[int], typer.Option("--vae-steps", help="VAE steps first (default: max(100, steps/8) when no VAE is given, else 0)")] = None,
+    decoder_steps: Annotated[int, typer.Option("--decoder-steps", help="VAE-decoder-only steps after the main phase (sharper images, same latents)")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
     lr: Annotated[float, typer.Option("--lr")] = 5e-4,
     vae_lr: Annotated[float, typer.Option("--vae-lr")] = 1e-3,
@@ -64,7 +65,7 @@ def train(
         raise typer.BadParameter("give --base or --init, not both")
     cfg = TrainConfig(
         data=[str(d) for d in data], out=str(out), base=str(base) if base else None, init=str(init) if init else None,
-        vae=str(vae) if vae else None, config=config, resolution=resolution, steps=steps, vae_steps=vae_steps, batch_size=batch_size, lr=lr,
+        vae=str(vae) if vae else None, config=config, resolution=resolution, steps=steps, vae_steps=vae_steps, decoder_steps=decoder_steps, batch_size=batch_size, lr=lr,
         vae_lr=vae_lr, warmup=warmup, ema=ema, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         log_every=log_every, validate_every=validate_every, val_data=[str(v) for v in (val_data or [])],
         val_identities=val_identities, val_samples=val_samples, val_steps=val_steps, guidance_scale=guidance_scale,

@@ -32,7 +32,8 @@ from .losses import focal_mse, info_nce, multilabel_focal
 from .tokenizer import write_word_tokenizer
 
 ID_PLACEHOLDER = "<ID> <ID2>"
-CHECKPOINT_PATTERN = re.compile(r"^(vae|step)-(\d{7})$")  # vae-N: VAE phase, step-N: main phase
+CHECKPOINT_PATTERN = re.compile(r"^(vae|step|dec)-(\d{7})$")  # VAE phase, main phase, decoder phase
+PHASE_ORDER = {"vae": 0, "step": 1, "dec": 2}
 STATE_FILE = "training_state.safetensors"
 TRAINER_FILE = "trainer.json"
 
@@ -60,6 +61,7 @@ class TrainConfig:
     vae_steps: int | None = None            # default: 0 when the model has a VAE, else max(100, steps // 8)
     batch_size: int = 16
     vae_batch_size: int | None = None
+    decoder_steps: int = 0                   # phase 3: VAE decoder only (encoder and latent space frozen)
     lr: float = 5e-4
     vae_lr: float = 1e-3
     weight_decay: float = 0.01
@@ -320,10 +322,10 @@ class Trainer:
     def checkpoints(self) -> list[Path]:
         """Checkpoint folders, oldest first (every VAE-phase one before every main-phase one)."""
         found = [(CHECKPOINT_PATTERN.match(p.name), p) for p in (self.out / "checkpoints").iterdir()]
-        return [p for m, p in sorted(((m, p) for m, p in found if m), key=lambda mp: (mp[0].group(1) == "step", int(mp[0].group(2))))]
+        return [p for m, p in sorted(((m, p) for m, p in found if m), key=lambda mp: (PHASE_ORDER[mp[0].group(1)], int(mp[0].group(2))))]
 
     def _save_checkpoint(self, step: int, phase: str, extra: dict[str, Any]) -> Path:
-        final = self.out / "checkpoints" / f"{'vae' if phase == 'vae' else 'step'}-{step:07d}"
+        final = self.out / "checkpoints" / f"{ {'vae': 'vae', 'main': 'step', 'decoder': 'dec'}[phase]}-{step:07d}"
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -358,6 +360,10 @@ class Trainer:
         m.train()
         if phase == "vae":
             modules = {"vae": m.vae}
+        elif phase == "decoder":
+            m.eval()
+            m.vae.decoder.train()
+            modules = {"vae.decoder": m.vae.decoder, "vae.post_quant_conv": m.vae.post_quant_conv}
         else:
             m.vae.eval()
             modules = {"dig": m.dig, "identity_encoder": m.identity_encoder, "mapping": m.mapping}
@@ -407,10 +413,12 @@ class Trainer:
         return float(norm)
 
     # ------------------------------------------------------------------ VAE phase
-    def _vae_step(self, step: int) -> dict[str, float]:
+    def _vae_step(self, step: int, decoder_only: bool = False) -> dict[str, float]:
+        """One VAE step on training images and references (random flips); ``decoder_only``: the encoder and
+        so the latent space stay fixed, only the decoder learns (phase 3, after the UNet was trained)."""
         cfg = self.cfg
-        g = torch.Generator().manual_seed(_seed(cfg.seed, 1, step))
-        torch.manual_seed(_seed(cfg.seed, 2, step))
+        g = torch.Generator().manual_seed(_seed(cfg.seed, 1 if not decoder_only else 21, step))
+        torch.manual_seed(_seed(cfg.seed, 2 if not decoder_only else 22, step))
         b = cfg.vae_batch_size or cfg.batch_size
         n, n_ref = len(self.train), self.train.num_identities
         idx = torch.randint(0, n + n_ref, (b,), generator=g)
@@ -420,15 +428,17 @@ class Trainer:
         x = (to_unit(imgs) * 2 - 1).to(self.device)
         noise_g = torch.Generator(device=self.device).manual_seed(_seed(cfg.seed, 3, step))
         with self._autocast():
-            post = self.model.vae.encode(x).latent_dist
-            z = post.sample(generator=noise_g)
+            with torch.no_grad() if decoder_only else nullcontext():
+                post = self.model.vae.encode(x).latent_dist
+                z = post.sample(generator=noise_g)
             rec = self.model.vae.decode(z).sample
         rec = rec.float()
         l1, l2 = (rec - x).abs().mean(), ((rec - x) ** 2).mean()
         kl = post.kl().mean() / z[0].numel()
-        loss = l1 + l2 + cfg.kl_weight * kl * z[0].numel()
+        loss = l1 + l2 + (0.0 if decoder_only else cfg.kl_weight * kl * z[0].numel())
+        total = cfg.decoder_steps if decoder_only else self._vae_total
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(step, self._vae_total, cfg.vae_lr, min(cfg.warmup, self._vae_total // 5 + 1), cfg.min_lr_ratio)
+            group["lr"] = lr_at(step, total, cfg.vae_lr, min(cfg.warmup, total // 5 + 1), cfg.min_lr_ratio)
         norm = self._backward_step(loss, list(self.params.values()))
         return {"loss": loss.item(), "vae_l1": l1.item(), "vae_mse": l2.item(), "vae_kl": kl.item(), "grad_norm": norm}
 
@@ -720,7 +730,7 @@ class Trainer:
         start_vae = 0
         if ckpt is not None and meta["phase"] == "vae":
             start_vae = meta["step"]
-        done_vae = ckpt is not None and meta["phase"] == "main"
+        done_vae = ckpt is not None and meta["phase"] in ("main", "decoder")
         if vae_steps > 0 and not done_vae:
             self.phase = "vae"
             self._setup_phase("vae")
@@ -750,13 +760,16 @@ class Trainer:
             if ckpt is not None and meta["phase"] == "main":
                 self._load_state(ckpt, meta)
                 start = meta["step"]
+            elif ckpt is not None and meta["phase"] == "decoder":
+                start = cfg.steps
 
         # ---- phase 2: MAUGen
         from diffusers import DDPMScheduler
 
         sched_cfg = {k: v for k, v in self.model.scheduler_config.items() if not k.startswith("_")}
         self.noise_sched = DDPMScheduler.from_config(sched_cfg)
-        self._build_caches()
+        if start < cfg.steps:
+            self._build_caches()
         self._main_started = time.time()
         acc, count, last = {}, 0, time.time()
         step = start
@@ -780,8 +793,34 @@ class Trainer:
                 stopped_early = True
                 break
         final_step = cfg.steps if not stopped_early else step + 1
-        if not stopped_early:
+        if not stopped_early and not (ckpt is not None and meta["phase"] == "decoder"):
             self._save_checkpoint(final_step, "main", common)
+
+        # ---- phase 3: VAE decoder only (sharper images from the same latents)
+        if cfg.decoder_steps > 0 and not stopped_early:
+            if self.ema is not None:  # the decoder phase trains on top of the EMA weights of phase 2
+                with torch.no_grad():
+                    for k, p in self.params.items():
+                        p.copy_(self.ema.shadow[k])
+            self.phase = "decoder"
+            self._setup_phase("decoder")
+            start_dec = 0
+            if ckpt is not None and meta["phase"] == "decoder":
+                self._load_state(ckpt, meta)
+                start_dec = meta["step"]
+            acc, count, last = {}, 0, time.time()
+            for dstep in range(start_dec, cfg.decoder_steps):
+                rec = self._vae_step(dstep, decoder_only=True)
+                acc = {k: acc.get(k, 0.0) + v for k, v in rec.items()}
+                count += 1
+                if (dstep + 1) % cfg.log_every == 0 or dstep + 1 == cfg.decoder_steps:
+                    self.logger.log({"type": "train", "phase": "decoder", "step": dstep + 1,
+                                     **{k: v / count for k, v in acc.items() if k != "vae_kl"},
+                                     "sec_per_step": (time.time() - last) / count})
+                    acc, count, last = {}, 0, time.time()
+                if (dstep + 1) % cfg.checkpoint_every == 0 or dstep + 1 == cfg.decoder_steps:
+                    self._save_checkpoint(dstep + 1, "decoder", common)
+            self.model.eval()
         self.validate(final_step)
         final = self.out / "model"
         tmp = self.out / "model.tmp"

@@ -231,3 +231,16 @@ def test_cli_mounted_as_mifa_train(teacher_data, tmp_path):
     assert res.exit_code == 2
     res = runner.invoke(app, ["train", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
     assert res.exit_code == 2 and "missing" in res.output
+
+
+def test_decoder_phase_trains_only_the_vae_decoder(resumable_run, teacher_data, tmp_path):
+    root, _ = resumable_run
+    out = tmp_path / "decoder"
+    train(TrainConfig(data=[str(teacher_data)], out=str(out), init=str(root / "a" / "model"), config="tiny", steps=0,
+                      decoder_steps=12, vae_lr=3e-3, checkpoint_every=100, **QUICK), echo=None)
+    log = [r for r in _log(out) if r["phase"] == "decoder"]
+    assert len(log) == 12 and sum(r["vae_l1"] for r in log[-4:]) < sum(r["vae_l1"] for r in log[:4])
+    before, after = _weights(root / "a" / "model"), _weights(out / "model")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.split("/", 1)[1].startswith(("decoder.", "post_quant_conv.")) for k in changed), sorted(changed)[:5]
+    assert (out / "checkpoints" / "dec-0000012").is_dir()
