@@ -136,7 +136,9 @@ class IdentitySection(_Section):
 
     count: int = Field(16, ge=1, description="number of identities")
     samples_per_identity: int = Field(8, ge=1)
-    source: Literal["generate", "folder"] = "generate"
+    source: Literal["generate", "folder", "teacher"] = Field(
+        "generate", description="generate: painted by the model from the identity prompt; folder: your portraits; "
+        "teacher: procedural faces rendered by the teacher (diverse, described exactly in the prompts)")
     folder: Path | None = Field(None, description="reference images (sorted by name) when source=folder")
     mask: EllipseMask = Field(default_factory=EllipseMask)
 
@@ -148,6 +150,20 @@ class IdentitySection(_Section):
 
 
 BUILTIN_GENERATORS = ("demo", "teacher")
+
+
+def demo_model_dir() -> Path:
+    """The trained demo MAUGen shipped inside the package (`mifa_pipeline/assets/demo_model`)."""
+    from importlib.resources import files
+
+    return Path(str(files("mifa_pipeline"))) / "assets" / "demo_model"
+
+
+def checkpoint_dir(checkpoint: str) -> Path | None:
+    """The folder a `model.checkpoint` value names: the demo model's folder for 'demo', None for 'teacher'."""
+    if checkpoint == "teacher":
+        return None
+    return demo_model_dir() if checkpoint == "demo" else Path(checkpoint)
 
 
 class ModelSection(_Section):

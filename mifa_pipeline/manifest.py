@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mifa_pipeline import __version__
-from mifa_pipeline.config import BUILTIN_GENERATORS, BuildManifest, canonical_json, output_determining, sha256_text
+from mifa_pipeline.config import BuildManifest, checkpoint_dir, canonical_json, output_determining, sha256_text
 from mifa_pipeline.shards import atomic_write_text, file_digests
 from mifa_pipeline.stages.filter import Filtering
 from mifa_pipeline.stages.generate import Generation
@@ -32,10 +32,10 @@ PACKAGES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "webdataset"
 
 
 def model_files(checkpoint: str) -> list[dict[str, Any]]:
-    """Every file of a checkpoint folder with its sha256 (the demo model is built in: no files)."""
-    if checkpoint in BUILTIN_GENERATORS:
+    """Every file of the generator's checkpoint folder with its sha256 (none for the teacher renderer)."""
+    root = checkpoint_dir(checkpoint)
+    if root is None or not root.exists():
         return []
-    root = Path(checkpoint)
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     out = []
     for p in files:

@@ -42,9 +42,14 @@ def uses_teacher(manifest: BuildManifest) -> bool:
     return manifest.model.checkpoint == "teacher"
 
 
+def teacher_identities(manifest: BuildManifest) -> bool:
+    """The teacher decides how identities look (as generator, or as the source of reference faces)."""
+    return uses_teacher(manifest) or manifest.identities.source == "teacher"
+
+
 def expand_unit(manifest: BuildManifest, unit: WorkUnit) -> UnitState:
     describe = None
-    if uses_teacher(manifest):
+    if teacher_identities(manifest):
         from mifa_pipeline.stages.teacher import describe
     stage = PromptExpansion(manifest.prompts, manifest.seed, manifest.identities.samples_per_identity, describe)
     people, samples, stats = stage.run(unit.identities)
@@ -75,7 +80,12 @@ class GenerationWorker:
         else:
             model = load_model(m.model, m.sampler)
             self.generation = Generation(m.sampler, model, m.prompts.au_names, m.prompts.negative_prompt)
-        self.identities = IdentitySampling(m.identities, self.generation.resolution, painter=self.generation.paint)
+        painter = self.generation.paint
+        if m.identities.source == "teacher":
+            from mifa_pipeline.stages.teacher import TeacherRendering
+
+            painter = TeacherRendering(self.generation.resolution, m.prompts.au_names).paint
+        self.identities = IdentitySampling(m.identities, self.generation.resolution, painter=painter)
         return self.generation.resolution
 
     @property

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mifa_pipeline.config import ModelSection, SamplerSection
+from mifa_pipeline.config import ModelSection, SamplerSection, checkpoint_dir
 from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,15 +38,16 @@ def load_model(model: ModelSection, sampler: SamplerSection) -> Any:
     dtype = DTYPES[sampler.dtype]
     if device.type == "cpu" and dtype != torch.float32:
         raise ValueError(f"sampler.dtype {sampler.dtype!r} needs a GPU; use float32 on CPU")
-    if model.checkpoint == "demo":
+    folder = checkpoint_dir(model.checkpoint)
+    if model.checkpoint == "demo" and not folder.is_dir():  # TODO(#4): remove once the trained model is committed
         net = MAUGen.tiny(seed=0, resolution=DEMO_RESOLUTION)
     else:
-        net = MAUGen.from_pretrained(Path(model.checkpoint))
+        net = MAUGen.from_pretrained(folder)
     return net.to(device=device, dtype=dtype)
 
 
 def model_description(model: ModelSection) -> str:
-    builtin = {"demo": "builtin:demo-tiny-seed0", "teacher": "builtin:teacher-renderer"}
+    builtin = {"demo": "builtin:demo", "teacher": "builtin:teacher-renderer"}
     return builtin.get(model.checkpoint, str(model.checkpoint))
 
 

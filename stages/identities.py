@@ -78,8 +78,8 @@ class IdentitySampling:
                 f"identities.folder {config.folder} holds {len(self._files)} reference images, "
                 f"but identities.count is {config.count}"
             )
-        if config.source == "generate" and painter is None:
-            raise ValueError("identities.source is 'generate' but no painter (generation model) was given")
+        if config.source != "folder" and painter is None:
+            raise ValueError(f"identities.source is {config.source!r} but no painter was given")
 
     def run(self, people: list[IdentityRecord]) -> tuple[list[IdentityRecord], StageStats]:
         start = time.perf_counter()
@@ -96,7 +96,7 @@ class IdentitySampling:
             for person, image in zip(people, images, strict=True):
                 person.reference = image
                 person.mask = ellipse_mask(size, self.config.mask)
-                person.source = "generated"
+                person.source = "generated" if self.config.source == "generate" else self.config.source
         for person in people:
             person.canvas = make_canvas(person.reference, person.mask)
         stats = StageStats(self.name, self.version, n_in=len(people), n_out=len(people),

@@ -227,3 +227,17 @@ def test_interrupted_refilter_resumes_to_the_same_bytes(small_manifest, fake_mod
     result = rf.LocalRefilterRunner(again, progress=False).run()
     assert result.state == "resumed" and result.units_run == 2
     assert digests(tmp_path / "cut") == digests(tmp_path / "whole")
+
+
+def test_teacher_rendered_identities_feed_the_generator(small_manifest, fake_model):
+    """identities.source=teacher: references are procedural faces, prompts describe them."""
+    from mifa_pipeline import pool
+
+    m = small_manifest("identities.source=teacher")
+    build(m)
+    unit = prepare(m).plan.units[0]
+    people = pool.read_identities(m.output, unit)
+    assert {p["source"] for p in people} == {"teacher"}
+    rows = pool.read_samples(m.output, unit)
+    demographics = json.loads(rows[0]["demographics"])
+    assert set(demographics) == {"skin", "eyes", "hair", "clothing"} and demographics["hair"] in rows[0]["prompt"]
