@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mifa_pipeline import pool
-from mifa_pipeline.config import BUILTIN_GENERATORS, BuildManifest, canonical_json, sha256_text
+from mifa_pipeline.config import BuildManifest, canonical_json, checkpoint_dir, sha256_text
 from mifa_pipeline.judging import JudgeFileError, judge_specs
 from mifa_pipeline.manifest import (MANIFEST_NAME, SCHEMA_VERSION, chain_fingerprints, code_version, model_files,
                                     model_hash, now_iso, package_versions, stage_configs, write_run_manifest)
@@ -82,8 +82,10 @@ def _check_writable(out: Path) -> None:
 def prepare(manifest: BuildManifest, fresh: bool = False) -> PreparedBuild:
     """Every check that can fail before anything is written: model, references, output folder."""
     ckpt = manifest.model.checkpoint
-    if ckpt not in BUILTIN_GENERATORS and not Path(ckpt).exists():
-        raise BuildError(f"model.checkpoint: {ckpt} does not exist (expected 'demo', 'teacher' or a mifa checkpoint folder)")
+    folder = checkpoint_dir(ckpt)
+    if folder is not None and not folder.exists():
+        what = "the packaged demo model is missing (reinstall mifa)" if ckpt == "demo" else "does not exist"
+        raise BuildError(f"model.checkpoint: {ckpt} ({folder}): {what}; expected 'demo', 'teacher' or a mifa checkpoint folder")
     ids = manifest.identities
     if ids.source == "folder":
         if not ids.folder.is_dir():

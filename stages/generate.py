@@ -19,7 +19,6 @@ from mifa_pipeline.config import ModelSection, SamplerSection, checkpoint_dir
 from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DEMO_RESOLUTION = 64
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,11 +37,7 @@ def load_model(model: ModelSection, sampler: SamplerSection) -> Any:
     dtype = DTYPES[sampler.dtype]
     if device.type == "cpu" and dtype != torch.float32:
         raise ValueError(f"sampler.dtype {sampler.dtype!r} needs a GPU; use float32 on CPU")
-    folder = checkpoint_dir(model.checkpoint)
-    if model.checkpoint == "demo" and not folder.is_dir():  # TODO(#4): remove once the trained model is committed
-        net = MAUGen.tiny(seed=0, resolution=DEMO_RESOLUTION)
-    else:
-        net = MAUGen.from_pretrained(folder)
+    net = MAUGen.from_pretrained(checkpoint_dir(model.checkpoint))
     return net.to(device=device, dtype=dtype)
 
 

@@ -13,7 +13,8 @@ import pytest
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--set", "identities.count=3", "--set", "identities.samples_per_identity=2", "--set", "sampler.steps=3",
-         "--set", "writer.samples_per_shard=4", "--no-progress"]
+         "--set", "writer.samples_per_shard=4", "--no-progress",
+         "--set", "filter.face.detector=none", "--set", "filter.identity.embedder=none", "--set", "filter.au.estimator=none"]
 
 
 def mifa(*args, **kwargs):
