@@ -115,11 +115,15 @@ class TextSide(nn.Module):
 
         identity: None, [1, 2, D] (shared) or [B, 2, D] (per prompt); row 0 of the last axis-1 is id_first.
         """
+        return self.forward_spliced(prompts, identity).last_hidden_state
+
+    def forward_spliced(self, prompts: list[str], identity: torch.Tensor | None = None):
+        """The text encoder's full output with the `<ID>` splice, with autograd (training uses it directly)."""
         ids = self.tokenize(prompts)
         positions = self.splice_positions(ids, identity is not None)
         ids = ids.to(self.text_encoder.device)
         if not any(positions):
-            return self.text_encoder(input_ids=ids).last_hidden_state
+            return self.text_encoder(input_ids=ids)
         if identity.shape[0] not in (1, len(prompts)):
             raise ValueError(f"identity batch {identity.shape[0]} does not match {len(prompts)} prompts")
 
@@ -135,7 +139,7 @@ class TextSide(nn.Module):
 
         handle = self.text_encoder.get_submodule(self._embeddings_path()).register_forward_hook(splice)
         try:
-            return self.text_encoder(input_ids=ids).last_hidden_state
+            return self.text_encoder(input_ids=ids)
         finally:
             handle.remove()
 

@@ -157,28 +157,7 @@ def encode_prompts(text: TextSide, prompts: list[str], identity: torch.Tensor | 
 
     identity: [B,2,D] or None; rows whose prompt has no ``<ID>`` ignore it.
     """
-    ids = text.tokenize(prompts)
-    positions = text.splice_positions(ids, identity is not None)
-    encoder = text.text_encoder
-    if not any(positions):
-        out = encoder(input_ids=ids)
-        return out.last_hidden_state, out.pooler_output
-
-    def splice(module, args, output):
-        output = output.clone()
-        ident = identity.to(device=output.device, dtype=output.dtype)
-        for b, pos in enumerate(positions):
-            src = ident[b if ident.shape[0] > 1 else 0]
-            for p in pos:
-                output[b, p] = src[0]
-                output[b, p + 1] = src[1]
-        return output
-
-    handle = encoder.get_submodule(text._embeddings_path()).register_forward_hook(splice)
-    try:
-        out = encoder(input_ids=ids)
-    finally:
-        handle.remove()
+    out = text.forward_spliced(prompts, identity)
     return out.last_hidden_state, out.pooler_output
 
 
