@@ -154,15 +154,22 @@ class DuplicateIdentities:
 
     def __init__(self, threshold: float | None):
         self.threshold = threshold
-        self._seen: list[np.ndarray] = []
+        self._seen = np.zeros((0, 0))  # one row per earlier identity, grown by doubling
+        self._count = 0
 
     def nearest(self, embedding: list[float] | None) -> float | None:
-        """Cosine to the nearest earlier identity (then remembers this one)."""
+        """Cosine to the nearest earlier identity (then remembers this one): one matrix-vector product."""
         if embedding is None:
             return None
         e = np.asarray(embedding, dtype=np.float64)
-        best = max((float(np.dot(e, s)) for s in self._seen), default=None)
-        self._seen.append(e)
+        best = float(np.max(self._seen[:self._count] @ e)) if self._count else None
+        if self._count == len(self._seen):
+            grown = np.zeros((max(16, 2 * len(self._seen)), e.size))
+            if self._count:
+                grown[:self._count] = self._seen[:self._count]
+            self._seen = grown
+        self._seen[self._count] = e
+        self._count += 1
         return None if best is None else round(best, 5)
 
     def is_duplicate(self, nearest: float | None) -> bool:

@@ -150,3 +150,18 @@ def test_teacher_renders_the_requested_aus_with_exact_labels_and_describes_its_f
     assert not np.array_equal(neutral, out[0].image) or not any(out[0].requested.values())
     with pytest.raises(ValueError, match="the teacher renders"):
         TeacherRendering(64, ["AU1", "AU7"])
+
+
+def test_duplicate_identities_compare_with_earlier_ones_only():
+    from mifa_pipeline.stages.filter import DuplicateIdentities
+
+    dup = DuplicateIdentities(threshold=0.9)
+    a, b, near_a = [1.0, 0.0], [0.0, 1.0], [0.95, np.sqrt(1 - 0.95**2)]
+    assert dup.nearest(a) is None  # the first identity has nothing to compare with
+    assert dup.nearest(b) == 0.0
+    assert dup.nearest(None) is None  # no reference face: not remembered
+    nearest = dup.nearest(near_a)
+    assert nearest == 0.95 and dup.is_duplicate(nearest) and not dup.is_duplicate(0.0)
+    for _ in range(40):  # past the first growth of the store
+        dup.nearest(b)
+    assert dup.nearest(a) == 1.0
