@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import tempfile
 import weakref
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -119,6 +122,26 @@ def crop_around(image: np.ndarray, face: Face, scale: float = 1.8, min_side: int
     return crop
 
 
+@contextmanager
+def _native_stderr_kept_unless_failing():
+    """Hold back what native code writes to stderr (MediaPipe's absl/TFLite start-up lines, ~5 per
+    landmarker and so per filter worker) and show it only if the block raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _close_landmarker(landmarker) -> None:
     """Close a FaceLandmarker, also at interpreter exit, where MediaPipe's own close/__del__ raise
     (its dispatcher thread pool is already shut down): then mark MediaPipe as shut down, so the
@@ -162,7 +185,8 @@ class MediaPipeBlendshapeAU(AUEstimator):
         options = vision.FaceLandmarkerOptions(
             base_options=BaseOptions(model_asset_path=str(self.model_path)),
             running_mode=vision.RunningMode.IMAGE, num_faces=1, output_face_blendshapes=True)
-        self._landmarker = vision.FaceLandmarker.create_from_options(options)
+        with _native_stderr_kept_unless_failing():
+            self._landmarker = vision.FaceLandmarker.create_from_options(options)
         self._finalizer = weakref.finalize(self, _close_landmarker, self._landmarker)
 
     def blendshapes(self, image: np.ndarray) -> tuple[dict[str, float], np.ndarray] | None:

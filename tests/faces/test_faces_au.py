@@ -113,3 +113,19 @@ def test_crop_around_pads_at_the_border(detector, astronaut):
     face = detector.detect(astronaut)[0]
     crop = crop_around(astronaut, face, scale=6.0, min_side=64)
     assert crop.shape[0] == crop.shape[1] and crop.shape[0] > astronaut.shape[0]
+
+
+def test_native_start_up_chatter_is_held_back_unless_creation_fails(capfd):
+    """MediaPipe's C++ start-up lines would clutter every filter worker's log; an error must keep them."""
+    import os
+
+    from mifa_pipeline.faces.au_estimate import _native_stderr_kept_unless_failing
+
+    with _native_stderr_kept_unless_failing():
+        os.write(2, b"W0000 chatter from native code\n")
+    assert "chatter" not in capfd.readouterr().err
+
+    with pytest.raises(RuntimeError), _native_stderr_kept_unless_failing():
+        os.write(2, b"E0000 why the graph failed\n")
+        raise RuntimeError("landmarker could not start")
+    assert "why the graph failed" in capfd.readouterr().err
