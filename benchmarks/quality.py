@@ -1,6 +1,6 @@
 """Quality of a MAUGen checkpoint on held-out teacher identities and prompts (issue 4).
 
-    python benchmarks/quality.py --model mifa_pipeline/assets/demo_model [--n 96] [--sweep-identities 4]
+    python benchmarks/quality.py --model mifa_pipeline/assets/demo_model [--n 96] [--sweep-identities 8]
 
 The held-out set is drawn like a `mifa teacher` build with another seed (default 4242; the demo model was
 trained on seed 0): the build's own prompt stage (teacher descriptions of each identity, the demo
@@ -11,13 +11,15 @@ Figures (every one printed, the last line is one JSON object):
 1. labels vs request: per-AU intensity MAE of MAUGen's intensities against the requested FACS 0-5, and
    per-AU occurrence F1 (requested >= 2, the DISFA protocol, vs MAUGen's occurrence_prob >= 0.5);
 2. labels vs image: single-AU sweeps (same identity, one AU asked at 0..5, the others 0): per-AU Spearman
-   of MAUGen's intensity for that AU against the independent MediaPipe/landmark proxy of the image, beside
-   the same Spearman for the teacher's own renders of the same sweeps (exact intensities; the ceiling), and
+   (within each identity's sweep, averaged over identities) of MAUGen's intensity for that AU against the
+   independent MediaPipe/landmark proxy of the image, beside the same Spearman for the teacher's own renders of the same sweeps (exact intensities; the ceiling), and
    the Spearman of the requested level against the proxy on MAUGen's images (does the face follow the
    prompt). AUs the estimator has no proxy for are n/a; MediaPipe's AU6 proxy (cheekSquint) stays ~0 even
    on real smiles (faces/au_estimate.py), so AU6 figures say little about the model;
 3. identity: SFace cosine of each generated face to its own reference vs to the other identities'
-   references, as a ROC AUC;
+   references, as a ROC AUC, beside three ceilings that say where identity is lost: the teacher's own renders
+   of the same requests, those renders through the model's VAE, and the model's identity encoder (cosine of
+   the <ID> words of each render and of each reference);
 4. face detection rate (YuNet) of the generated images (teacher renders beside it).
 Images are enlarged to --judge-size px (bicubic) before any face model sees them: at 64 px YuNet and
 MediaPipe miss many faces (the teacher probe measured at 128/256 px).
@@ -66,6 +68,16 @@ def spearman(a, b) -> float | None:
         return None
     ra, rb = _ranks(a), _ranks(b)
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def sweep_spearman(who, a, b) -> float | None:
+    """Mean over identities of the Spearman within each identity's sweep (levels 0..5 of one AU).
+
+    Within one face, because a sweep asks how one face changes: pooling faces would mix in how the proxy's
+    resting value differs between faces, which says nothing about following the AU."""
+    rhos = [spearman(a[who == w], b[who == w]) for w in np.unique(who)]
+    rhos = [r for r in rhos if r is not None]
+    return float(np.mean(rhos)) if rhos else None
 
 
 def roc_auc(pos, neg) -> float | None:
@@ -126,6 +138,40 @@ def generate(model, prompts, people_of, seeds, steps, guidance, batch):
     return images, np.concatenate(intensity), np.concatenate(prob)
 
 
+def identity_pairs(embeddings, samples, ref_emb) -> tuple[list[float], list[float]]:
+    """SFace cosines of each embedding to its own identity's reference (pos) and to the others' (neg)."""
+    from mifa_pipeline.faces import cosine
+
+    pos, neg = [], []
+    for s, e in zip(samples, embeddings):
+        if e is None:
+            continue
+        for ident, r in ref_emb.items():
+            if r is not None:
+                (pos if ident == s.identity else neg).append(float(cosine(e, r)))
+    return pos, neg
+
+
+@torch.no_grad()
+def vae_roundtrip(model, images: list[np.ndarray]) -> list[np.ndarray]:
+    """Encode (posterior mode) and decode with the model's VAE: the detail its latent space keeps."""
+    x = _tensor(images).to(model.vae.device, model.vae.dtype) * 2 - 1
+    out = model.vae.decode(model.vae.encode(x).latent_dist.mode()).sample.float()
+    return [a.copy() for a in out.add(1).div(2).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()]
+
+
+@torch.no_grad()
+def encoder_auc(model, images, samples, people) -> float | None:
+    """ROC AUC of the cosine between the <ID> words of each image and of each identity's reference."""
+    def words(faces):
+        w = model.encode_identity(_tensor(faces)).float()
+        return torch.nn.functional.normalize(w.reshape(len(w), -1), dim=-1)
+
+    sim = (words(images) @ words([p.reference for p in people]).T).cpu().numpy()
+    own = np.array([[p.identity == s.identity for p in people] for s in samples])
+    return roc_auc(sim[own], sim[~own])
+
+
 def enlarge(image: np.ndarray, size: int) -> np.ndarray:
     if size <= 0 or image.shape[0] >= size:
         return image
@@ -137,7 +183,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="mifa_pipeline/assets/demo_model", help="MAUGen checkpoint folder")
     ap.add_argument("--n", type=int, default=96, help="held-out samples for the label and identity figures")
     ap.add_argument("--per-identity", type=int, default=4)
-    ap.add_argument("--sweep-identities", type=int, default=4, help="identities per single-AU sweep")
+    ap.add_argument("--sweep-identities", type=int, default=8, help="identities per single-AU sweep")
     ap.add_argument("--seed", type=int, default=4242, help="held-out teacher seed (training used 0)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=7.5)
@@ -149,7 +195,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     t_start = time.time()
 
-    from mifa_pipeline.faces import build_face_models, cosine
+    from mifa_pipeline.faces import build_face_models
     from mifa_pipeline.maugen import MAUGen
     from mifa_pipeline.teacher import render_face
     from mifa_pipeline.stages.teacher import identity_params
@@ -185,29 +231,32 @@ def main(argv=None) -> dict:
     print(f"mean   {mae.mean():6.3f} {np.mean(f1s):6.3f} (macro F1 over {len(f1s)} AUs; micro F1 {fmt(micro_f1)})")
 
     # identity + detection
-    ref_emb = {}
-    for p in people:
-        big = enlarge(p.reference, args.judge_size)
+    def embedding(image):
+        big = enlarge(image, args.judge_size)
         faces = judges.detect(big)
-        ref_emb[p.identity] = judges.embed(big, faces[0]) if faces else None
-    detected, pos, neg = 0, [], []
-    teacher_detected = 0
-    for s, img in zip(samples, images):
-        big = enlarge(img, args.judge_size)
-        faces = judges.detect(big)
-        if faces:
-            detected += 1
-            e = judges.embed(big, faces[0])
-            for ident, r in ref_emb.items():
-                if r is None:
-                    continue
-                (pos if ident == s.identity else neg).append(float(cosine(e, r)))
-        t_img = render_face(identity_params(person[s.identity].seed), s.requested, size=res).image
-        teacher_detected += bool(judges.detect(enlarge(t_img, args.judge_size)))
+        return judges.embed(big, faces[0]) if faces else None
+
+    ref_emb = {p.identity: embedding(p.reference) for p in people}
+    gen_emb = [embedding(img) for img in images]
+    detected = sum(e is not None for e in gen_emb)
     det_rate = detected / len(samples)
+    pos, neg = identity_pairs(gen_emb, samples, ref_emb)
     auc = roc_auc(pos, neg)
     print(f"\n3. identity: SFace cosine to own reference {np.mean(pos) if pos else float('nan'):.3f} vs others "
           f"{np.mean(neg) if neg else float('nan'):.3f}; ROC AUC {fmt(auc)} ({len(pos)} own, {len(neg)} other pairs)")
+    # Where identity is lost: the teacher's own renders of the same requests (the ceiling), the same renders
+    # through the model's VAE (what its latent space can carry at all), and the model's identity encoder
+    # (do the <ID> words it conditions on tell the identities apart?).
+    teacher_imgs = [render_face(identity_params(person[s.identity].seed), s.requested, size=res).image for s in samples]
+    teacher_emb = [embedding(img) for img in teacher_imgs]
+    teacher_detected = sum(e is not None for e in teacher_emb)
+    ceilings = {"teacher": roc_auc(*identity_pairs(teacher_emb, samples, ref_emb)),
+                "vae_roundtrip": roc_auc(*identity_pairs([embedding(i) for i in vae_roundtrip(model, teacher_imgs)],
+                                                          samples, ref_emb)),
+                "identity_encoder": encoder_auc(model, teacher_imgs, samples, people)}
+    print(f"   ceilings (ROC AUC): teacher renders {fmt(ceilings['teacher'])}, teacher renders through the "
+          f"model's VAE {fmt(ceilings['vae_roundtrip'])}, <ID> words of the model's identity encoder "
+          f"{fmt(ceilings['identity_encoder'])}")
     print(f"4. face detection rate: {det_rate:.3f} ({detected}/{len(samples)}); teacher renders of the same "
           f"requests: {teacher_detected / len(samples):.3f}")
 
@@ -229,7 +278,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     s_images, s_inten, _ = generate(model, prompts, owners, seeds, args.steps, args.guidance, args.batch)
     sweep_s = time.time() - t0
-    rows = {au: {"label": [], "proxy": [], "level": [], "t_level": [], "t_proxy": []} for au in au_names}
+    rows = {au: {"who": [], "label": [], "proxy": [], "level": [], "t_proxy": []} for au in au_names}
     covered = set(judges.au_estimator.describe().get("covered", au_names))
     missing = 0
     for (p, au, j, level), img, lab in zip(jobs, s_images, s_inten):
@@ -239,13 +288,13 @@ def main(argv=None) -> dict:
         proxy = est.get(au)
         missing += proxy is None and au in covered
         r = rows[au]
+        r["who"].append(p.identity)
         r["label"].append(float(lab[j]))
         r["proxy"].append(np.nan if proxy is None else float(proxy))
         r["level"].append(level)
         t_img = enlarge(render_face(identity_params(p.seed), {au: level}, size=res).image, args.judge_size)
         t_faces = judges.detect(t_img)
         t_est = judges.estimate_aus(t_img, t_faces[0] if t_faces else None).get(au)
-        r["t_level"].append(level)
         r["t_proxy"].append(np.nan if t_est is None else float(t_est))
     sweep = {}
     print(f"\n2. single-AU sweeps: {args.sweep_identities} identities x {len(au_names)} AUs x levels 0..5 "
@@ -253,11 +302,11 @@ def main(argv=None) -> dict:
     print(f"{'AU':6s} {'rho(label,proxy)':>16s} {'rho(asked,proxy)':>16s} {'teacher':>8s} {'ratio':>6s} "
           f"{'rho(label,asked)':>16s}")
     for au in au_names:
-        r = rows[au]
-        rho = spearman(r["label"], r["proxy"])
-        rho_req = spearman(r["level"], r["proxy"])
-        ceil = spearman(r["t_level"], r["t_proxy"])
-        follow = spearman(r["label"], r["level"])
+        r = {k: np.asarray(v, np.float64) for k, v in rows[au].items()}
+        rho = sweep_spearman(r["who"], r["label"], r["proxy"])
+        rho_req = sweep_spearman(r["who"], r["level"], r["proxy"])
+        ceil = sweep_spearman(r["who"], r["level"], r["t_proxy"])
+        follow = sweep_spearman(r["who"], r["label"], r["level"])
         ratio = None if rho is None or ceil is None or ceil <= 0 else rho / ceil
         sweep[au] = {"rho_label_proxy": rho, "rho_asked_proxy": rho_req, "teacher_rho": ceil, "ratio": ratio,
                      "rho_label_asked": follow}
@@ -288,7 +337,7 @@ def main(argv=None) -> dict:
         "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
         "intensity_mae": float(mae.mean()), "occurrence_f1_macro": float(np.mean(f1s)) if f1s else None,
         "occurrence_f1_micro": micro_f1, "per_au": per_au, "identity_auc": auc,
-        "identity_cos_own": float(np.mean(pos)) if pos else None, "identity_cos_other": float(np.mean(neg)) if neg else None,
+        "identity_ceilings": ceilings, "identity_cos_own": float(np.mean(pos)) if pos else None, "identity_cos_other": float(np.mean(neg)) if neg else None,
         "detection_rate": det_rate, "teacher_detection_rate": teacher_detected / len(samples),
         "sweep": sweep, "targets": targets, "seconds": round(time.time() - t_start, 1),
         "threads": torch.get_num_threads(),
