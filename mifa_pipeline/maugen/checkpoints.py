@@ -225,6 +225,49 @@ def save_folder(model: MAUGen, path: str | Path) -> None:
     _save_component(path / "mapping", cfg["mapping"], model.mapping.state_dict())
 
 
+def store_half(src: str | Path, dst: str | Path) -> dict[str, int]:
+    """Copy a MAUGen folder with every float32 tensor stored as float16: half the bytes for a model that
+    ships inside a package (the demo model); `load_folder` casts back to the dtype asked for. Returns the
+    bytes before and after. Refuses a tensor that float16 cannot hold and an existing, non-empty `dst`;
+    it writes beside `dst` and renames at the end, so a failure leaves no half-written folder."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    read_config(src)
+    if dst.exists() and any(dst.iterdir()):
+        raise CheckpointError(f"{dst}: exists and is not empty")
+    tmp = dst.with_name(f".{dst.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        before = after = 0
+        for file in sorted(p for p in src.rglob("*") if p.is_file()):
+            target = tmp / file.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            before += file.stat().st_size
+            if file.suffix != ".safetensors":
+                shutil.copyfile(file, target)
+            else:
+                with safe_open(file, framework="pt") as f:
+                    metadata = f.metadata()
+                tensors = load_file(file)
+                for name, t in tensors.items():
+                    if t.dtype == torch.float32:
+                        half = t.to(torch.float16)
+                        if not torch.isfinite(half).all() and torch.isfinite(t).all():
+                            raise CheckpointError(f"{file}: {name} has values beyond float16's range "
+                                                  f"(max |x| {t.abs().max().item():.3g} > 65504)")
+                        tensors[name] = half
+                save_file(tensors, target, metadata=metadata)
+            after += target.stat().st_size
+        if dst.exists():
+            dst.rmdir()
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"bytes_before": before, "bytes_after": after}
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():

@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-model_app = typer.Typer(help="MAUGen checkpoints: import the official files, inspect a model folder.", no_args_is_help=True)
+model_app = typer.Typer(help="MAUGen checkpoints: import the official files, inspect a model folder, store it in half precision.",
+                        no_args_is_help=True)
 
 
 def _quiet_libraries() -> None:
@@ -80,3 +81,18 @@ def info_cmd(
     typer.echo("sha256:")
     for rel, digest in info["sha256"].items():
         typer.echo(f"  {digest}  {rel}")
+
+
+@model_app.command("store-half")
+def store_half_cmd(
+    src: Path = typer.Argument(..., help="a MAUGen folder"),
+    dst: Path = typer.Argument(..., help="new folder: the same model with float32 tensors stored as float16"),
+) -> None:
+    """Copy a MAUGen folder with its float32 weights stored as float16 (half the size; loads as float32)."""
+    from .checkpoints import CheckpointError, store_half
+
+    try:
+        sizes = store_half(src, dst)
+    except CheckpointError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {dst}: {sizes['bytes_before']:,} -> {sizes['bytes_after']:,} bytes")

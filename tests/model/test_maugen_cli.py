@@ -74,3 +74,36 @@ def test_refuses_non_empty_output(official_files, tmp_path):
     (tmp_path / "out" / "x").write_text("keep me")
     result = runner.invoke(model_app, _args(official_files, tmp_path / "out"))
     assert result.exit_code == 2 and "not empty" in result.output
+
+
+def test_store_half_halves_the_weights_and_loads_back_close(tiny, tmp_path):
+    full, half = tmp_path / "full", tmp_path / "half"
+    tiny.save_pretrained(full)
+    result = runner.invoke(model_app, ["store-half", str(full), str(half)])
+    assert result.exit_code == 0, result.output
+    size = lambda root: sum(p.stat().st_size for p in root.rglob("*.safetensors"))  # noqa: E731
+    assert size(half) < 0.6 * size(full)
+    assert sorted(p.relative_to(half) for p in half.rglob("*")) == sorted(p.relative_to(full) for p in full.rglob("*"))
+    model = MAUGen.from_pretrained(half)
+    assert model.dig.unet.conv_in.weight.dtype == torch.float32
+    images, masks = make_inputs(1)
+    gens = lambda: [torch.Generator().manual_seed(0)]  # noqa: E731
+    a = model.sample(["a face"], images, masks, None, gens(), num_inference_steps=2)
+    b = tiny.sample(["a face"], images, masks, None, gens(), num_inference_steps=2)
+    assert (a.images - b.images).abs().max() < 0.02 and (a.intensity - b.intensity).abs().max() < 0.02
+
+    again = runner.invoke(model_app, ["store-half", str(full), str(half)])  # never over an existing model
+    assert again.exit_code == 2 and "not empty" in again.output
+
+
+def test_store_half_refuses_weights_float16_cannot_hold(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny.save_pretrained(tmp_path / "full")
+    cue = tmp_path / "full" / "au_cue" / "model.safetensors"
+    tensors = load_file(cue)
+    tensors["au_cue"] = tensors["au_cue"] * 0 + 1e6
+    save_file(tensors, cue)
+    result = runner.invoke(model_app, ["store-half", str(tmp_path / "full"), str(tmp_path / "half")])
+    assert result.exit_code == 2 and "au_cue" in result.output and "float16" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # nothing half-written is left
