@@ -143,6 +143,12 @@ def read_samples(out: Path, unit: WorkUnit, columns: list[str] | None = None) ->
     return _read(out, unit, "samples.parquet", columns, ("image",)).to_pylist()
 
 
+def read_sample_metadata(out: Path, unit: WorkUnit) -> list[dict[str, Any]]:
+    """Every column but the image bytes: what a resume needs for samples whose shards already exist."""
+    names = [n for n in pq.read_schema(unit_dir(out, unit) / "samples.parquet").names if n != "image"]
+    return read_samples(out, unit, names)
+
+
 def read_judges(out: Path, unit: WorkUnit) -> dict[str, str]:
     path = unit_dir(out, unit) / "judges.json"
     return json.loads(path.read_text()) if path.is_file() else {}

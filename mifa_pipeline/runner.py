@@ -233,11 +233,15 @@ class BuildRunner:
         """Feed committed units to the shard writer in order, as far as the committed prefix reaches.
 
         This ordered pass is also where identities are compared with earlier ones (duplicates): it is the
-        one place that sees every identity in global order, on every run, resumed or not.
+        one place that sees every identity in global order, on every run, resumed or not. On a resume the
+        units whose shards exist already are replayed from their metadata, without reading their images.
         """
         while next_unit < len(units) and pool.is_committed(self.out, units[next_unit]):
-            rows = [r for r in pool.read_samples(self.out, units[next_unit]) if r["keep"]]
+            rows = [r for r in pool.read_sample_metadata(self.out, units[next_unit]) if r["keep"]]
             rows = self._drop_duplicates(units[next_unit], rows)
+            if not writer.already_written(len(rows)):  # images are read only for shards still to write
+                images = {r["key"]: r["image"] for r in pool.read_samples(self.out, units[next_unit], ["key", "image"])}
+                rows = [{**r, "image": images[r["key"]]} for r in rows]
             writer.add(rows)
             self.advance("write", len(rows))
             next_unit += 1

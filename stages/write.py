@@ -86,6 +86,17 @@ class ShardWriting:
         self.shards.append(info)
         self._writer, self._recorded, self._keys = None, None, []
 
+    def already_written(self, n: int) -> bool:
+        """Whether the next `n` rows all land in shards an earlier run wrote and recorded (a resume then
+        only recounts their keys and need not read their images)."""
+        per = self.config.samples_per_shard
+        start = len(self.shards) * per + len(self._keys)
+        for index in range(start // per, (start + max(n, 1) - 1) // per + 1):
+            name = shard_name(self.split, index)
+            if not (self._marker(name).is_file() and (self.out / name).is_file()):
+                return False
+        return True
+
     def add(self, rows: list[dict[str, Any]]) -> list[ShardInfo]:
         """Append the next kept rows (already in global order); returns the shards completed by them."""
         start = time.perf_counter()
@@ -94,6 +105,8 @@ class ShardWriting:
             if self._writer is None and self._recorded is None:
                 self._open_next()
             if self._writer is not None:
+                if "image" not in row:
+                    raise RuntimeError(f"internal: {row['key']} goes to a new shard but was read without its image")
                 self._writer.write(ShardSample(
                     key=row["key"], image=row["image"], image_ext=row["image_ext"],
                     metadata=sample_metadata(row, self.dataset, self.model), label=row["identity"],

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,6 +181,40 @@ def test_resume_after_sigkill_is_byte_identical(small_manifest, fake_model, tmp_
     assert resumed.state == "resumed" and resumed.units_run < 6
     assert digests(out) == digests(reference.output)
     assert verify(out) == []
+
+
+def test_resume_reads_images_only_for_shards_still_to_write(small_manifest, fake_model, monkeypatch):
+    """A resume replays the committed units in order; those whose shards exist are recounted from their
+    metadata, so a 90%-written data set is not read back from disk image by image."""
+    import mifa_pipeline.pool as pool
+
+    m = small_manifest("identities.count=6", "identities.samples_per_identity=3", "resources.identities_per_unit=1",
+                       "writer.samples_per_shard=5")
+    build(m)
+    reference = digests(m.output)
+    # as if killed after writing shards 0 and 1 (units 0-2 and part of 3) and before committing unit 5
+    for name in ("manifest.json", "shardindex.json"):
+        (m.output / name).unlink()
+    for shard in ("train-000002", "train-000003"):
+        for path in [*m.output.glob(shard + ".*"), *(m.output / "_work" / "shards").glob(shard + ".*")]:
+            path.unlink()
+    units = sorted(p for p in (m.output / "_work" / "units").iterdir())
+    shutil.rmtree(units[-1])
+
+    read_with_images = []
+    real = pool.read_samples
+
+    def spy(out, unit, columns=None):
+        if columns is None or "image" in columns:
+            read_with_images.append(unit.index)
+        return real(out, unit, columns)
+
+    monkeypatch.setattr(pool, "read_samples", spy)
+    result = build(m)
+    assert result.state == "resumed" and result.units_run == 1
+    assert sorted(set(read_with_images)) == [3, 4, 5]
+    assert digests(m.output) == reference
+    assert verify(m.output) == []
 
 
 def test_face_check_with_the_real_yunet_detector(small_manifest, fake_model):
