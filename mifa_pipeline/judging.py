@@ -47,7 +47,7 @@ def _default_path(cfg: FilterSection, judge: str, kind: str) -> Path | None:
 
 
 class JudgeFileError(FileNotFoundError):
-    pass
+    """A judge that cannot be set up: its model file is missing or its name is unknown."""
 
 
 def judge_specs(cfg: FilterSection) -> dict[str, JudgeSpec]:
@@ -72,7 +72,15 @@ def judge_specs(cfg: FilterSection) -> dict[str, JudgeSpec]:
         options = {"kind": kind, "sha256": record.get("sha256"), "min_side": JUDGE_MIN_SIDE,
                    "aligned_with": specs["face"].fingerprint if name != "face" else None}
         if name == "au":
+            from mifa_pipeline.faces import au_estimator_class
+
+            try:
+                estimator = au_estimator_class(kind)
+            except (KeyError, ImportError, AttributeError) as exc:
+                raise JudgeFileError(f"filter.au.estimator: {kind!r} is not an AU estimator ({exc}); expected "
+                                     "'none', 'mediapipe' or 'package.module:Class'") from None
             options["aus"] = cfg.au.aus
+            options["estimator_version"] = getattr(estimator, "version", None)
         specs[name] = JudgeSpec(name, kind, path, sha256_text(canonical_json(options)), record)
     return specs
 

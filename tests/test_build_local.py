@@ -237,6 +237,17 @@ def test_missing_face_model_is_a_clear_error(small_manifest, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_unknown_au_estimator_is_a_clear_error(small_manifest, tmp_path):
+    from mifa_pipeline.faces import MODEL_FILES
+
+    (tmp_path / MODEL_FILES["yunet"].filename).write_bytes(b"a detector file")  # prepare only hashes it
+    m = small_manifest("filter.face.detector=yunet", "filter.au.estimator=openface", f"filter.models_dir={tmp_path}",
+                       out=tmp_path / "o")
+    with pytest.raises(BuildError, match="filter.au.estimator: 'openface' is not an AU estimator"):
+        prepare(m)
+    assert not (tmp_path / "o").exists()
+
+
 def test_interrupted_refilter_resumes_to_the_same_bytes(small_manifest, fake_model, tmp_path, monkeypatch):
     from mifa_pipeline import refilter as rf
 

@@ -12,7 +12,7 @@ All images are RGB uint8 HxWx3. Model files come from `python -m mifa_pipeline.f
 """
 
 from .au_estimate import (AU_ESTIMATORS, BLENDSHAPE_AU_TABLE, DISFA12, AUEstimator, MediaPipeBlendshapeAU,
-                          build_au_estimator, register_au_estimator)
+                          au_estimator_class, build_au_estimator, register_au_estimator)
 from .detect import DETECTORS, Face, FaceDetector, ScrfdDetector, YuNetDetector, align
 from .identity import ArcFaceEmbedder, cosine, sface_embedder, strip_unused_inputs
 from .models import FaceModels, FaceModelsConfig, build_face_models, models_available
@@ -22,7 +22,7 @@ __all__ = [
     "AU_ESTIMATORS", "BLENDSHAPE_AU_TABLE", "DISFA12", "DETECTORS", "MODEL_FILES",
     "AUEstimator", "ArcFaceEmbedder", "ChecksumError", "Face", "FaceDetector", "FaceModels", "FaceModelsConfig",
     "MediaPipeBlendshapeAU", "ModelFile", "ScrfdDetector", "YuNetDetector",
-    "align", "build_au_estimator", "build_face_models", "cosine", "default_model_dir", "model_record",
+    "align", "au_estimator_class", "build_au_estimator", "build_face_models", "cosine", "default_model_dir", "model_record",
     "models_available", "register_au_estimator", "sface_embedder", "sha256_file", "strip_unused_inputs",
     "verify_file",
 ]

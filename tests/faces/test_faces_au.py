@@ -40,6 +40,39 @@ def test_lips_part_proxy_follows_the_mouth(au_estimator, astronaut, t1_aus):
     assert t1_aus[1]["AU25"] < 0.15
 
 
+def test_cheek_raise_proxy_reads_smiles_from_the_lower_lid(au_estimator, astronaut, t1_aus):
+    # cheekSquint stayed < 1e-5 on all these faces; the lower-lid measure separates them on average (not
+    # face by face: Aniston looks down, which also lifts the lower lid in the picture)
+    smiling = [au_estimator.estimate(astronaut)["AU6"]] + [t1_aus[i]["AU6"] for i in SMILING]
+    neutral = [t1_aus[i]["AU6"] for i in NEUTRAL]
+    assert np.mean(smiling) > np.mean(neutral) + 0.25, (smiling, neutral)
+    assert t1_aus[3]["AU6"] > 0.6  # Perry's laugh
+    assert t1_aus[1]["AU6"] < 0.3  # Cox, neutral
+
+
+def test_cheek_raise_proxy_ignores_head_roll(au_estimator, t1, t1_faces):
+    import cv2
+
+    from mifa_pipeline.faces.au_estimate import crop_around
+
+    face = crop_around(t1, t1_faces[3])
+    h, w = face.shape[:2]
+    rolled = cv2.warpAffine(face, cv2.getRotationMatrix2D((w / 2, h / 2), 20, 1.0), (w, h))
+    assert abs(au_estimator.estimate(face)["AU6"] - au_estimator.estimate(rolled)["AU6"]) < 0.1
+
+
+def test_cheek_raise_proxy_follows_a_rendered_cheek_raise(au_estimator):
+    from mifa_pipeline.teacher import render_face, sample_identity
+
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        person = sample_identity(rng)
+        sweep = [au_estimator.estimate(render_face(person, {"AU6": float(level)}, size=256).image)["AU6"]
+                 for level in range(6)]
+        assert all(b >= a - 0.02 for a, b in zip(sweep, sweep[1:])), sweep
+        assert sweep[-1] > sweep[0] + 0.4, sweep
+
+
 def test_mirror_gives_the_same_estimate(au_estimator, astronaut):
     a = au_estimator.estimate(astronaut)
     b = au_estimator.estimate(np.ascontiguousarray(astronaut[:, ::-1]))
