@@ -135,3 +135,20 @@ def test_filter_stage_with_real_photos_drops_no_face_and_several_faces_with_reas
     assert several.drop_reason == "multiple_faces" and several.scores["face_count"] > 1
     assert none.drop_reason == "no_face" and none.scores["identity_cosine"] is None
     assert stats.dropped == {"multiple_faces": 1, "no_face": 1}
+
+
+def test_a_new_au_estimator_version_changes_only_the_au_fingerprint(tmp_path, monkeypatch):
+    """Same model file, other formulas (e.g. AU6 moved to landmarks): `mifa filter` must re-score the AUs."""
+    from mifa_pipeline.config import FilterSection
+    from mifa_pipeline.faces.au_estimate import MediaPipeBlendshapeAU
+    from mifa_pipeline.judging import judge_specs
+
+    for key in ("yunet", "face_landmarker"):
+        (tmp_path / MODEL_FILES[key].filename).write_bytes(key.encode())  # judge_specs only hashes files
+    cfg = FilterSection.model_validate({"models_dir": str(tmp_path), "face": {"detector": "yunet"},
+                                        "au": {"estimator": "mediapipe"}})
+    before = judge_specs(cfg)
+    monkeypatch.setattr(MediaPipeBlendshapeAU, "version", "next")
+    after = judge_specs(cfg)
+    assert after["face"].fingerprint == before["face"].fingerprint
+    assert after["au"].fingerprint != before["au"].fingerprint
