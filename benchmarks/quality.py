@@ -39,7 +39,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mifa_pipeline.aus import DISFA12, describe_aus  # noqa: E402
+from mifa_pipeline.aus import describe_aus  # noqa: E402
 
 NEGATIVE = ("deformed, distorted, disfigured, cartoon, 3d render, low quality, blurry, jpeg artifacts, "
             "plastic skin, blotchy skin, exaggerated wrinkles, over-exaggerated expression")

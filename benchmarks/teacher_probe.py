@@ -186,9 +186,9 @@ def landmarker_probe(task_path: str, n_id: int, size: int, seed: int) -> tuple[f
 
 def au_sweeps(n_id: int, size: int, seed: int) -> dict[str, float | None]:
     """Per AU: Spearman of the asked level (0..5, the other AUs at 0) against the pipeline's own AU proxy
-    (mifa_pipeline.faces: MediaPipe blendshapes, landmark lip gap for AU25), within each identity's sweep,
-    averaged over identities. This is the ceiling `benchmarks/quality.py` holds a model's sweeps against."""
-    from scipy.stats import spearmanr
+    (mifa_pipeline.faces), within each identity's sweep and averaged over identities, as
+    `benchmarks/quality.py` computes the teacher ceiling it holds a model's sweeps against."""
+    from quality import sweep_spearman
 
     from mifa_pipeline.faces import build_face_models
 
@@ -197,16 +197,16 @@ def au_sweeps(n_id: int, size: int, seed: int) -> dict[str, float | None]:
     ids = [sample_identity(rng) for _ in range(n_id)]
     out: dict[str, float | None] = {}
     for au in AU_NAMES:
-        rhos = []
-        for idp in ids:
-            proxies = []
-            for level in range(6):
-                img = render_face(idp, {au: float(level)}, size=size).image
+        who, level, proxy = [], [], []
+        for k, idp in enumerate(ids):
+            for lv in range(6):
+                img = render_face(idp, {au: float(lv)}, size=size).image
                 faces = judges.detect(img)
-                proxies.append(judges.estimate_aus(img, faces[0] if faces else None).get(au))
-            if all(v is not None for v in proxies) and np.std(proxies) > 0:
-                rhos.append(spearmanr(range(6), proxies).statistic)
-        out[au] = float(np.mean(rhos)) if rhos else None
+                value = judges.estimate_aus(img, faces[0] if faces else None).get(au)
+                who.append(k)
+                level.append(lv)
+                proxy.append(np.nan if value is None else value)
+        out[au] = sweep_spearman(np.array(who), np.array(level, np.float64), np.array(proxy, np.float64))
     judges.close()
     return out
 

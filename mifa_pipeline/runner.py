@@ -237,10 +237,12 @@ class BuildRunner:
         units whose shards exist already are replayed from their metadata, without reading their images.
         """
         while next_unit < len(units) and pool.is_committed(self.out, units[next_unit]):
-            rows = [r for r in pool.read_sample_metadata(self.out, units[next_unit]) if r["keep"]]
-            rows = self._drop_duplicates(units[next_unit], rows)
-            if not writer.already_written(len(rows)):  # images are read only for shards still to write
-                images = {r["key"]: r["image"] for r in pool.read_samples(self.out, units[next_unit], ["key", "image"])}
+            unit = units[next_unit]
+            replay = writer.already_written(1)  # a resume, at a shard an earlier run wrote: metadata first
+            rows = pool.read_sample_metadata(self.out, unit) if replay else pool.read_samples(self.out, unit)
+            rows = self._drop_duplicates(unit, [r for r in rows if r["keep"]])
+            if replay and not writer.already_written(len(rows)):  # reaches a shard still to write
+                images = {r["key"]: r["image"] for r in pool.read_samples(self.out, unit, ["key", "image"])}
                 rows = [{**r, "image": images[r["key"]]} for r in rows]
             writer.add(rows)
             self.advance("write", len(rows))

@@ -66,11 +66,15 @@ class ShardWriting:
     def _marker(self, name: str) -> Path:
         return self.markers / (name + ".json")
 
+    def _written_before(self, index: int) -> bool:
+        """Shard `index` was written and recorded by an earlier run (a resume recounts it, never rewrites it)."""
+        name = shard_name(self.split, index)
+        return self._marker(name).is_file() and (self.out / name).is_file()
+
     def _open_next(self) -> None:
         name = shard_name(self.split, len(self.shards))
-        marker = self._marker(name)
-        if marker.is_file() and (self.out / name).is_file():
-            self._recorded = ShardInfo(**json.loads(marker.read_text()))
+        if self._written_before(len(self.shards)):
+            self._recorded = ShardInfo(**json.loads(self._marker(name).read_text()))
         else:
             self._writer = ShardFileWriter(self.out, name)
 
@@ -91,11 +95,7 @@ class ShardWriting:
         only recounts their keys and need not read their images)."""
         per = self.config.samples_per_shard
         start = len(self.shards) * per + len(self._keys)
-        for index in range(start // per, (start + max(n, 1) - 1) // per + 1):
-            name = shard_name(self.split, index)
-            if not (self._marker(name).is_file() and (self.out / name).is_file()):
-                return False
-        return True
+        return all(self._written_before(i) for i in range(start // per, (start + max(n, 1) - 1) // per + 1))
 
     def add(self, rows: list[dict[str, Any]]) -> list[ShardInfo]:
         """Append the next kept rows (already in global order); returns the shards completed by them."""

@@ -185,12 +185,27 @@ def test_resume_after_sigkill_is_byte_identical(small_manifest, fake_model, tmp_
 
 def test_resume_reads_images_only_for_shards_still_to_write(small_manifest, fake_model, monkeypatch):
     """A resume replays the committed units in order; those whose shards exist are recounted from their
-    metadata, so a 90%-written data set is not read back from disk image by image."""
+    metadata, so a 90%-written data set is not read back from disk image by image. A first run reads each
+    unit once."""
     import mifa_pipeline.pool as pool
 
+    reads = []  # unit index of every read of samples.parquet (with or without images)
+    real_samples, real_metadata = pool.read_samples, pool.read_sample_metadata
+
+    def read_samples(out, unit, columns=None):
+        reads.append((unit.index, "image" if columns is None or "image" in columns else "metadata"))
+        return real_samples(out, unit, columns)
+
+    def read_sample_metadata(out, unit):
+        reads.append((unit.index, "metadata"))
+        return real_metadata(out, unit)
+
+    monkeypatch.setattr(pool, "read_samples", read_samples)
+    monkeypatch.setattr(pool, "read_sample_metadata", read_sample_metadata)
     m = small_manifest("identities.count=6", "identities.samples_per_identity=3", "resources.identities_per_unit=1",
                        "writer.samples_per_shard=5")
     build(m)
+    assert sorted(reads) == [(u, "image") for u in range(6)]
     reference = digests(m.output)
     # as if killed after writing shards 0 and 1 (units 0-2 and part of 3) and before committing unit 5
     for name in ("manifest.json", "shardindex.json"):
@@ -201,18 +216,10 @@ def test_resume_reads_images_only_for_shards_still_to_write(small_manifest, fake
     units = sorted(p for p in (m.output / "_work" / "units").iterdir())
     shutil.rmtree(units[-1])
 
-    read_with_images = []
-    real = pool.read_samples
-
-    def spy(out, unit, columns=None):
-        if columns is None or "image" in columns:
-            read_with_images.append(unit.index)
-        return real(out, unit, columns)
-
-    monkeypatch.setattr(pool, "read_samples", spy)
+    reads.clear()
     result = build(m)
     assert result.state == "resumed" and result.units_run == 1
-    assert sorted(set(read_with_images)) == [3, 4, 5]
+    assert sorted({u for u, what in reads if what == "image"}) == [3, 4, 5]
     assert digests(m.output) == reference
     assert verify(m.output) == []
 

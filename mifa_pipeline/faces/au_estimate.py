@@ -66,12 +66,7 @@ CAVEATS: dict[str, str] = {
     "AU4": "browDown rose to ~0.4 on smiling faces in the same photos: confounded by smiles",
     "AU1": "browInnerUp rose to ~0.7 on a face looking down: confounded by head pitch",
 }
-LANDMARK_PROXIES = {
-    "AU6": "lower-lid midpoint (145, 374) below its eye's corner line (33-133, 263-362) / eye width, mean of "
-           f"both eyes, linear on [{LOWER_LID_RANGE[1]}, {LOWER_LID_RANGE[0]}] -> [0, 1]",
-    "AU25": "inner-lip gap (landmarks 13-14) / mouth width (61-291), linear on "
-            f"[{LIP_GAP_RANGE[0]}, {LIP_GAP_RANGE[1]}] -> [0, 1]",
-}
+
 
 
 class AUEstimator(ABC):
@@ -178,16 +173,12 @@ def _mean(scores: dict[str, float], names: tuple[str, ...]) -> float:
 def lower_lid_raise_score(landmarks_px: np.ndarray) -> float:
     drops = []
     for lower, outer, inner, upper in EYES:
-        a, b = landmarks_px[outer], landmarks_px[inner]
-        axis = b - a
+        corner, axis = landmarks_px[outer], landmarks_px[inner] - landmarks_px[outer]
         width = float(np.linalg.norm(axis)) + 1e-6
-
-        def side(i: int) -> float:  # signed distance of landmark i from the corner line
-            d = landmarks_px[i] - a
-            return float(axis[0] * d[1] - axis[1] * d[0]) / width
-
-        below = side(lower) * (-1.0 if side(upper) > 0 else 1.0)  # positive: away from the upper lid
-        drops.append(below / width)
+        normal = np.array([-axis[1], axis[0]]) / width      # unit normal of the corner line
+        if np.dot(landmarks_px[upper] - corner, normal) > 0:
+            normal = -normal                                 # ... pointing away from the upper lid
+        drops.append(float(np.dot(landmarks_px[lower] - corner, normal)) / width)
     lo, hi = LOWER_LID_RANGE
     return float(np.clip((hi - np.mean(drops)) / (hi - lo), 0.0, 1.0))
 
@@ -197,6 +188,17 @@ def lip_gap_score(landmarks_px: np.ndarray) -> float:
     width = np.linalg.norm(landmarks_px[291] - landmarks_px[61]) + 1e-6
     lo, hi = LIP_GAP_RANGE
     return float(np.clip((gap / width - lo) / (hi - lo), 0.0, 1.0))
+
+
+# AU -> (score from the 478 landmarks in pixels, how) for the AUs whose blendshape does not work
+LANDMARK_PROXIES: dict[str, tuple[Callable[[np.ndarray], float], str]] = {
+    "AU6": (lower_lid_raise_score,
+            "lower-lid midpoint (145, 374) below its eye's corner line (33-133, 263-362) / eye width, mean of "
+            f"both eyes, linear on [{LOWER_LID_RANGE[1]}, {LOWER_LID_RANGE[0]}] -> [0, 1]"),
+    "AU25": (lip_gap_score,
+             f"inner-lip gap (landmarks 13-14) / mouth width (61-291), linear on [{LIP_GAP_RANGE[0]}, "
+             f"{LIP_GAP_RANGE[1]}] -> [0, 1]"),
+}
 
 
 @register_au_estimator("mediapipe")
@@ -248,10 +250,8 @@ class MediaPipeBlendshapeAU(AUEstimator):
         for au in self.aus:
             if au in self.table:
                 out[au] = _mean(scores, self.table[au])
-            elif au == "AU25":
-                out[au] = lip_gap_score(landmarks)
-            elif au == "AU6":
-                out[au] = lower_lid_raise_score(landmarks)
+            elif au in LANDMARK_PROXIES:
+                out[au] = LANDMARK_PROXIES[au][0](landmarks)
             else:
                 out[au] = None
         return out
@@ -262,7 +262,7 @@ class MediaPipeBlendshapeAU(AUEstimator):
             if au in self.table:
                 how[au] = "mean(" + ", ".join(self.table[au]) + ")"
             elif au in LANDMARK_PROXIES:
-                how[au] = LANDMARK_PROXIES[au]
+                how[au] = LANDMARK_PROXIES[au][1]
             else:
                 how[au] = None
         return {
