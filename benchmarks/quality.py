@@ -121,15 +121,18 @@ def _tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0)
 
 
+def _masks(masks: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(masks)).float().div(255.0)[:, None]
+
+
 def generate(model, prompts, people_of, seeds, steps, guidance, batch):
     """MAUGen as the generation stage calls it: per-sample generators, identity from the reference."""
     images, intensity, prob = [], [], []
     for s in range(0, len(prompts), batch):
         ps, ppl, sd = prompts[s:s + batch], people_of[s:s + batch], seeds[s:s + batch]
-        refs = _tensor([p.reference for p in ppl])
-        ids = model.encode_identity(refs)
-        out = model.sample(ps, _tensor([p.canvas for p in ppl]),
-                           torch.from_numpy(np.stack([p.mask for p in ppl])).float().div(255.0)[:, None], ids,
+        masks = _masks([p.mask for p in ppl])
+        ids = model.encode_identity(_tensor([p.reference for p in ppl]), masks)
+        out = model.sample(ps, _tensor([p.canvas for p in ppl]), masks, ids,
                            [torch.Generator().manual_seed(int(x)) for x in sd], num_inference_steps=steps,
                            guidance_scale=guidance, negative_prompt=NEGATIVE)
         images += [a.copy() for a in out.images.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()]
@@ -163,11 +166,12 @@ def vae_roundtrip(model, images: list[np.ndarray]) -> list[np.ndarray]:
 @torch.no_grad()
 def encoder_auc(model, images, samples, people) -> float | None:
     """ROC AUC of the cosine between the <ID> words of each image and of each identity's reference."""
-    def words(faces):
-        w = model.encode_identity(_tensor(faces)).float()
+    def words(faces, masks):
+        w = model.encode_identity(_tensor(faces), _masks(masks)).float()
         return torch.nn.functional.normalize(w.reshape(len(w), -1), dim=-1)
 
-    sim = (words(images) @ words([p.reference for p in people]).T).cpu().numpy()
+    mask_of = {p.identity: p.mask for p in people}
+    sim = (words(images, [mask_of[s.identity] for s in samples]) @ words([p.reference for p in people], [p.mask for p in people]).T).cpu().numpy()
     own = np.array([[p.identity == s.identity for p in people] for s in samples])
     return roc_auc(sim[own], sim[~own])
 

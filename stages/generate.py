@@ -51,6 +51,11 @@ def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0)
 
 
+def _masks(masks: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HxW list (255 = region to generate) -> float [B,1,H,W] in [0,1]."""
+    return torch.from_numpy(np.stack(masks)).float().div(255.0)[:, None]
+
+
 def _to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     arr = images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [a.copy() for a in arr]
@@ -110,14 +115,14 @@ class Generation:
         start = time.perf_counter()
         # 1. identity embeddings, once per identity, one identity per call (so they never depend on the unit)
         embed_of = {
-            i: self.model.encode_identity(_to_tensor([people[i].reference]).to(self._device()))
+            i: self.model.encode_identity(_to_tensor([people[i].reference]).to(self._device()), _masks([people[i].mask]).to(self._device()))
             for i in sorted({s.identity for s in samples})
         }
         # 2. batches of samples, each with its own generator
         for first in range(0, len(samples), self.config.batch_size):
             batch = samples[first:first + self.config.batch_size]
             canvases = _to_tensor([people[s.identity].canvas for s in batch])
-            masks = torch.from_numpy(np.stack([people[s.identity].mask for s in batch])).float().div(255.0)[:, None]
+            masks = _masks([people[s.identity].mask for s in batch])
             ids = torch.cat([embed_of[s.identity] for s in batch])
             out = self._sample([s.prompt for s in batch], canvases, masks, ids, [s.seed for s in batch])
             # 3. read out images and labels per sample

@@ -29,7 +29,7 @@ class FakeMAUGen(torch.nn.Module):
         self.proj = torch.nn.Linear(4, 4)
         self.calls: list[int] = []
 
-    def encode_identity(self, faces: torch.Tensor) -> torch.Tensor:
+    def encode_identity(self, faces: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         return faces.mean(dim=(2, 3)).unsqueeze(1).repeat(1, 2, 1)
 
     def sample(self, prompts, masked_images, masks, identity_embeds, generators, num_inference_steps=30,

@@ -101,6 +101,9 @@ FULL_LABEL: dict[str, Any] = {
     "use_lgfe": True,
 }
 
+# What the identity encoder reads: the whole reference (official) or only the region the model redraws.
+IDENTITY_INPUTS = ("frame", "mask_region")
+
 # MSID ViT (timm names) on 112 px faces; features after blocks 2, 5, 8, 11 (reference §3).
 FULL_IDENTITY: dict[str, Any] = {
     "image_size": 112,
@@ -111,6 +114,7 @@ FULL_IDENTITY: dict[str, Any] = {
     "mlp_ratio": 4.0,
     "feature_blocks": [2, 5, 8, 11],
     "pre_resize": 512,        # the official code first resizes the short side to 512, then squashes to 112
+    # "input": "frame" (default, official: the whole reference) or "mask_region" (maugen.identity.mask_region)
 }
 
 # IMG2TEXTwithEXP(1536, 1536, 768, exp_dim=64); output width = text hidden size.
@@ -204,6 +208,9 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ValueError("label_branch.stem_channels must be a multiple of stem_groups")
     if token_dim(cfg) % lb["num_heads"]:
         raise ValueError("token width must be a multiple of label_branch.num_heads")
+    identity_input = cfg["identity_encoder"].get("input", "frame")
+    if identity_input not in IDENTITY_INPUTS:
+        raise ValueError(f"identity_encoder.input is {identity_input!r}, expected one of {IDENTITY_INPUTS}")
     factor = required_multiple(cfg)
     if cfg["resolution"] % factor:
         raise ValueError(f"resolution {cfg['resolution']} must be a multiple of {factor}")

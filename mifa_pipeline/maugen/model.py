@@ -13,7 +13,7 @@ from torch import nn
 from transformers import CLIPTokenizer
 
 from . import configs
-from .identity import IdentityEncoder, IdentityMapping, preprocess_faces
+from .identity import IdentityEncoder, IdentityMapping, identity_input
 from .sampler import MAUGenOutput
 from .sampler import sample as _sample
 from .text import TextSide, build_text_encoder, write_tiny_tokenizer
@@ -141,10 +141,12 @@ class MAUGen(nn.Module):
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
-    def encode_identity(self, faces: torch.Tensor) -> torch.Tensor:
-        """RGB faces [B,3,H,W] in [0,1] (any size) -> identity pseudo-words [B,2,D] (id_first, id_last)."""
-        cfg = self._config["identity_encoder"]
-        x = preprocess_faces(faces, cfg["image_size"], cfg.get("pre_resize"))
+    def encode_identity(self, faces: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """RGB faces [B,3,H,W] in [0,1] (any size) -> identity pseudo-words [B,2,D] (id_first, id_last).
+
+        ``masks`` [B,1,H,W] (1 = region to generate): required when the encoder reads the mask region
+        (``identity_encoder.input: mask_region``), ignored otherwise."""
+        x = identity_input(faces, masks, self._config["identity_encoder"])
         x = x.to(device=self.identity_encoder.cls_token.device, dtype=self.identity_encoder.cls_token.dtype)
         return self.mapping(self.identity_encoder(x)).to(dtype=self.dtype)
 

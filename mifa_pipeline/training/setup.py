@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mifa_pipeline.maugen import MAUGen, configs
-from mifa_pipeline.maugen.identity import IdentityEncoder, IdentityMapping, preprocess_faces
+from mifa_pipeline.maugen.identity import IdentityEncoder, IdentityMapping, identity_input
 from mifa_pipeline.maugen.text import TextSide
 from mifa_pipeline.maugen.unet import MAUGenUNet
 
@@ -61,7 +61,7 @@ def small_config(au_names: list[str] | None = None, resolution: int = 64) -> dic
     })
     cfg["identity_encoder"].update({
         "image_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4,
-        "feature_blocks": [0, 1, 2, 3], "pre_resize": 64,
+        "feature_blocks": [0, 1, 2, 3], "pre_resize": 64, "input": "mask_region",
     })
     cfg["mapping"].update({"middle_dim": 128, "exp_dim": 8})
     configs.validate(cfg)
@@ -161,10 +161,9 @@ def encode_prompts(text: TextSide, prompts: list[str], identity: torch.Tensor | 
     return out.last_hidden_state, out.pooler_output
 
 
-def identity_features(model: MAUGen, faces: torch.Tensor) -> torch.Tensor:
-    """Identity-encoder features [B, 4*dim] of RGB faces in [0,1], with autograd."""
-    cfg = model.config["identity_encoder"]
-    x = preprocess_faces(faces, cfg["image_size"], cfg.get("pre_resize"))
+def identity_features(model: MAUGen, faces: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+    """Identity-encoder features [B, 4*dim] of RGB faces in [0,1] (masks [B,1,H,W] in [0,1]), with autograd."""
+    x = identity_input(faces, masks, model.config["identity_encoder"])
     return model.identity_encoder(x.to(model.identity_encoder.cls_token.device))
 
 

@@ -8,6 +8,7 @@ and noise as an uninterrupted one and, on the same machine and thread count, con
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from mifa_pipeline.maugen import MAUGen
+from mifa_pipeline.maugen import MAUGen, configs
 
 from . import setup
 from .data import FaceData, load_data
@@ -71,6 +72,7 @@ class TrainConfig:
     ema: float = 0.999                       # 0 disables the EMA
     ema_warmup: int = 100                    # EMA decay ramps in: min(ema, (1 + s) / (10 + s)) after this many steps
     train_text_encoder: bool | None = None   # default: yes from scratch, no from --base / --init
+    identity_input: str | None = None        # frame | mask_region (default: the model's, or the preset's)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -276,20 +278,29 @@ class Trainer:
             model = realign(MAUGen.from_pretrained(cfg.init))
             if model.au_names != self.au_names:
                 raise ValueError(f"--init {cfg.init}: AU list {model.au_names} differs from the data's {self.au_names}")
-            return self._schedule(model, None, None), False, False
+            return self._schedule(self._identity_input(model), None, None), False, False
         if cfg.base:
             model = setup.build_from_base(cfg.base, cfg.config, self.au_names, cfg.resolution, cfg.seed)
             model.init_au_cue_from_text()
-            return self._schedule(model, None, None), False, False
+            return self._schedule(self._identity_input(model), None, None), False, False
         tok_dir = self.out / "tokenizer"
         write_word_tokenizer(tok_dir, vocabulary_texts(self.train))
-        model = setup.build_from_scratch(cfg.config, self.au_names, cfg.resolution, tok_dir, cfg.seed)
+        model = self._identity_input(setup.build_from_scratch(cfg.config, self.au_names, cfg.resolution, tok_dir, cfg.seed))
         model.init_au_cue_from_text()  # language init (reference §6) through the (still random) text encoder
         needs_vae = True
         if cfg.vae:
             model, needs_vae = setup.with_vae(model, cfg.vae), False
             realign(model.vae)
         return self._schedule(model, "v_prediction", True), needs_vae, True
+
+    def _identity_input(self, model: MAUGen) -> MAUGen:
+        """``--identity-input`` written into the model's config (so the saved model samples as it was trained)."""
+        if self.cfg.identity_input is None or model.config["identity_encoder"].get("input", "frame") == self.cfg.identity_input:
+            return model
+        config = copy.deepcopy(model.config)
+        config["identity_encoder"]["input"] = self.cfg.identity_input
+        configs.validate(config)
+        return setup.rebuild(model, config)
 
     def _schedule(self, model: MAUGen, default_prediction: str | None, default_zero_snr: bool | None) -> MAUGen:
         """The noise schedule the model is trained for (and sampled with: it is part of the checkpoint).
@@ -533,6 +544,7 @@ class Trainer:
             else:
                 faces.append(d.ref_images[person])
         faces = to_unit(torch.stack(faces)).to(dev)
+        id_masks = (d.ref_masks[ident].float() / 255.0).to(dev)  # same framing for every image of a person
 
         # latents
         sf = m.vae.config.scaling_factor
@@ -553,7 +565,7 @@ class Trainer:
         label_w = (~paint_ref).float().to(dev)  # a reference's own labels are unknown in general
 
         with self._autocast():
-            feats = setup.identity_features(m, faces)
+            feats = setup.identity_features(m, faces, id_masks)
             words = m.mapping(feats)                                    # [B,2,D]
             has_id = torch.tensor([ID_PLACEHOLDER.split()[0] in p for p in prompts])
             text, pooled = setup.encode_prompts(m.text, prompts, words if bool(has_id.any()) else None)
@@ -600,7 +612,7 @@ class Trainer:
             r = torch.tensor(id_rows, device=dev)
             tgt_faces = to_unit(d.images[idx[r.cpu()]]).to(dev)
             with self._autocast():
-                z_img = self.mrl.image(setup.identity_features(m, tgt_faces).float())
+                z_img = self.mrl.image(setup.identity_features(m, tgt_faces, id_masks[r]).float())
             z_id = self.mrl.identity(words.float()[r].flatten(1))
             same_id = ident[r.cpu()][:, None] == ident[r.cpu()][None, :]
             mrl = mrl + info_nce(z_id, z_img, same_id.to(dev), cfg.mrl_temperature)
@@ -654,7 +666,7 @@ class Trainer:
             refs = to_unit(v.ref_images[v.identity[picks]])
             masks = (v.ref_masks[v.identity[picks]].float() / 255.0 > 0.5).float()
             canvases = refs * (1 - masks)
-            ids = m.encode_identity(refs.to(self.device))
+            ids = m.encode_identity(refs.to(self.device), masks.to(self.device))
             gens = [torch.Generator(device=self.device).manual_seed(_seed(cfg.seed, 99, k)) for k in range(len(picks))]
             out = m.sample([v.prompts[i] for i in picks], canvases.to(self.device), masks.to(self.device), ids, gens,
                            num_inference_steps=cfg.val_steps, guidance_scale=cfg.guidance_scale,

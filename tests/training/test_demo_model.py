@@ -38,7 +38,7 @@ def test_demo_model_loads_and_generates():
     gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
     out = model.sample(["a close-up portrait photo of <ID> <ID2>, a person, the face shows strongly pulled-up lip corners",
                         "a close-up portrait photo of a person with light skin, neutral expression"],
-                       refs * (1 - masks), masks, model.encode_identity(refs), gens, num_inference_steps=8)
+                       refs * (1 - masks), masks, model.encode_identity(refs, masks), gens, num_inference_steps=8)
     assert out.images.shape == (2, 3, size, size)
     assert float(out.images.std()) > 0.05
     assert ((out.intensity >= 0) & (out.intensity <= 5)).all() and ((out.occurrence_prob >= 0) & (out.occurrence_prob <= 1)).all()

@@ -201,9 +201,15 @@ def test_training_from_an_init_checkpoint(resumable_run, teacher_data, tmp_path)
     root, _ = resumable_run
     out = tmp_path / "finetune"
     train(TrainConfig(data=[str(teacher_data)], out=str(out), init=str(root / "a" / "model"), config="tiny", steps=2,
-                      checkpoint_every=100, **QUICK), echo=None)
+                      checkpoint_every=100, identity_input="mask_region", **QUICK), echo=None)
     assert [r["phase"] for r in _log(out)] == ["main", "main"]
-    assert MAUGen.from_pretrained(out / "model").au_names == MAUGen.from_pretrained(root / "a" / "model").au_names
+    before, after = MAUGen.from_pretrained(root / "a" / "model"), MAUGen.from_pretrained(out / "model")
+    assert after.au_names == before.au_names
+    # --identity-input is written into the saved config, so the model is sampled as it was trained
+    assert before.config["identity_encoder"].get("input", "frame") == "frame"
+    assert after.config["identity_encoder"]["input"] == "mask_region"
+    with pytest.raises(ValueError, match="mask_region"):
+        after.encode_identity(torch.rand(1, 3, 32, 32))
 
 
 # --------------------------------------------------------------------------- CLI
