@@ -47,6 +47,7 @@ def train(
     w_int: Annotated[float, typer.Option("--w-int")] = 1.0,
     aux_weight: Annotated[float, typer.Option("--aux-weight", help="deep supervision weight of the earlier levels (0: off)")] = 0.5,
     w_mrl: Annotated[float, typer.Option("--w-mrl", help="MRL alignment weight (0: off)")] = 0.05,
+    mrl_colour_jitter: Annotated[float, typer.Option("--mrl-colour-jitter", help="colour gain/offset range applied to the two views of the identity MRL term, so it must match face shape, not colours (0: off)")] = 0.0,
     paint_prob: Annotated[float, typer.Option("--paint-prob")] = 0.2,
     cond_drop_prob: Annotated[float, typer.Option("--cond-drop-prob")] = 0.1,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint in --out")] = False,
@@ -71,7 +72,7 @@ def train(
         log_every=log_every, validate_every=validate_every, val_data=[str(v) for v in (val_data or [])],
         val_identities=val_identities, val_samples=val_samples, val_steps=val_steps, guidance_scale=guidance_scale,
         train_text_encoder=train_text_encoder, identity_input=identity_input, occurrence_threshold=occurrence_threshold, occ_gamma=occ_gamma,
-        int_gamma=int_gamma, w_occ=w_occ, w_int=w_int, aux_weight=aux_weight, w_mrl=w_mrl, paint_prob=paint_prob,
+        int_gamma=int_gamma, w_occ=w_occ, w_int=w_int, aux_weight=aux_weight, w_mrl=w_mrl, mrl_colour_jitter=mrl_colour_jitter, paint_prob=paint_prob,
         cond_drop_prob=cond_drop_prob, resume=resume, device=device, mixed_precision=mixed_precision,
         threads=threads, max_time_s=max_time, seed=seed, prediction_type=prediction_type, zero_snr=zero_snr,
     )

@@ -97,6 +97,7 @@ class TrainConfig:
     w_int: float = 1.0
     aux_weight: float = 0.5                  # deep supervision: weight of the non-final levels (0 disables)
     w_mrl: float = 0.05
+    mrl_colour_jitter: float = 0.0           # colour gain/offset range of the identity MRL views (0: off)
     mrl_temperature: float = 0.1
     kl_weight: float = 1e-6
     max_time_s: float | None = None          # stop (with a checkpoint) after this many seconds
@@ -111,6 +112,19 @@ class TrainConfig:
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) % (2**63) for p in parts]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+def colour_jitter(faces: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Each face with its own random per-channel gain (1 +- strength) and offset (+- strength / 2).
+
+    For the identity MRL term only: two views of one person then differ in colour, so matching them needs
+    the face's shape; without it the term is solved by skin, hair and background colours alone."""
+    if strength <= 0:
+        return faces
+    b = faces.shape[0]
+    gain = 1 + strength * (2 * torch.rand(b, 3, 1, 1, generator=generator) - 1)
+    offset = strength / 2 * (2 * torch.rand(b, 3, 1, 1, generator=generator) - 1)
+    return (faces * gain.to(faces.device) + offset.to(faces.device)).clamp(0, 1)
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float, time_progress: float = 0.0) -> float:
@@ -611,9 +625,13 @@ class Trainer:
         if len(id_rows) >= 2 and cfg.w_mrl > 0:
             r = torch.tensor(id_rows, device=dev)
             tgt_faces = to_unit(d.images[idx[r.cpu()]]).to(dev)
+            jitter_g = torch.Generator().manual_seed(_seed(cfg.seed, 15, step))
             with self._autocast():
-                z_img = self.mrl.image(setup.identity_features(m, tgt_faces, id_masks[r]).float())
-            z_id = self.mrl.identity(words.float()[r].flatten(1))
+                z_img = self.mrl.image(setup.identity_features(
+                    m, colour_jitter(tgt_faces, cfg.mrl_colour_jitter, jitter_g), id_masks[r]).float())
+                id_words = words[r] if cfg.mrl_colour_jitter <= 0 else m.mapping(setup.identity_features(
+                    m, colour_jitter(faces[r], cfg.mrl_colour_jitter, jitter_g), id_masks[r]))
+            z_id = self.mrl.identity(id_words.float().flatten(1))
             same_id = ident[r.cpu()][:, None] == ident[r.cpu()][None, :]
             mrl = mrl + info_nce(z_id, z_img, same_id.to(dev), cfg.mrl_temperature)
 

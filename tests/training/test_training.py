@@ -70,6 +70,19 @@ def test_focal_losses_and_info_nce():
     assert info_nce(a, a, torch.eye(4, dtype=torch.bool)) < info_nce(a, a.flip(0), torch.eye(4, dtype=torch.bool))
 
 
+def test_colour_jitter_changes_colours_per_face_and_only_when_asked():
+    from mifa_pipeline.training.trainer import colour_jitter
+
+    faces = torch.full((3, 3, 8, 8), 0.5)
+    assert colour_jitter(faces, 0.0, torch.Generator().manual_seed(0)) is faces
+    a = colour_jitter(faces, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(a, colour_jitter(faces, 0.3, torch.Generator().manual_seed(0)))  # seeded
+    assert a.min() >= 0 and a.max() <= 1
+    per_face = a[:, :, :1, :1]                            # one colour per face and channel, all different
+    assert torch.equal(a, per_face.expand_as(a)) and len(set(per_face.flatten().tolist())) == 9
+    assert (per_face - 0.5).abs().max() <= 0.3 * 0.5 + 0.15 + 1e-6
+
+
 # --------------------------------------------------------------------------- training runs
 def test_training_reduces_every_loss(teacher_data, tmp_path):
     out = tmp_path / "run"
@@ -201,7 +214,7 @@ def test_training_from_an_init_checkpoint(resumable_run, teacher_data, tmp_path)
     root, _ = resumable_run
     out = tmp_path / "finetune"
     train(TrainConfig(data=[str(teacher_data)], out=str(out), init=str(root / "a" / "model"), config="tiny", steps=2,
-                      checkpoint_every=100, identity_input="mask_region", **QUICK), echo=None)
+                      checkpoint_every=100, identity_input="mask_region", mrl_colour_jitter=0.3, **QUICK), echo=None)
     assert [r["phase"] for r in _log(out)] == ["main", "main"]
     before, after = MAUGen.from_pretrained(root / "a" / "model"), MAUGen.from_pretrained(out / "model")
     assert after.au_names == before.au_names
