@@ -61,7 +61,7 @@ def small_config(au_names: list[str] | None = None, resolution: int = 64) -> dic
     })
     cfg["identity_encoder"].update({
         "image_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4,
-        "feature_blocks": [0, 1, 2, 3], "pre_resize": 64, "input": "mask_region",
+        "feature_blocks": [0, 1, 2, 3], "pre_resize": 64,
     })
     cfg["mapping"].update({"middle_dim": 128, "exp_dim": 8})
     configs.validate(cfg)
