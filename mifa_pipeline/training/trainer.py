@@ -72,7 +72,7 @@ class TrainConfig:
     ema: float = 0.999                       # 0 disables the EMA
     ema_warmup: int = 100                    # EMA decay ramps in: min(ema, (1 + s) / (10 + s)) after this many steps
     train_text_encoder: bool | None = None   # default: yes from scratch, no from --base / --init
-    identity_input: str | None = None        # frame | mask_region (default: the model's, or the preset's)
+    identity_input: str | None = None        # frame | mask_region (default: what the model or preset says)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
