@@ -140,7 +140,7 @@ def mask_region(faces: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     the identity words only have to say what is inside it. An encoder shown the whole frame tells
     identities apart by background and clothing colours and learns nothing of the face: the first demo
     model's ``<ID>`` words separated held-out identities perfectly, yet predicted none of the teacher's eye,
-    brow, nose or mouth geometry (linear probe R^2 <= 0). faces [B,3,H,W] in [0,1]; masks [B,1,H,W] in
+    brow, nose or mouth geometry (linear probe R^2 <= 0.07). faces [B,3,H,W] in [0,1]; masks [B,1,H,W] in
     [0,1], 1 = region to generate. Returns [B,3,S,S] with S the largest bounding square of the batch.
     """
     if masks.ndim != 4 or masks.shape[1] != 1 or masks.shape[0] != faces.shape[0] or masks.shape[-2:] != faces.shape[-2:]:

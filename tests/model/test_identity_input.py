@@ -35,6 +35,19 @@ def test_mask_region_pads_where_the_square_leaves_the_image():
     assert torch.all(out[:, :, :, :6] == 0.5)
 
 
+def test_mask_region_brings_boxes_of_different_sizes_to_one_size():
+    faces = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[0, :, 0:32, 0:32] = 1                              # a 32 px box
+    masks[1, :, 8:24, 8:24] = 1                              # a 16 px box, enlarged to 32
+    out = mask_region(faces, masks)
+    assert out.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(out[0], faces[0, :, :32, :32])
+    small = torch.nn.functional.interpolate(faces[1:, :, 8:24, 8:24], size=(32, 32), mode="bilinear",
+                                            align_corners=False, antialias=True)
+    torch.testing.assert_close(out[1:], small)
+
+
 def test_mask_region_refuses_empty_or_misshaped_masks():
     face, mask = _face_and_mask()
     with pytest.raises(ValueError, match="empty"):
