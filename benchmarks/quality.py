@@ -12,9 +12,10 @@ Figures (every one printed, the last line is one JSON object):
    per-AU occurrence F1 (requested >= 2, the DISFA protocol, vs MAUGen's occurrence_prob >= 0.5);
 2. labels vs image: single-AU sweeps (same identity, one AU asked at 0..5, the others 0): per-AU Spearman
    (within each identity's sweep, averaged over identities) of MAUGen's intensity for that AU against the
-   independent MediaPipe/landmark proxy of the image, beside the same Spearman for the teacher's own renders of the same sweeps (exact intensities; the ceiling), and
-   the Spearman of the requested level against the proxy on MAUGen's images (does the face follow the
-   prompt). AUs the estimator has no proxy for are n/a; an AU counts towards the target only where the
+   independent MediaPipe/landmark proxy of the image, beside the same Spearman for the teacher's own renders
+   of the same sweeps (exact intensities; the ceiling), for those renders through the model's VAE (can its
+   latent space and decoder show the AU at all?), and the Spearman of the requested level against the
+   proxy on MAUGen's images (does the face follow the prompt). AUs the estimator has no proxy for are n/a; an AU counts towards the target only where the
    teacher's own Spearman exceeds 0.3 (a proxy that cannot read the teacher cannot judge the model);
 3. identity: SFace cosine of each generated face to its own reference vs to the other identities'
    references, as a ROC AUC, beside three ceilings that say where identity is lost: the teacher's own renders
@@ -321,7 +322,15 @@ def main(argv=None) -> dict:
     t0 = time.time()
     s_images, s_inten, _ = generate(model, prompts, owners, seeds, args.steps, args.guidance, args.batch)
     sweep_s = time.time() - t0
-    rows = {au: {"who": [], "label": [], "proxy": [], "level": [], "t_proxy": []} for au in au_names}
+    rows = {au: {"who": [], "label": [], "proxy": [], "level": [], "t_proxy": [], "v_proxy": []} for au in au_names}
+    teacher_small = []
+
+    def proxy_of(image, au):
+        big = enlarge(image, args.judge_size)
+        faces = judges.detect(big)
+        est = judges.estimate_aus(big, faces[0] if faces else None).get(au)
+        return np.nan if est is None else float(est)
+
     covered = set(judges.au_estimator.describe().get("covered", au_names))
     missing = 0
     for (p, au, j, level), img, lab in zip(jobs, s_images, s_inten):
@@ -335,26 +344,29 @@ def main(argv=None) -> dict:
         r["label"].append(float(lab[j]))
         r["proxy"].append(np.nan if proxy is None else float(proxy))
         r["level"].append(level)
-        t_img = enlarge(render_face(identity_params(p.seed), {au: level}, size=res).image, args.judge_size)
-        t_faces = judges.detect(t_img)
-        t_est = judges.estimate_aus(t_img, t_faces[0] if t_faces else None).get(au)
-        r["t_proxy"].append(np.nan if t_est is None else float(t_est))
+        t_small = render_face(identity_params(p.seed), {au: level}, size=res).image
+        r["t_proxy"].append(proxy_of(t_small, au))
+        teacher_small.append(t_small)
+    # the same teacher sweeps through the model's VAE: can its latent space carry the AU at all?
+    for (p, au, j, level), img in zip(jobs, vae_roundtrip(model, teacher_small)):
+        rows[au]["v_proxy"].append(proxy_of(img, au))
     sweep = {}
     print(f"\n2. single-AU sweeps: {args.sweep_identities} identities x {len(au_names)} AUs x levels 0..5 "
           f"({len(jobs)} images, {sweep_s / len(jobs):.2f} s/image; {missing} without a landmark fit)")
     print(f"{'AU':6s} {'rho(label,proxy)':>16s} {'rho(asked,proxy)':>16s} {'teacher':>8s} {'ratio':>6s} "
-          f"{'rho(label,asked)':>16s}")
+          f"{'rho(label,asked)':>16s} {'via VAE':>8s}")
     for au in au_names:
         r = {k: np.asarray(v, np.float64) for k, v in rows[au].items()}
         rho = sweep_spearman(r["who"], r["label"], r["proxy"])
         rho_req = sweep_spearman(r["who"], r["level"], r["proxy"])
         ceil = sweep_spearman(r["who"], r["level"], r["t_proxy"])
         follow = sweep_spearman(r["who"], r["label"], r["level"])
+        via_vae = sweep_spearman(r["who"], r["level"], r["v_proxy"])
         ratio = None if rho is None or ceil is None or ceil <= 0 else rho / ceil
         sweep[au] = {"rho_label_proxy": rho, "rho_asked_proxy": rho_req, "teacher_rho": ceil, "ratio": ratio,
-                     "rho_label_asked": follow}
+                     "rho_label_asked": follow, "teacher_via_vae_rho": via_vae}
         note = "  (not counted: the proxy cannot read the teacher)" if ceil is None or ceil <= 0.3 else ""
-        print(f"{au:6s} {fmt(rho):>16s} {fmt(rho_req):>16s} {fmt(ceil):>8s} {fmt(ratio, 2):>6s} {fmt(follow):>16s}{note}")
+        print(f"{au:6s} {fmt(rho):>16s} {fmt(rho_req):>16s} {fmt(ceil):>8s} {fmt(ratio, 2):>6s} {fmt(follow):>16s} {fmt(via_vae):>8s}{note}")
 
     if args.grid:
         cols = min(12, len(samples))

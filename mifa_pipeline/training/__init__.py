@@ -32,6 +32,12 @@ The saved weights are an EMA (``--ema``) of the trained ones. An optional phase 
 then trains the VAE decoder alone (encoder, latent space and everything else frozen): a small VAE trained
 briefly is the sharpness bottleneck, and the decoder can be improved after the UNet without retraining it.
 
+Expression weighting (``--vae-expression-weight``, ``--diffusion-expression-weight``, default off). An AU
+moves a few pixels; a plain mean over the frame is ruled by hair, skin and background, and a small model
+learns to leave those pixels out (the demo's first VAE wiped out the teacher's AU5/AU9/AU17/AU20/AU25
+sweeps). With a weight w, each pixel's reconstruction loss (VAE and decoder phases) or each latent cell's
+diffusion loss weighs 1 + w where the face differs from its identity's neutral reference (``losses.py``).
+
 Noise schedule: from scratch the model is trained (and, since the schedule is part of the checkpoint,
 sampled) with v-prediction on zero-terminal-SNR betas and trailing timesteps; with SD-1.5's schedule the
 noisiest training step still shows ~7% of the image, a small model learns to read global colours from it

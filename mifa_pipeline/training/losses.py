@@ -43,3 +43,29 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, positives: torch.Tensor, temperat
     loss_ab = -((pos / pos.sum(1, keepdim=True)) * F.log_softmax(logits, dim=1)).sum(1).mean()
     loss_ba = -((pos.t() / pos.t().sum(1, keepdim=True)) * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
     return 0.5 * (loss_ab + loss_ba)
+
+
+def expression_weights(images: torch.Tensor, references: torch.Tensor, strength: float, size: int | None = None,
+                       saturate: float = 0.3, reach: int = 5) -> torch.Tensor:
+    """Per-pixel loss weights ``1 + strength * moved`` where the face differs from its neutral reference.
+
+    An AU moves a few pixels (a lip corner, the lower lids, the chin); an unweighted reconstruction or
+    diffusion loss is dominated by hair, skin and background, and a small model learns to leave those few
+    pixels out (measured on the phase-6 demo VAE: after its round trip, the teacher's own AU5, AU9, AU17,
+    AU20 and AU25 sweeps read Spearman <= 0.04, AU6 0.30). ``moved`` is |image - reference| summed over RGB ([-1, 1] images), widened by a ``reach`` x
+    ``reach`` max filter and saturating at 1 from ``saturate``; ``size`` pools the map (max) to a latent
+    grid. Returns [B, 1, H, W] (or [B, 1, size, size]); ``strength`` 0 gives all ones.
+    """
+    moved = (images.float() - references.float()).abs().sum(1, keepdim=True)
+    moved = F.max_pool2d(moved, reach, 1, reach // 2)
+    if size is not None and size != moved.shape[-1]:
+        moved = F.adaptive_max_pool2d(moved, size)
+    return 1.0 + strength * (moved / saturate).clamp(max=1.0)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` weighted by ``weights`` (broadcast over channels; None: the plain mean)."""
+    if weights is None:
+        return values.mean()
+    w = weights.to(values.dtype).expand_as(values)
+    return (values * w).sum() / w.sum()

@@ -29,7 +29,7 @@ from mifa_pipeline.maugen import MAUGen, configs
 
 from . import setup
 from .data import FaceData, load_data
-from .losses import focal_mse, info_nce, multilabel_focal
+from .losses import expression_weights, focal_mse, info_nce, multilabel_focal, weighted_mean
 from .tokenizer import write_word_tokenizer
 
 ID_PLACEHOLDER = "<ID> <ID2>"
@@ -100,6 +100,8 @@ class TrainConfig:
     mrl_colour_jitter: float = 0.0           # colour gain/offset range of the identity MRL views (0: off)
     mrl_temperature: float = 0.1
     kl_weight: float = 1e-6
+    vae_expression_weight: float = 0.0      # VAE/decoder loss weight of pixels an AU moved (0: plain mean)
+    diffusion_expression_weight: float = 0.0  # the same for the diffusion loss, on the latent grid
     max_time_s: float | None = None          # stop (with a checkpoint) after this many seconds
     vae: str | None = None                   # a trained VAE (our model folder or a diffusers vae folder): no VAE phase
     prediction_type: str | None = None       # epsilon | v_prediction; default: v_prediction from scratch, else the model's
@@ -448,9 +450,13 @@ class Trainer:
         n, n_ref = len(self.train), self.train.num_identities
         idx = torch.randint(0, n + n_ref, (b,), generator=g)
         imgs = torch.stack([self.train.images[i] if i < n else self.train.ref_images[i - n] for i in idx.tolist()])
+        refs = torch.stack([self.train.ref_images[int(self.train.identity[i]) if i < n else i - n] for i in idx.tolist()])
         flip = torch.rand(b, generator=g) < 0.5
         imgs = torch.where(flip[:, None, None, None], imgs.flip(-1), imgs)
+        refs = torch.where(flip[:, None, None, None], refs.flip(-1), refs)
         x = (to_unit(imgs) * 2 - 1).to(self.device)
+        w = (expression_weights(x, (to_unit(refs) * 2 - 1).to(self.device), cfg.vae_expression_weight)
+             if cfg.vae_expression_weight > 0 else None)
         noise_g = torch.Generator(device=self.device).manual_seed(_seed(cfg.seed, 3, step))
         with self._autocast():
             with torch.no_grad() if decoder_only else nullcontext():
@@ -458,7 +464,7 @@ class Trainer:
                 z = post.sample(generator=noise_g)
             rec = self.model.vae.decode(z).sample
         rec = rec.float()
-        l1, l2 = (rec - x).abs().mean(), ((rec - x) ** 2).mean()
+        l1, l2 = weighted_mean((rec - x).abs(), w), weighted_mean((rec - x) ** 2, w)
         kl = post.kl().mean() / z[0].numel()
         loss = l1 + l2 + (0.0 if decoder_only else cfg.kl_weight * kl * z[0].numel())
         total = cfg.decoder_steps if decoder_only else self._vae_total
@@ -591,7 +597,13 @@ class Trainer:
             target = self.noise_sched.get_velocity(latents, noise, t_dev)
         else:
             target = noise
-        loss_diff = F.mse_loss(eps, target)
+        if cfg.diffusion_expression_weight > 0:
+            tgt_images = torch.where(paint_ref[:, None, None, None], d.ref_images[ident], d.images[idx])
+            w_lat = expression_weights(to_unit(tgt_images) * 2 - 1, to_unit(d.ref_images[ident]) * 2 - 1,
+                                       cfg.diffusion_expression_weight, size=eps.shape[-1]).to(dev)
+            loss_diff = weighted_mean((eps - target) ** 2, w_lat)
+        else:
+            loss_diff = F.mse_loss(eps, target)
 
         occ_t = (intensity >= cfg.occurrence_threshold).float()
         int_t = intensity / 5.0

@@ -83,6 +83,28 @@ def test_colour_jitter_changes_colours_per_face_and_only_when_asked():
     assert (per_face - 0.5).abs().max() <= 0.3 * 0.5 + 0.15 + 1e-6
 
 
+def test_expression_weights_single_out_what_an_au_moved():
+    from mifa_pipeline.training.losses import expression_weights, weighted_mean
+
+    ref = torch.zeros(2, 3, 16, 16)
+    img = ref.clone()
+    img[0, :, 8, 3] = 0.5                                 # one moved pixel (a lip corner), nothing in row 1
+    w = expression_weights(img, ref, 4.0)
+    assert w.shape == (2, 1, 16, 16)
+    assert torch.all(w[1] == 1) and w[0, 0, 8, 3] == 5.0
+    assert w[0, 0, 10, 5] == 5.0 and w[0, 0, 11, 3] == 1.0   # widened 2 px each way (reach 5), no further
+    small = img.clone()
+    small[0, :, 8, 3] = 0.05                              # a faint change weighs less (saturates at 0.3)
+    assert 1.0 < expression_weights(small, ref, 4.0)[0, 0, 8, 3] < 5.0
+    lat = expression_weights(img, ref, 4.0, size=4)       # max-pooled to a latent grid
+    assert lat.shape == (2, 1, 4, 4) and lat[0, 0, 2, 0] == 5.0 and lat[0, 0, 0, 3] == 1.0
+    assert torch.all(expression_weights(img, ref, 0.0) == 1)
+    values = torch.rand(2, 4, 4, 4)
+    assert torch.isclose(weighted_mean(values, torch.ones(2, 1, 4, 4)), values.mean())
+    assert torch.equal(weighted_mean(values, None), values.mean())
+    assert weighted_mean(values, lat) != values.mean()
+
+
 # --------------------------------------------------------------------------- training runs
 def test_training_reduces_every_loss(teacher_data, tmp_path):
     out = tmp_path / "run"
@@ -214,7 +236,8 @@ def test_training_from_an_init_checkpoint(resumable_run, teacher_data, tmp_path)
     root, _ = resumable_run
     out = tmp_path / "finetune"
     train(TrainConfig(data=[str(teacher_data)], out=str(out), init=str(root / "a" / "model"), config="tiny", steps=2,
-                      checkpoint_every=100, identity_input="mask_region", mrl_colour_jitter=0.3, **QUICK), echo=None)
+                      checkpoint_every=100, identity_input="mask_region", mrl_colour_jitter=0.3,
+                      diffusion_expression_weight=4.0, **QUICK), echo=None)
     assert [r["phase"] for r in _log(out)] == ["main", "main"]
     before, after = MAUGen.from_pretrained(root / "a" / "model"), MAUGen.from_pretrained(out / "model")
     assert after.au_names == before.au_names
@@ -256,7 +279,7 @@ def test_decoder_phase_trains_only_the_vae_decoder(resumable_run, teacher_data, 
     root, _ = resumable_run
     out = tmp_path / "decoder"
     train(TrainConfig(data=[str(teacher_data)], out=str(out), init=str(root / "a" / "model"), config="tiny", steps=0,
-                      decoder_steps=12, vae_lr=3e-3, checkpoint_every=100, **QUICK), echo=None)
+                      decoder_steps=12, vae_lr=3e-3, checkpoint_every=100, vae_expression_weight=4.0, **QUICK), echo=None)
     log = [r for r in _log(out) if r["phase"] == "decoder"]
     assert len(log) == 12 and sum(r["vae_l1"] for r in log[-4:]) < sum(r["vae_l1"] for r in log[:4])
     before, after = _weights(root / "a" / "model"), _weights(out / "model")
