@@ -249,6 +249,10 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 # --------------------------------------------------------------------------- the trainer
 class Trainer:
     def __init__(self, cfg: TrainConfig, echo: Callable[[str], None] | None = print):
+        for flag, value in (("--vae-expression-weight", cfg.vae_expression_weight),
+                            ("--diffusion-expression-weight", cfg.diffusion_expression_weight)):
+            if not value >= 0:  # also refuses NaN
+                raise ValueError(f"{flag} must be >= 0 (0: plain mean), got {value}")
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)

@@ -273,6 +273,9 @@ def test_cli_mounted_as_mifa_train(teacher_data, tmp_path):
     assert res.exit_code == 2
     res = runner.invoke(app, ["train", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
     assert res.exit_code == 2 and "missing" in res.output
+    res = runner.invoke(app, ["train", str(teacher_data), "--out", str(tmp_path / "o3"), "--diffusion-expression-weight", "-1"])
+    assert res.exit_code == 2 and "--diffusion-expression-weight must be >= 0" in res.output and "-1" in res.output
+    assert not (tmp_path / "o3").exists()  # refused before anything was written
 
 
 def test_decoder_phase_trains_only_the_vae_decoder(resumable_run, teacher_data, tmp_path):
