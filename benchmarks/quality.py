@@ -15,8 +15,8 @@ Figures (every one printed, the last line is one JSON object):
    independent MediaPipe/landmark proxy of the image, beside the same Spearman for the teacher's own renders
    of the same sweeps (exact intensities; the ceiling), for those renders through the model's VAE (can its
    latent space and decoder show the AU at all?), and the Spearman of the requested level against the
-   proxy on MAUGen's images (does the face follow the prompt). AUs the estimator has no proxy for are n/a; an AU counts towards the target only where the
-   teacher's own Spearman exceeds 0.3 (a proxy that cannot read the teacher cannot judge the model);
+   proxy on MAUGen's images (does the face follow the prompt). AUs the estimator has no proxy for are
+   n/a; an AU counts towards the target only where the teacher's own Spearman exceeds 0.3 (a proxy that cannot read the teacher cannot judge the model);
 3. identity: SFace cosine of each generated face to its own reference vs to the other identities'
    references, as a ROC AUC, beside three ceilings that say where identity is lost: the teacher's own renders
    of the same requests, those renders through the model's VAE, and the model's identity encoder (cosine of
@@ -157,11 +157,14 @@ def identity_pairs(embeddings, samples, ref_emb) -> tuple[list[float], list[floa
 
 
 @torch.no_grad()
-def vae_roundtrip(model, images: list[np.ndarray]) -> list[np.ndarray]:
+def vae_roundtrip(model, images: list[np.ndarray], batch: int = 64) -> list[np.ndarray]:
     """Encode (posterior mode) and decode with the model's VAE: the detail its latent space keeps."""
-    x = _tensor(images).to(model.vae.device, model.vae.dtype) * 2 - 1
-    out = model.vae.decode(model.vae.encode(x).latent_dist.mode()).sample.float()
-    return [a.copy() for a in out.add(1).div(2).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()]
+    out = []
+    for s in range(0, len(images), batch):
+        x = _tensor(images[s:s + batch]).to(model.vae.device, model.vae.dtype) * 2 - 1
+        y = model.vae.decode(model.vae.encode(x).latent_dist.mode()).sample.float()
+        out += [a.copy() for a in y.add(1).div(2).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()]
+    return out
 
 
 @torch.no_grad()
@@ -326,6 +329,7 @@ def main(argv=None) -> dict:
     teacher_small = []
 
     def proxy_of(image, au):
+        """The judge's estimate of ``au`` on the image (NaN where it has none, e.g. no landmark fit)."""
         big = enlarge(image, args.judge_size)
         faces = judges.detect(big)
         est = judges.estimate_aus(big, faces[0] if faces else None).get(au)
@@ -334,15 +338,12 @@ def main(argv=None) -> dict:
     covered = set(judges.au_estimator.describe().get("covered", au_names))
     missing = 0
     for (p, au, j, level), img, lab in zip(jobs, s_images, s_inten):
-        big = enlarge(img, args.judge_size)
-        faces = judges.detect(big)
-        est = judges.estimate_aus(big, faces[0] if faces else None)
-        proxy = est.get(au)
-        missing += proxy is None and au in covered
+        proxy = proxy_of(img, au)
+        missing += bool(np.isnan(proxy)) and au in covered
         r = rows[au]
         r["who"].append(p.identity)
         r["label"].append(float(lab[j]))
-        r["proxy"].append(np.nan if proxy is None else float(proxy))
+        r["proxy"].append(proxy)
         r["level"].append(level)
         t_small = render_face(identity_params(p.seed), {au: level}, size=res).image
         r["t_proxy"].append(proxy_of(t_small, au))

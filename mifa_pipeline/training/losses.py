@@ -1,4 +1,5 @@
-"""Training losses: the focal losses of the official code (reference §6) and the MRL alignment term.
+"""Training losses: the focal losses of the official code (reference §6), the MRL alignment term, and the
+expression weights that weigh up the pixels an AU moved.
 
 ``weight`` (optional, broadcast to the loss elements, e.g. [B,1] per row) turns the mean into a weighted
 mean, so rows without labels can be left out of a batch's label losses.
@@ -10,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` weighted by ``weight`` (broadcast to them; None: the plain mean)."""
     if weight is None:
         return values.mean()
     w = weight.to(values.dtype).expand_as(values)
@@ -20,14 +22,14 @@ def _mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
 def focal_mse(pred: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, weight: torch.Tensor | None = None) -> torch.Tensor:
     """FocalMSELoss: with e = (p - y)^2, mean[(1 - exp(-e))^gamma * e]. gamma = 0 is the plain MSE."""
     e = (pred.float() - target.float()) ** 2
-    return _mean(e if gamma == 0 else (1.0 - torch.exp(-e)) ** gamma * e, weight)
+    return weighted_mean(e if gamma == 0 else (1.0 - torch.exp(-e)) ** gamma * e, weight)
 
 
 def multilabel_focal(logits: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, gamma: float = 2.0,
                      weight: torch.Tensor | None = None) -> torch.Tensor:
     """MultiLabelFocalLoss: b = BCE-with-logits per element, p_t = exp(-b), mean[alpha (1 - p_t)^gamma b]."""
     b = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
-    return _mean(alpha * (b if gamma == 0 else (1.0 - torch.exp(-b)) ** gamma * b), weight)
+    return weighted_mean(alpha * (b if gamma == 0 else (1.0 - torch.exp(-b)) ** gamma * b), weight)
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, positives: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -52,20 +54,12 @@ def expression_weights(images: torch.Tensor, references: torch.Tensor, strength:
     An AU moves a few pixels (a lip corner, the lower lids, the chin); an unweighted reconstruction or
     diffusion loss is dominated by hair, skin and background, and a small model learns to leave those few
     pixels out (measured on the phase-6 demo VAE: after its round trip, the teacher's own AU5, AU9, AU17,
-    AU20 and AU25 sweeps read Spearman <= 0.04, AU6 0.30). ``moved`` is |image - reference| summed over RGB ([-1, 1] images), widened by a ``reach`` x
-    ``reach`` max filter and saturating at 1 from ``saturate``; ``size`` pools the map (max) to a latent
-    grid. Returns [B, 1, H, W] (or [B, 1, size, size]); ``strength`` 0 gives all ones.
+    AU20 and AU25 sweeps read Spearman <= 0.04, AU6 0.30). ``moved`` is |image - reference| summed over
+    RGB ([-1, 1] images), widened by a ``reach`` x ``reach`` max filter and saturating at 1 from
+    ``saturate``; ``size`` pools the map (max) to a latent grid. Returns [B, 1, H, W] (or [B, 1, size, size]); ``strength`` 0 gives all ones.
     """
     moved = (images.float() - references.float()).abs().sum(1, keepdim=True)
     moved = F.max_pool2d(moved, reach, 1, reach // 2)
     if size is not None and size != moved.shape[-1]:
         moved = F.adaptive_max_pool2d(moved, size)
     return 1.0 + strength * (moved / saturate).clamp(max=1.0)
-
-
-def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``values`` weighted by ``weights`` (broadcast over channels; None: the plain mean)."""
-    if weights is None:
-        return values.mean()
-    w = weights.to(values.dtype).expand_as(values)
-    return (values * w).sum() / w.sum()

@@ -454,13 +454,14 @@ class Trainer:
         n, n_ref = len(self.train), self.train.num_identities
         idx = torch.randint(0, n + n_ref, (b,), generator=g)
         imgs = torch.stack([self.train.images[i] if i < n else self.train.ref_images[i - n] for i in idx.tolist()])
-        refs = torch.stack([self.train.ref_images[int(self.train.identity[i]) if i < n else i - n] for i in idx.tolist()])
         flip = torch.rand(b, generator=g) < 0.5
         imgs = torch.where(flip[:, None, None, None], imgs.flip(-1), imgs)
-        refs = torch.where(flip[:, None, None, None], refs.flip(-1), refs)
         x = (to_unit(imgs) * 2 - 1).to(self.device)
-        w = (expression_weights(x, (to_unit(refs) * 2 - 1).to(self.device), cfg.vae_expression_weight)
-             if cfg.vae_expression_weight > 0 else None)
+        w = None
+        if cfg.vae_expression_weight > 0:  # each image's identity reference (a reference is its own)
+            refs = torch.stack([self.train.ref_images[int(self.train.identity[i]) if i < n else i - n] for i in idx.tolist()])
+            refs = torch.where(flip[:, None, None, None], refs.flip(-1), refs)
+            w = expression_weights(x, (to_unit(refs) * 2 - 1).to(self.device), cfg.vae_expression_weight)
         noise_g = torch.Generator(device=self.device).manual_seed(_seed(cfg.seed, 3, step))
         with self._autocast():
             with torch.no_grad() if decoder_only else nullcontext():

@@ -236,8 +236,7 @@ def test_training_from_an_init_checkpoint(resumable_run, teacher_data, tmp_path)
     root, _ = resumable_run
     out = tmp_path / "finetune"
     train(TrainConfig(data=[str(teacher_data)], out=str(out), init=str(root / "a" / "model"), config="tiny", steps=2,
-                      checkpoint_every=100, identity_input="mask_region", mrl_colour_jitter=0.3,
-                      diffusion_expression_weight=4.0, **QUICK), echo=None)
+                      checkpoint_every=100, identity_input="mask_region", mrl_colour_jitter=0.3, **QUICK), echo=None)
     assert [r["phase"] for r in _log(out)] == ["main", "main"]
     before, after = MAUGen.from_pretrained(root / "a" / "model"), MAUGen.from_pretrained(out / "model")
     assert after.au_names == before.au_names
@@ -246,6 +245,24 @@ def test_training_from_an_init_checkpoint(resumable_run, teacher_data, tmp_path)
     assert after.config["identity_encoder"]["input"] == "mask_region"
     with pytest.raises(ValueError, match="mask_region"):
         after.encode_identity(torch.rand(1, 3, 32, 32))
+
+
+def test_expression_weights_reach_the_trainers_losses(resumable_run, teacher_data, tmp_path):
+    """Same seed, so the same batches and noise: the weights change the diffusion and reconstruction losses
+    of the first step, and nothing else."""
+    root, _ = resumable_run
+
+    def first_step(name, **weights):
+        out = tmp_path / name
+        train(TrainConfig(data=[str(teacher_data)], out=str(out), init=str(root / "a" / "model"), config="tiny",
+                          steps=1, decoder_steps=1, checkpoint_every=100, ema=0, **weights, **QUICK), echo=None)
+        log = _log(out)
+        return next(r for r in log if r["phase"] == "main"), next(r for r in log if r["phase"] == "decoder")
+
+    main, dec = first_step("plain")
+    main_w, dec_w = first_step("weighted", vae_expression_weight=4.0, diffusion_expression_weight=4.0)
+    assert main_w["diffusion"] != main["diffusion"] and dec_w["vae_l1"] != dec["vae_l1"]
+    assert main_w["occurrence"] == main["occurrence"] and main_w["intensity"] == main["intensity"]
 
 
 # --------------------------------------------------------------------------- CLI
