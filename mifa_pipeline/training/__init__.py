@@ -31,6 +31,9 @@ and "a person" in prompts is sometimes replaced by build-style demographics (whi
 The saved weights are an EMA (``--ema``) of the trained ones. An optional phase 3 (``--decoder-steps``)
 then trains the VAE decoder alone (encoder, latent space and everything else frozen): a small VAE trained
 briefly is the sharpness bottleneck, and the decoder can be improved after the UNet without retraining it.
+With ``--decoder-adversarial-weight`` that phase adds the hinge loss of a small spectral-norm patch critic
+(``adversarial.py``, training-only, kept in the checkpoints for resume): L1 + MSE alone draw soft lids and
+lips that the independent judges no longer read, although the latents still carry them.
 
 Expression weighting (``--vae-expression-weight``, ``--diffusion-expression-weight``, default off). An AU
 moves a few pixels; a plain mean over the frame is ruled by hair, skin and background, and a small model

@@ -50,6 +50,7 @@ def train(
     mrl_colour_jitter: Annotated[float, typer.Option("--mrl-colour-jitter", help="colour gain/offset range applied to the two views of the identity MRL term, so it must match face shape, not colours (0: off)")] = 0.0,
     vae_expression_weight: Annotated[float, typer.Option("--vae-expression-weight", help="VAE and decoder phases: pixels an AU moved (where the face differs from its neutral reference) weigh 1 + this in the reconstruction loss (0: plain mean)")] = 0.0,
     diffusion_expression_weight: Annotated[float, typer.Option("--diffusion-expression-weight", help="the same weighting for the diffusion loss, on the latent grid (0: plain mean)")] = 0.0,
+    decoder_adversarial_weight: Annotated[float, typer.Option("--decoder-adversarial-weight", help="decoder phase: add a patch critic's hinge loss with this weight, for sharper lids, lips and brows from the same latents (0: off; the demo used 0.1)")] = 0.0,
     paint_prob: Annotated[float, typer.Option("--paint-prob")] = 0.2,
     cond_drop_prob: Annotated[float, typer.Option("--cond-drop-prob")] = 0.1,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint in --out")] = False,
@@ -75,7 +76,8 @@ def train(
         val_identities=val_identities, val_samples=val_samples, val_steps=val_steps, guidance_scale=guidance_scale,
         train_text_encoder=train_text_encoder, identity_input=identity_input, occurrence_threshold=occurrence_threshold, occ_gamma=occ_gamma,
         int_gamma=int_gamma, w_occ=w_occ, w_int=w_int, aux_weight=aux_weight, w_mrl=w_mrl, mrl_colour_jitter=mrl_colour_jitter,
-        vae_expression_weight=vae_expression_weight, diffusion_expression_weight=diffusion_expression_weight, paint_prob=paint_prob,
+        vae_expression_weight=vae_expression_weight, diffusion_expression_weight=diffusion_expression_weight,
+        decoder_adversarial_weight=decoder_adversarial_weight, paint_prob=paint_prob,
         cond_drop_prob=cond_drop_prob, resume=resume, device=device, mixed_precision=mixed_precision,
         threads=threads, max_time_s=max_time, seed=seed, prediction_type=prediction_type, zero_snr=zero_snr,
     )

@@ -1,9 +1,10 @@
 """The training loop: a VAE phase (when the model has no trained VAE), then the joint MAUGen phase.
 
 Resumability: every random draw of step ``s`` comes from generators seeded by (seed, phase, s), and a
-checkpoint holds the weights (our model folder), the raw weights behind the EMA, the optimizer state and
-the MRL heads (safetensors, tensors only) plus a JSON of counters; so a resumed run draws the same batches
-and noise as an uninterrupted one and, on the same machine and thread count, continues bit for bit.
+checkpoint holds the weights (our model folder), the raw weights behind the EMA, the optimizer state, the
+MRL heads and the decoder phase's patch critic with its optimizer (safetensors, tensors only) plus a JSON
+of counters; so a resumed run draws the same batches and noise as an uninterrupted one and, on the same
+machine and thread count, continues bit for bit.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from mifa_pipeline.maugen import MAUGen, configs
 
 from . import setup
+from .adversarial import CRITIC_BETAS, CRITIC_LR, PatchDiscriminator, critic_loss, generator_loss
 from .data import FaceData, load_data
 from .losses import expression_weights, focal_mse, info_nce, multilabel_focal, weighted_mean
 from .tokenizer import write_word_tokenizer
@@ -102,6 +104,7 @@ class TrainConfig:
     kl_weight: float = 1e-6
     vae_expression_weight: float = 0.0      # VAE/decoder loss weight of pixels an AU moved (0: plain mean)
     diffusion_expression_weight: float = 0.0  # the same for the diffusion loss, on the latent grid
+    decoder_adversarial_weight: float = 0.0  # decoder phase: weight of a patch critic's hinge loss (0: off)
     max_time_s: float | None = None          # stop (with a checkpoint) after this many seconds
     vae: str | None = None                   # a trained VAE (our model folder or a diffusers vae folder): no VAE phase
     prediction_type: str | None = None       # epsilon | v_prediction; default: v_prediction from scratch, else the model's
@@ -226,20 +229,21 @@ def realign(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------- optimizer state <-> tensors
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str = "opt") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = opt.state_dict()
     tensors = {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
             t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-            tensors[f"opt/{idx}/{k}"] = t.detach().contiguous().cpu()
+            tensors[f"{prefix}/{idx}/{k}"] = t.detach().contiguous().cpu()
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                   prefix: str = "opt") -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        if not key.startswith("opt/"):
+        if not key.startswith(f"{prefix}/"):
             continue
         _, idx, name = key.split("/", 2)
         state.setdefault(int(idx), {})[name] = t
@@ -250,9 +254,10 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 class Trainer:
     def __init__(self, cfg: TrainConfig, echo: Callable[[str], None] | None = print):
         for flag, value in (("--vae-expression-weight", cfg.vae_expression_weight),
-                            ("--diffusion-expression-weight", cfg.diffusion_expression_weight)):
+                            ("--diffusion-expression-weight", cfg.diffusion_expression_weight),
+                            ("--decoder-adversarial-weight", cfg.decoder_adversarial_weight)):
             if not value >= 0:  # also refuses NaN
-                raise ValueError(f"{flag} must be >= 0 (0: plain mean), got {value}")
+                raise ValueError(f"{flag} must be >= 0 (0: off), got {value}")
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -368,13 +373,19 @@ class Trainer:
         if self.mrl is not None:
             for k, v in self.mrl.state_dict().items():
                 tensors[f"mrl/{k}"] = v.detach().contiguous().cpu()
+        critic_meta = None
+        if self.critic is not None:
+            for k, v in self.critic.state_dict().items():
+                tensors[f"critic/{k}"] = v.detach().contiguous().cpu()
+            critic_t, critic_meta = optimizer_tensors(self.critic_opt, "critic_opt")
+            tensors.update(critic_t)
         if self.ema is not None:
             with self.ema.applied(self.params):
                 self.model.save_pretrained(tmp / "model")
         else:
             self.model.save_pretrained(tmp / "model")
         save_file(tensors, str(tmp / STATE_FILE))
-        meta = {"step": step, "phase": phase, "optimizer": opt_meta, "config": self.cfg.to_json(),
+        meta = {"step": step, "phase": phase, "optimizer": opt_meta, "critic_optimizer": critic_meta, "config": self.cfg.to_json(),
                 "scaler": self.scaler.state_dict() if self.scaler else None, **extra}
         (tmp / TRAINER_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         shutil.rmtree(final, ignore_errors=True)
@@ -389,12 +400,18 @@ class Trainer:
         m = self.model
         m.requires_grad_(False)
         m.train()
+        self.critic = None
         if phase == "vae":
             modules = {"vae": m.vae}
         elif phase == "decoder":
             m.eval()
             m.vae.decoder.train()
             modules = {"vae.decoder": m.vae.decoder, "vae.post_quant_conv": m.vae.post_quant_conv}
+            if self.cfg.decoder_adversarial_weight > 0:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(_seed(self.cfg.seed, 78))
+                    self.critic = PatchDiscriminator().to(self.device).train()
+                self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=CRITIC_LR, betas=CRITIC_BETAS, weight_decay=0.0)
         else:
             m.vae.eval()
             modules = {"dig": m.dig, "identity_encoder": m.identity_encoder, "mapping": m.mapping}
@@ -472,11 +489,21 @@ class Trainer:
         l1, l2 = weighted_mean((rec - x).abs(), w), weighted_mean((rec - x) ** 2, w)
         kl = post.kl().mean() / z[0].numel()
         loss = l1 + l2 + (0.0 if decoder_only else cfg.kl_weight * kl * z[0].numel())
+        adversarial = {}
+        if decoder_only and self.critic is not None:  # critic step first, then the decoder's hinge term (fp32: small)
+            d_loss = critic_loss(self.critic(x), self.critic(rec.detach()))
+            self.critic_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.critic_opt.step()
+            g_loss = generator_loss(self.critic(rec))
+            loss = loss + cfg.decoder_adversarial_weight * g_loss
+            adversarial = {"adv_critic": d_loss.item(), "adv_decoder": g_loss.item()}
         total = cfg.decoder_steps if decoder_only else self._vae_total
         for group in self.opt.param_groups:
             group["lr"] = lr_at(step, total, cfg.vae_lr, min(cfg.warmup, total // 5 + 1), cfg.min_lr_ratio)
         norm = self._backward_step(loss, list(self.params.values()))
-        return {"loss": loss.item(), "vae_l1": l1.item(), "vae_mse": l2.item(), "vae_kl": kl.item(), "grad_norm": norm}
+        return {"loss": loss.item(), "vae_l1": l1.item(), "vae_mse": l2.item(), "vae_kl": kl.item(), "grad_norm": norm,
+                **adversarial}
 
     @torch.no_grad()
     def _finish_vae(self) -> None:
@@ -893,6 +920,10 @@ class Trainer:
         if self.mrl is not None:
             self.mrl.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("mrl/")})
         load_optimizer(self.opt, {k: v.to(self.device) for k, v in tensors.items()}, meta["optimizer"])
+        if self.critic is not None and meta.get("critic_optimizer"):  # else: the critic starts now, fresh
+            self.critic.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("critic/")})
+            load_optimizer(self.critic_opt, {k: v.to(self.device) for k, v in tensors.items()}, meta["critic_optimizer"],
+                           "critic_opt")
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
 

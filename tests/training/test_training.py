@@ -290,9 +290,10 @@ def test_cli_mounted_as_mifa_train(teacher_data, tmp_path):
     assert res.exit_code == 2
     res = runner.invoke(app, ["train", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
     assert res.exit_code == 2 and "missing" in res.output
-    res = runner.invoke(app, ["train", str(teacher_data), "--out", str(tmp_path / "o3"), "--diffusion-expression-weight", "-1"])
-    assert res.exit_code == 2 and "--diffusion-expression-weight must be >= 0" in res.output and "-1" in res.output
-    assert not (tmp_path / "o3").exists()  # refused before anything was written
+    for flag in ("--diffusion-expression-weight", "--decoder-adversarial-weight"):
+        res = runner.invoke(app, ["train", str(teacher_data), "--out", str(tmp_path / "o3"), flag, "-1"])
+        assert res.exit_code == 2 and f"{flag} must be >= 0" in res.output and "-1" in res.output
+        assert not (tmp_path / "o3").exists()  # refused before anything was written
 
 
 def test_decoder_phase_trains_only_the_vae_decoder(resumable_run, teacher_data, tmp_path):
@@ -306,3 +307,31 @@ def test_decoder_phase_trains_only_the_vae_decoder(resumable_run, teacher_data, 
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.split("/", 1)[1].startswith(("decoder.", "post_quant_conv.")) for k in changed), sorted(changed)[:5]
     assert (out / "checkpoints" / "dec-0000012").is_dir()
+
+
+def test_decoder_critic_trains_and_resumes_bit_for_bit(resumable_run, teacher_data, tmp_path):
+    """--decoder-adversarial-weight: the critic's hinge terms are logged and reach the decoder's loss, and its
+    weights and optimizer are in the decoder checkpoints, so a resumed run ends with the same weights."""
+    root, _ = resumable_run
+    cfg = dict(data=[str(teacher_data)], init=str(root / "a" / "model"), config="tiny", steps=0, decoder_steps=4,
+               vae_lr=3e-3, checkpoint_every=2, keep_checkpoints=100, **QUICK)
+    train(TrainConfig(out=str(tmp_path / "plain"), **cfg), echo=None)
+    train(TrainConfig(out=str(tmp_path / "full"), decoder_adversarial_weight=0.5, **cfg), echo=None)
+    plain = [r for r in _log(tmp_path / "plain") if r["phase"] == "decoder"]
+    full = [r for r in _log(tmp_path / "full") if r["phase"] == "decoder"]
+    assert all("adv_critic" in r and "adv_decoder" in r for r in full) and not any("adv_critic" in r for r in plain)
+    assert full[0]["vae_l1"] == plain[0]["vae_l1"] and full[0]["loss"] != plain[0]["loss"]  # same batch, added term
+    ckpt = load_file(str(tmp_path / "full" / "checkpoints" / "dec-0000004" / "training_state.safetensors"))
+    assert any(k.startswith("critic/") for k in ckpt) and any(k.startswith("critic_opt/") for k in ckpt)
+    assert not any("critic" in p.name for p in (tmp_path / "full" / "model").rglob("*"))  # training-only
+
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "dec-0000002", part / "checkpoints" / "dec-0000002")
+    train(TrainConfig(out=str(part), resume=True, decoder_adversarial_weight=0.5, **cfg), echo=None)
+    resumed = {r["step"]: r for r in _log(part) if r["phase"] == "decoder"}
+    assert sorted(resumed) == [3, 4]
+    for r in full[2:]:
+        assert resumed[r["step"]]["adv_critic"] == r["adv_critic"] and resumed[r["step"]]["loss"] == r["loss"]
+    wa, wb = _weights(tmp_path / "full" / "model"), _weights(part / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
