@@ -32,8 +32,10 @@ The saved weights are an EMA (``--ema``) of the trained ones. An optional phase 
 then trains the VAE decoder alone (encoder, latent space and everything else frozen): a small VAE trained
 briefly is the sharpness bottleneck, and the decoder can be improved after the UNet without retraining it.
 With ``--decoder-adversarial-weight`` that phase adds the hinge loss of a small spectral-norm patch critic
-(``adversarial.py``, training-only, kept in the checkpoints for resume): L1 + MSE alone draw soft lids and
-lips that the independent judges no longer read, although the latents still carry them.
+(``adversarial.py``, training-only, kept in the checkpoints for resume), for sharper edges than L1 + MSE
+give. The demo's VAE latents carry parted lips (ridge probes), yet its briefly trained decoder drew them
+closed; 4,500 plain decoder steps at ``--vae-lr 1e-3`` drew them (the teacher's AU25 sweep through the VAE
+0.24 -> 0.88; model card, phase 10); 1,500 critic steps at 1e-4 reached 0.54.
 
 Expression weighting (``--vae-expression-weight``, ``--diffusion-expression-weight``, default off). An AU
 moves a few pixels; a plain mean over the frame is ruled by hair, skin and background, and a small model

@@ -50,7 +50,7 @@ def train(
     mrl_colour_jitter: Annotated[float, typer.Option("--mrl-colour-jitter", help="colour gain/offset range applied to the two views of the identity MRL term, so it must match face shape, not colours (0: off)")] = 0.0,
     vae_expression_weight: Annotated[float, typer.Option("--vae-expression-weight", help="VAE and decoder phases: pixels an AU moved (where the face differs from its neutral reference) weigh 1 + this in the reconstruction loss (0: plain mean)")] = 0.0,
     diffusion_expression_weight: Annotated[float, typer.Option("--diffusion-expression-weight", help="the same weighting for the diffusion loss, on the latent grid (0: plain mean)")] = 0.0,
-    decoder_adversarial_weight: Annotated[float, typer.Option("--decoder-adversarial-weight", help="decoder phase: add a patch critic's hinge loss with this weight, for sharper lids, lips and brows from the same latents (0: off; the demo used 0.1)")] = 0.0,
+    decoder_adversarial_weight: Annotated[float, typer.Option("--decoder-adversarial-weight", help="decoder phase: add a patch critic's hinge loss with this weight, for sharper lids, lips and brows from the same latents (0: off; 0.1 was tried on the demo, see its model card)")] = 0.0,
     paint_prob: Annotated[float, typer.Option("--paint-prob")] = 0.2,
     cond_drop_prob: Annotated[float, typer.Option("--cond-drop-prob")] = 0.1,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint in --out")] = False,
