@@ -35,7 +35,7 @@ With ``--decoder-adversarial-weight`` that phase adds the hinge loss of a small 
 (``adversarial.py``, training-only, kept in the checkpoints for resume), for sharper edges than L1 + MSE
 give. The demo's VAE latents carry parted lips (ridge probes), yet its briefly trained decoder drew them
 closed; 4,500 plain decoder steps at ``--vae-lr 1e-3`` drew them (the teacher's AU25 sweep through the VAE
-0.24 -> 0.86; model card, phase 10); 1,500 critic steps at 1e-4 reached 0.54.
+0.24 -> 0.88 on float32 weights; model card, phase 10); 1,500 critic steps at 1e-4 reached 0.54.
 
 Expression weighting (``--vae-expression-weight``, ``--diffusion-expression-weight``, default off). An AU
 moves a few pixels; a plain mean over the frame is ruled by hair, skin and background, and a small model

@@ -629,13 +629,12 @@ class Trainer:
             target = self.noise_sched.get_velocity(latents, noise, t_dev)
         else:
             target = noise
+        w_lat = None
         if cfg.diffusion_expression_weight > 0:
             tgt_images = torch.where(paint_ref[:, None, None, None], d.ref_images[ident], d.images[idx])
             w_lat = expression_weights(to_unit(tgt_images) * 2 - 1, to_unit(d.ref_images[ident]) * 2 - 1,
                                        cfg.diffusion_expression_weight, size=eps.shape[-1]).to(dev)
-            loss_diff = weighted_mean((eps - target) ** 2, w_lat)
-        else:
-            loss_diff = F.mse_loss(eps, target)
+        loss_diff = weighted_mean((eps - target) ** 2, w_lat)
 
         occ_t = (intensity >= cfg.occurrence_threshold).float()
         int_t = intensity / 5.0
@@ -921,7 +920,7 @@ class Trainer:
             self.mrl.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("mrl/")})
         load_optimizer(self.opt, {k: v.to(self.device) for k, v in tensors.items()}, meta["optimizer"])
         if self.critic is not None and meta.get("critic_optimizer"):  # else: the critic starts now, fresh
-            self.critic.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("critic/")})
+            self.critic.load_state_dict({k.removeprefix("critic/"): v for k, v in tensors.items() if k.startswith("critic/")})
             load_optimizer(self.critic_opt, {k: v.to(self.device) for k, v in tensors.items()}, meta["critic_optimizer"],
                            "critic_opt")
         if self.scaler is not None and meta.get("scaler"):
