@@ -196,16 +196,14 @@ def words_know_geometry(model, seed: int, n: int = 600) -> dict[str, float]:
 
     Separating identities is not enough: words that tell people apart by hair or background colour give the
     UNet nothing to draw the eyes, nose and mouth from (R^2 ~ 0 here while the identity AUC stays low)."""
-    from dataclasses import fields
-
     from mifa_pipeline.config import EllipseMask
     from mifa_pipeline.stages.identities import ellipse_mask
-    from mifa_pipeline.stages.teacher import identity_params
+    from mifa_pipeline.stages.teacher import SHAPE_ATTRIBUTES, identity_params
     from mifa_pipeline.teacher import render_face
 
     res = model.resolution
     params = [identity_params(seed * 100003 + k) for k in range(n)]
-    shape = [f.name for f in fields(params[0]) if f.type in (float, "float")]
+    shape = list(SHAPE_ATTRIBUTES)
     faces = _tensor([render_face(p, {}, size=res).image for p in params])
     masks = _masks([ellipse_mask(res, EllipseMask())] * n)
     words = np.concatenate([model.encode_identity(faces[i:i + 100], masks[i:i + 100]).float().flatten(1).numpy()

@@ -219,6 +219,9 @@ def teacher(
         "writer.samples_per_shard=1000", "resources.identities_per_unit=16", "sampler.batch_size=64",
     ]
     build(None, out_dir, [*defaults, *(overrides or [])], fresh, False, ray_address, runner, progress)
+    from mifa_pipeline.stages.teacher import write_identity_attributes
+
+    out.print(f"identity shape attributes: {write_identity_attributes(out_dir)}")
 
 
 if __name__ == "__main__":  # `python -m mifa_pipeline.cli`, same as the `mifa` command

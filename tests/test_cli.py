@@ -81,6 +81,18 @@ def test_teacher_command_writes_a_verified_labelled_data_set(tmp_path):
         meta = sample["json"]
         assert sample["png"].shape == (64, 64, 3)
         assert meta["intensity_rounded"] == meta["requested_aus"]
+    # each identity's shape parameters, for `mifa train --identity-attribute-weight`
+    import pyarrow.parquet as pq
+
+    from mifa_pipeline.stages.teacher import SHAPE_ATTRIBUTES, identity_params
+
+    attributes = pq.read_table(out / "identity_attributes.parquet").to_pylist()
+    seeds = {r["identity"]: r["seed"] for t in out.glob("_work/units/*/identities.parquet")
+             for r in pq.read_table(t, columns=["identity", "seed"]).to_pylist()}
+    assert sorted(r["identity"] for r in attributes) == sorted(seeds) and len(seeds) == 3
+    for row in attributes:
+        params = identity_params(seeds[row["identity"]])
+        assert {k: row[k] for k in SHAPE_ATTRIBUTES} == {k: getattr(params, k) for k in SHAPE_ATTRIBUTES}
 
 
 def test_filter_command_makes_a_new_version(tmp_path, fake_model):

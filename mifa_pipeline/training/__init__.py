@@ -21,7 +21,13 @@ Losses of phase 2, per batch:
   the final AU tokens, matched by a symmetric InfoNCE whose positives are the rows asking for the same
   AU intensities, and (b) the identity pseudo-words (from the reference face) and the identity-encoder
   features of the generated target image, with positives = same identity. So text, AU, identity and image
-  embeddings share one space; the heads are training-only and never saved in the model folder.
+  embeddings share one space; the heads are training-only and never saved in the model folder;
+- identity attributes (``--identity-attribute-weight``, default off): a linear head on the identity
+  pseudo-words predicts each identity's numbers from its data folder's ``identity_attributes.parquet``
+  (standardised per column), by MSE. Why: the InfoNCE above is solved by colours alone (teacher identities
+  differ in skin, hair and eye colour), and the demo's words carried no eye, brow, nose or mouth geometry
+  (ridge probe R^2 ~ 0), so the UNet drew a generic face interior. `mifa teacher` writes the teacher's shape
+  parameters there; for real data, 3DMM shape coefficients would play that role.
 
 Batches mix three kinds of rows, as the pipeline uses the model: inpainting with identity (the build's
 samples), whole-frame painting without identity from the identity prompt (how a build paints references,

@@ -6,6 +6,9 @@ A data folder is what ``mifa build`` / ``mifa teacher`` write: ``*.tar`` WebData
 ``prompt``). A folder without the identity tables (e.g. a user's own data converted to the shard format)
 still works: each identity's least expressive sample stands in as its reference, with the default ellipse
 mask. Several folders are concatenated; identities are numbered globally (folder, identity) -> 0..I-1.
+A folder may also hold ``identity_attributes.parquet`` (``identity`` plus float columns, e.g. the teacher's
+face-shape parameters or a user's 3DMM shape coefficients): numbers each identity's ``<ID>`` words are
+trained to predict (``--identity-attribute-weight``).
 
 Everything is decoded once into uint8 tensors (64 px: ~12 KB per sample), so a training step only indexes.
 """
@@ -21,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+ATTRIBUTES_FILE = "identity_attributes.parquet"
 
 # The build manifest's default inpainting ellipse (mifa_pipeline.config.EllipseMask), as fractions.
 DEFAULT_ELLIPSE = (0.5, 0.45, 0.3, 0.4)
@@ -38,6 +43,8 @@ class FaceData:
     ref_prompts: list[str]               # identity prompt (describes the reference) per identity
     identity_names: list[str]            # "folder#id" per global identity
     keys: list[str] = field(default_factory=list)
+    attribute_names: list[str] = field(default_factory=list)
+    identity_attributes: torch.Tensor | None = None   # [I,K] float32, or None when a folder has none
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -58,6 +65,8 @@ class FaceData:
             intensity=self.intensity[idx], ref_images=self.ref_images[keep_t], ref_masks=self.ref_masks[keep_t],
             ref_prompts=[self.ref_prompts[i] for i in keep], identity_names=[self.identity_names[i] for i in keep],
             keys=[self.keys[i] for i in rows] if self.keys else [],
+            attribute_names=list(self.attribute_names),
+            identity_attributes=None if self.identity_attributes is None else self.identity_attributes[keep_t],
         )
 
 
@@ -125,6 +134,29 @@ def _identity_tables(folder: Path) -> dict[int, dict]:
     return out
 
 
+def _attributes(folder: Path, order: list[int]) -> tuple[list[str], torch.Tensor | None]:
+    """The folder's per-identity attribute table, in ``order``; every identity must have a finite row."""
+    path = folder / ATTRIBUTES_FILE
+    if not path.is_file():
+        return [], None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path).to_pydict()
+    if "identity" not in table:
+        raise ValueError(f"{path}: no 'identity' column (columns: {sorted(table)})")
+    names = [k for k in table if k != "identity"]
+    if not names:
+        raise ValueError(f"{path}: no attribute columns besides 'identity'")
+    rows = {int(i): [table[k][r] for k in names] for r, i in enumerate(table["identity"])}
+    missing = [i for i in order if i not in rows]
+    if missing:
+        raise ValueError(f"{path}: identities {missing[:5]} of the shards have no row ({len(missing)} in all)")
+    values = torch.tensor([rows[i] for i in order], dtype=torch.float32)
+    if not torch.isfinite(values).all():
+        raise ValueError(f"{path}: attributes must be finite numbers")
+    return names, values
+
+
 def load_folder(folder: str | Path, resolution: int) -> FaceData:
     folder = Path(folder)
     if not folder.is_dir():
@@ -165,6 +197,7 @@ def load_folder(folder: str | Path, resolution: int) -> FaceData:
             ref_masks.append(ellipse_mask(resolution))
             ref_prompts.append(identity_prompt(demo_of[ident]))
     index = {ident: k for k, ident in enumerate(order)}
+    attribute_names, attributes = _attributes(folder, order)
     return FaceData(
         au_names=list(au_names),
         images=torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
@@ -176,6 +209,8 @@ def load_folder(folder: str | Path, resolution: int) -> FaceData:
         ref_prompts=ref_prompts,
         identity_names=[f"{folder.name}#{i}" for i in order],
         keys=keys,
+        attribute_names=attribute_names,
+        identity_attributes=attributes,
     )
 
 
@@ -186,6 +221,9 @@ def load_data(folders: list[str | Path], resolution: int, au_names: list[str] | 
     for folder, part in zip(folders, parts):
         if part.au_names != list(names):
             raise ValueError(f"{folder}: AU list {part.au_names} differs from {list(names)}")
+    # identity attributes only when every folder has the same columns (the trainer names the odd one out)
+    with_attributes = all(p.identity_attributes is not None and p.attribute_names == parts[0].attribute_names
+                          for p in parts)
     offset, idents = 0, []
     for part in parts:
         idents.append(part.identity + offset)
@@ -201,4 +239,6 @@ def load_data(folders: list[str | Path], resolution: int, au_names: list[str] | 
         ref_prompts=[s for p in parts for s in p.ref_prompts],
         identity_names=[s for p in parts for s in p.identity_names],
         keys=[k for p in parts for k in p.keys],
+        attribute_names=list(parts[0].attribute_names) if with_attributes else [],
+        identity_attributes=torch.cat([p.identity_attributes for p in parts]) if with_attributes else None,
     )

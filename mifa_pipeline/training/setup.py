@@ -185,14 +185,16 @@ def dig_forward(dig: MAUGenUNet, sample, timestep, text, au_cue, identity):
 
 class MRLHeads(nn.Module):
     """Projections of the MRL alignment term into one D-dim space (training only, never in the model folder):
-    pooled text, AU tokens (mean over AUs), identity pseudo-words, identity features of the target image."""
+    pooled text, AU tokens (mean over AUs), identity pseudo-words, identity features of the target image;
+    with ``n_attributes``, also a linear read-out of the identity words' attributes (their face shape)."""
 
-    def __init__(self, dim: int, id_feature_dim: int):
+    def __init__(self, dim: int, id_feature_dim: int, n_attributes: int = 0):
         super().__init__()
         self.text = nn.Linear(dim, dim)
         self.au = nn.Linear(dim, dim)
         self.identity = nn.Linear(2 * dim, dim)
         self.image = nn.Linear(id_feature_dim, dim)
+        self.attributes = nn.Linear(2 * dim, n_attributes) if n_attributes else None
 
 
 def save_json(path: Path, obj: Any) -> None:

@@ -30,7 +30,7 @@ from mifa_pipeline.maugen import MAUGen, configs
 
 from . import setup
 from .adversarial import CRITIC_BETAS, CRITIC_LR, PatchDiscriminator, critic_loss, generator_loss
-from .data import FaceData, load_data
+from .data import ATTRIBUTES_FILE, FaceData, load_data
 from .losses import expression_weights, focal_mse, info_nce, multilabel_focal, weighted_mean
 from .tokenizer import write_word_tokenizer
 
@@ -101,6 +101,7 @@ class TrainConfig:
     w_mrl: float = 0.05
     mrl_colour_jitter: float = 0.0           # colour gain/offset range of the identity MRL views (0: off)
     mrl_temperature: float = 0.1
+    identity_attribute_weight: float = 0.0   # <ID> words -> the data's identity_attributes.parquet (0: off)
     kl_weight: float = 1e-6
     vae_expression_weight: float = 0.0      # VAE/decoder loss weight of pixels an AU moved (0: plain mean)
     diffusion_expression_weight: float = 0.0  # the same for the diffusion loss, on the latent grid
@@ -255,9 +256,16 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, echo: Callable[[str], None] | None = print):
         for flag, value in (("--vae-expression-weight", cfg.vae_expression_weight),
                             ("--diffusion-expression-weight", cfg.diffusion_expression_weight),
-                            ("--decoder-adversarial-weight", cfg.decoder_adversarial_weight)):
+                            ("--decoder-adversarial-weight", cfg.decoder_adversarial_weight),
+                            ("--identity-attribute-weight", cfg.identity_attribute_weight)):
             if not value >= 0:  # also refuses NaN
                 raise ValueError(f"{flag} must be >= 0 (0: off), got {value}")
+        if cfg.identity_attribute_weight > 0:
+            lacking = [f for f in cfg.data if not (Path(f) / ATTRIBUTES_FILE).is_file()]
+            if lacking:
+                raise ValueError(f"--identity-attribute-weight {cfg.identity_attribute_weight} needs per-identity "
+                                 f"attributes in every data folder (`mifa teacher` writes {ATTRIBUTES_FILE}); "
+                                 f"missing in: {', '.join(lacking)}")
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -290,11 +298,22 @@ class Trainer:
         else:
             self.val, self.train = None, data
         self.au_names = self.train.au_names
+        self.attribute_targets = None
+        if cfg.identity_attribute_weight > 0:
+            self.attribute_targets = self._attribute_targets()
         self.echo(f"training data: {len(self.train)} samples, {self.train.num_identities} identities, "
                   f"{len(self.au_names)} AUs; validation: {0 if self.val is None else len(self.val)} samples")
         self.by_identity: list[list[int]] = [[] for _ in range(self.train.num_identities)]
         for i, ident in enumerate(self.train.identity.tolist()):
             self.by_identity[ident].append(i)
+
+    def _attribute_targets(self) -> torch.Tensor:
+        """Each training identity's attributes, standardised per column (so every attribute counts alike)."""
+        if self.train.identity_attributes is None:  # every folder has the file (checked first): columns differ
+            raise ValueError(f"--identity-attribute-weight: the data folders' {ATTRIBUTES_FILE} have different "
+                             f"columns; give folders whose attributes match")
+        a = self.train.identity_attributes
+        return (a - a.mean(0)) / a.std(0, correction=0).clamp(min=1e-6)
 
     def _fresh_model(self) -> tuple[MAUGen, bool, bool]:
         """(model, needs VAE training, train text encoder by default)."""
@@ -432,7 +451,8 @@ class Trainer:
             dim = m.token_dim
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_seed(self.cfg.seed, 77))
-                self.mrl = setup.MRLHeads(dim, m.identity_encoder.out_dim).to(self.device)
+                n_attr = 0 if self.attribute_targets is None else self.attribute_targets.shape[1]
+                self.mrl = setup.MRLHeads(dim, m.identity_encoder.out_dim, n_attr).to(self.device)
             group = list(self.params.values()) + list(self.mrl.parameters())
             self.opt = torch.optim.AdamW(group, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
             self.ema = EMA(self.params, self.cfg.ema, self.cfg.ema_warmup) if self.cfg.ema > 0 else None
@@ -678,8 +698,14 @@ class Trainer:
             same_id = ident[r.cpu()][:, None] == ident[r.cpu()][None, :]
             mrl = mrl + info_nce(z_id, z_img, same_id.to(dev), cfg.mrl_temperature)
 
+        # identity attributes: the words of every row must predict its person's shape (reference or not)
+        attr = torch.zeros((), device=dev)
+        if self.attribute_targets is not None:
+            attr = F.mse_loss(self.mrl.attributes(words.float().flatten(1)), self.attribute_targets[ident].to(dev))
+
         loss = (loss_diff + cfg.w_occ * (loss_occ + cfg.aux_weight * aux_occ)
-                + cfg.w_int * (loss_int + cfg.aux_weight * aux_int) + cfg.w_mrl * mrl)
+                + cfg.w_int * (loss_int + cfg.aux_weight * aux_int) + cfg.w_mrl * mrl
+                + cfg.identity_attribute_weight * attr)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, self._time_progress())
         norm = self._backward_step(loss, list(self.params.values()) + list(self.mrl.parameters()))
@@ -689,6 +715,8 @@ class Trainer:
             mae = float(((levels[-1][1].float() * 5 - intensity).abs() * lw).sum() / (lw.sum() * len(self.au_names)).clamp(min=1))
         vals = {"loss": loss, "diffusion": loss_diff, "occurrence": loss_occ, "intensity": loss_int,
                 "aux_occurrence": aux_occ, "aux_intensity": aux_int, "mrl": mrl}
+        if self.attribute_targets is not None:
+            vals["identity_attributes"] = attr
         return {**{k: v.detach().item() for k, v in vals.items()}, "label_mae": mae, "grad_norm": norm,
                 "lr": self.opt.param_groups[0]["lr"]}
 

@@ -11,12 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from mifa_pipeline.aus import DISFA12, describe_aus
+from mifa_pipeline.stages.teacher import SHAPE_ATTRIBUTES
 from mifa_pipeline.shards import ShardFileWriter, ShardSample, encode_image
 from mifa_pipeline.teacher import render_face, sample_identity
 from mifa_pipeline.training.data import ellipse_mask
 
 
-def write_teacher_data(folder: Path, identities: int, per_identity: int, size: int = 32, seed: int = 0) -> Path:
+def write_teacher_data(folder: Path, identities: int, per_identity: int, size: int = 32, seed: int = 0,
+                       attributes: bool = False) -> Path:
+    """``attributes``: also ``identity_attributes.parquet`` (each identity's face-shape parameters)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     writer = ShardFileWriter(folder, "train-000000.tar")
@@ -50,6 +53,11 @@ def write_teacher_data(folder: Path, identities: int, per_identity: int, size: i
     pq.write_table(pa.table({"identity": pa.array(rows["identity"], pa.int64()), "prompt": rows["prompt"],
                              "reference_png": pa.array(rows["reference_png"], pa.binary()),
                              "mask_png": pa.array(rows["mask_png"], pa.binary())}), unit / "identities.parquet")
+    if attributes:
+        shapes = [sample_identity(np.random.default_rng(seed * 1000 + i)) for i in range(identities)]
+        pq.write_table(pa.table({"identity": pa.array(range(identities), pa.int64()),
+                                 **{k: [float(getattr(p, k)) for p in shapes] for k in SHAPE_ATTRIBUTES}}),
+                       folder / "identity_attributes.parquet")
     return folder
 
 

@@ -11,8 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from mifa_pipeline.maugen import MAUGen
+from mifa_pipeline.stages.teacher import SHAPE_ATTRIBUTES
 from mifa_pipeline.training import TrainConfig, setup, train
 from mifa_pipeline.training.tokenizer import pretokenize, write_word_tokenizer
+
+from .conftest import write_teacher_data
 
 QUICK = dict(resolution=32, batch_size=6, val_identities=2, val_samples=2, val_steps=2, log_every=1, threads=1,
              warmup=2, seed=0)
@@ -290,7 +293,7 @@ def test_cli_mounted_as_mifa_train(teacher_data, tmp_path):
     assert res.exit_code == 2
     res = runner.invoke(app, ["train", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
     assert res.exit_code == 2 and "missing" in res.output
-    for flag in ("--diffusion-expression-weight", "--decoder-adversarial-weight"):
+    for flag in ("--diffusion-expression-weight", "--decoder-adversarial-weight", "--identity-attribute-weight"):
         res = runner.invoke(app, ["train", str(teacher_data), "--out", str(tmp_path / "o3"), flag, "-1"])
         assert res.exit_code == 2 and f"{flag} must be >= 0" in res.output and "-1" in res.output
         assert not (tmp_path / "o3").exists()  # refused before anything was written
@@ -335,3 +338,31 @@ def test_decoder_critic_trains_and_resumes_bit_for_bit(resumable_run, teacher_da
         assert resumed[r["step"]]["adv_critic"] == r["adv_critic"] and resumed[r["step"]]["loss"] == r["loss"]
     wa, wb = _weights(tmp_path / "full" / "model"), _weights(part / "model")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_identity_attributes_train_the_words_and_resume(teacher_data, tmp_path):
+    """--identity-attribute-weight: the <ID> words learn to predict each identity's shape attributes (the term
+    falls), the read-out head is resumed from checkpoints, and data without the table is refused up front."""
+    data = write_teacher_data(tmp_path / "with_attributes", identities=6, per_identity=3, size=32, attributes=True)
+    cfg = dict(data=[str(data)], config="tiny", steps=40, vae_steps=2, lr=3e-3, checkpoint_every=20,
+               keep_checkpoints=100, w_mrl=0.0, ema=0, identity_attribute_weight=1.0, **QUICK)
+    train(TrainConfig(out=str(tmp_path / "full"), **cfg), echo=None)
+    log = [r for r in _log(tmp_path / "full") if r["phase"] == "main"]
+    first, last = (sum(r["identity_attributes"] for r in rows) / 5 for rows in (log[:5], log[-5:]))
+    assert last < 0.7 * first, (first, last)
+    state = load_file(str(tmp_path / "full" / "checkpoints" / "step-0000040" / "training_state.safetensors"))
+    assert state["mrl/attributes.weight"].shape[0] == len(SHAPE_ATTRIBUTES)
+
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-0000020", part / "checkpoints" / "step-0000020")
+    train(TrainConfig(out=str(part), resume=True, **cfg), echo=None)
+    resumed = {r["step"]: r for r in _log(part) if r["phase"] == "main"}
+    assert all(resumed[r["step"]]["identity_attributes"] == r["identity_attributes"] for r in log[20:])
+
+    plain = tmp_path / "plain"
+    train(TrainConfig(out=str(plain), **{**cfg, "identity_attribute_weight": 0.0, "steps": 2}), echo=None)
+    assert not any("identity_attributes" in r for r in _log(plain))
+    with pytest.raises(ValueError, match=f"missing in: {teacher_data}"):
+        train(TrainConfig(out=str(tmp_path / "refused"), **{**cfg, "data": [str(teacher_data)]}), echo=None)
+    assert not (tmp_path / "refused").exists()
