@@ -27,7 +27,13 @@ Losses of phase 2, per batch:
   (standardised per column), by MSE. Why: the InfoNCE above is solved by colours alone (teacher identities
   differ in skin, hair and eye colour), and the demo's words carried no eye, brow, nose or mouth geometry
   (ridge probe R^2 ~ 0), so the UNet drew a generic face interior. `mifa teacher` writes the teacher's shape
-  parameters there; for real data, 3DMM shape coefficients would play that role.
+  parameters there; for real data, 3DMM shape coefficients would play that role;
+- identity in the image (``--identity-image-weight``, needs the attribute term): the clean latent the UNet
+  predicts (from its v / epsilon output), decoded by the frozen VAE, is read by the identity encoder ->
+  mapping -> attribute head, held fixed (``setup.judged_attributes``: no gradient to their weights, eval
+  mode), and must give the person's attributes (MSE), on the rows that name the identity. Why: words that
+  carry the shape are not enough, the UNet must also draw it; the gradient reaches the UNet and its
+  conditioning (words, AU cue, text encoder), never the judge, so the judge cannot learn to agree.
 
 Batches mix three kinds of rows, as the pipeline uses the model: inpainting with identity (the build's
 samples), whole-frame painting without identity from the identity prompt (how a build paints references,

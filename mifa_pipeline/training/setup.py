@@ -167,6 +167,27 @@ def identity_features(model: MAUGen, faces: torch.Tensor, masks: torch.Tensor | 
     return model.identity_encoder(x.to(model.identity_encoder.cls_token.device))
 
 
+def judged_attributes(model: MAUGen, head: nn.Module, faces: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The identity attributes the identity side (encoder -> mapping -> ``head``) reads from faces in [0,1],
+    with its weights held fixed and in eval mode: gradients reach the faces only, so the judge cannot learn
+    to agree with the images it judges (and its BatchNorm statistics never see them)."""
+    enc, mapping = model.identity_encoder, model.mapping
+    modes = enc.training, mapping.training
+    enc.eval()
+    mapping.eval()
+
+    def fixed(module: nn.Module) -> dict[str, torch.Tensor]:
+        return {**{k: v.detach() for k, v in module.named_parameters()}, **dict(module.named_buffers())}
+
+    try:
+        x = identity_input(faces, masks, model.config["identity_encoder"]).to(enc.cls_token.device)
+        words = torch.func.functional_call(mapping, fixed(mapping), (torch.func.functional_call(enc, fixed(enc), (x,)),))
+        return torch.func.functional_call(head, fixed(head), (words.flatten(1),))
+    finally:
+        enc.train(modes[0])
+        mapping.train(modes[1])
+
+
 def dig_forward(dig: MAUGenUNet, sample, timestep, text, au_cue, identity):
     """``MAUGenUNet.forward`` returning every level's labels: (noise, [(det, reg) per level], final tokens)."""
     ctx = torch.cat([text, au_cue], dim=1)

@@ -102,6 +102,7 @@ class TrainConfig:
     mrl_colour_jitter: float = 0.0           # colour gain/offset range of the identity MRL views (0: off)
     mrl_temperature: float = 0.1
     identity_attribute_weight: float = 0.0   # <ID> words -> the data's identity_attributes.parquet (0: off)
+    identity_image_weight: float = 0.0       # the predicted clean image -> the same attributes (0: off)
     kl_weight: float = 1e-6
     vae_expression_weight: float = 0.0      # VAE/decoder loss weight of pixels an AU moved (0: plain mean)
     diffusion_expression_weight: float = 0.0  # the same for the diffusion loss, on the latent grid
@@ -257,9 +258,13 @@ class Trainer:
         for flag, value in (("--vae-expression-weight", cfg.vae_expression_weight),
                             ("--diffusion-expression-weight", cfg.diffusion_expression_weight),
                             ("--decoder-adversarial-weight", cfg.decoder_adversarial_weight),
-                            ("--identity-attribute-weight", cfg.identity_attribute_weight)):
+                            ("--identity-attribute-weight", cfg.identity_attribute_weight),
+                            ("--identity-image-weight", cfg.identity_image_weight)):
             if not value >= 0:  # also refuses NaN
                 raise ValueError(f"{flag} must be >= 0 (0: off), got {value}")
+        if cfg.identity_image_weight > 0 and not cfg.identity_attribute_weight > 0:
+            raise ValueError(f"--identity-image-weight {cfg.identity_image_weight} judges images with the attribute "
+                             "head that --identity-attribute-weight trains: give that weight too (e.g. 0.2)")
         if cfg.identity_attribute_weight > 0:
             lacking = [f for f in cfg.data if not (Path(f) / ATTRIBUTES_FILE).is_file()]
             if lacking:
@@ -703,9 +708,25 @@ class Trainer:
         if self.attribute_targets is not None:
             attr = F.mse_loss(self.mrl.attributes(words.float().flatten(1)), self.attribute_targets[ident].to(dev))
 
+        # identity in the image: the clean image the UNet predicts, decoded, must show the person's attributes as
+        # the (fixed) identity side reads them; rows that name the identity (inpainting, not dropped) only
+        attr_img = torch.zeros((), device=dev)
+        img_rows = (~paint & ~drop).nonzero().flatten()
+        if cfg.identity_image_weight > 0 and len(img_rows):
+            r = img_rows.to(dev)
+            a = self.noise_sched.alphas_cumprod.to(dev)[t_dev[r]].view(-1, 1, 1, 1)
+            if self.noise_sched.config.prediction_type == "v_prediction":
+                x0 = a.sqrt() * noisy[r] - (1 - a).sqrt() * eps[r]
+            else:
+                x0 = (noisy[r] - (1 - a).sqrt() * eps[r]) / a.sqrt().clamp(min=0.05)
+            with self._autocast():
+                faces_x0 = (m.vae.decode(x0 / sf).sample.float() + 1) / 2
+                read = setup.judged_attributes(m, self.mrl.attributes, faces_x0, id_masks[r])
+            attr_img = F.mse_loss(read.float(), self.attribute_targets[ident[img_rows]].to(dev))
+
         loss = (loss_diff + cfg.w_occ * (loss_occ + cfg.aux_weight * aux_occ)
                 + cfg.w_int * (loss_int + cfg.aux_weight * aux_int) + cfg.w_mrl * mrl
-                + cfg.identity_attribute_weight * attr)
+                + cfg.identity_attribute_weight * attr + cfg.identity_image_weight * attr_img)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, self._time_progress())
         norm = self._backward_step(loss, list(self.params.values()) + list(self.mrl.parameters()))
@@ -717,6 +738,8 @@ class Trainer:
                 "aux_occurrence": aux_occ, "aux_intensity": aux_int, "mrl": mrl}
         if self.attribute_targets is not None:
             vals["identity_attributes"] = attr
+        if cfg.identity_image_weight > 0:
+            vals["identity_image"] = attr_img
         return {**{k: v.detach().item() for k, v in vals.items()}, "label_mae": mae, "grad_norm": norm,
                 "lr": self.opt.param_groups[0]["lr"]}
 

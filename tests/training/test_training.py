@@ -366,3 +366,42 @@ def test_identity_attributes_train_the_words_and_resume(teacher_data, tmp_path):
     with pytest.raises(ValueError, match=f"missing in: {teacher_data}"):
         train(TrainConfig(out=str(tmp_path / "refused"), **{**cfg, "data": [str(teacher_data)]}), echo=None)
     assert not (tmp_path / "refused").exists()
+
+
+def test_identity_image_judge_passes_gradients_to_the_faces_only(resumable_run):
+    """The identity side judging generated faces is held fixed: no gradient reaches its weights (so it cannot
+    learn to agree with the images), its BatchNorm statistics stay as they were, its train mode comes back."""
+    root, _ = resumable_run
+    model = MAUGen.from_pretrained(root / "a" / "model")
+    model.train()
+    head = torch.nn.Linear(2 * model.token_dim, 5)
+    judge = [model.identity_encoder, model.mapping, head]
+    for module in judge:
+        module.requires_grad_(True)
+    buffers = {k: v.clone() for k, v in model.identity_encoder.named_buffers()}
+    faces = torch.rand(3, 3, 32, 32, requires_grad=True)
+    masks = torch.ones(3, 1, 32, 32)
+    setup.judged_attributes(model, head, faces, masks).square().sum().backward()
+    assert faces.grad is not None and faces.grad.abs().sum() > 0
+    assert all(p.grad is None for module in judge for p in module.parameters())
+    assert all(torch.equal(v, buffers[k]) for k, v in model.identity_encoder.named_buffers())
+    assert model.identity_encoder.training and model.mapping.training
+
+
+def test_identity_image_term_reaches_the_unet(tmp_path):
+    """--identity-image-weight: same batch and noise, so the first step's diffusion loss is the same, the term is
+    logged and added, and the UNet ends the step elsewhere; without attribute training it is refused."""
+    data = write_teacher_data(tmp_path / "with_attributes", identities=6, per_identity=3, size=32, attributes=True)
+    cfg = dict(data=[str(data)], config="tiny", steps=1, vae_steps=1, checkpoint_every=100, ema=0,
+               identity_attribute_weight=0.5, **QUICK)
+    train(TrainConfig(out=str(tmp_path / "plain"), **cfg), echo=None)
+    train(TrainConfig(out=str(tmp_path / "judged"), identity_image_weight=1.0, **cfg), echo=None)
+    plain, judged = (next(r for r in _log(tmp_path / n) if r["phase"] == "main") for n in ("plain", "judged"))
+    assert "identity_image" not in plain and judged["identity_image"] > 0
+    assert judged["diffusion"] == plain["diffusion"] and judged["loss"] != plain["loss"]
+    a, b = _weights(tmp_path / "plain" / "model"), _weights(tmp_path / "judged" / "model")
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("unet/"))
+    with pytest.raises(ValueError, match="--identity-attribute-weight"):
+        train(TrainConfig(out=str(tmp_path / "refused"), identity_image_weight=1.0,
+                          **{**cfg, "identity_attribute_weight": 0.0}), echo=None)
+    assert not (tmp_path / "refused").exists()
