@@ -33,7 +33,10 @@ Losses of phase 2, per batch:
   mapping -> attribute head, held fixed (``setup.judged_attributes``: no gradient to their weights, eval
   mode), and must give the person's attributes (MSE), on the rows that name the identity. Why: words that
   carry the shape are not enough, the UNet must also draw it; the gradient reaches the UNet and its
-  conditioning (words, AU cue, text encoder), never the judge, so the judge cannot learn to agree.
+  conditioning (words, AU cue, text encoder), never the judge, so the judge cannot learn to agree. On the
+  demo (model card, phases 12-13): the attribute term alone took the words' shape probe from -0.03 to 0.47
+  with no gain in identity (SFace ROC AUC 0.745); with the image term the AUC reached 0.835 (from 0.741).
+  It costs ~75% more time per step (the decoded image and the judge's backward pass).
 
 Batches mix three kinds of rows, as the pipeline uses the model: inpainting with identity (the build's
 samples), whole-frame painting without identity from the identity prompt (how a build paints references,
