@@ -221,7 +221,8 @@ def load_data(folders: list[str | Path], resolution: int, au_names: list[str] | 
     for folder, part in zip(folders, parts):
         if part.au_names != list(names):
             raise ValueError(f"{folder}: AU list {part.au_names} differs from {list(names)}")
-    # identity attributes only when every folder has the same columns (the trainer names the odd one out)
+    # identity attributes only when every folder has the same columns (else None: the trainer refuses
+    # --identity-attribute-weight then; without it, folders with and without the table mix freely)
     with_attributes = all(p.identity_attributes is not None and p.attribute_names == parts[0].attribute_names
                           for p in parts)
     offset, idents = 0, []

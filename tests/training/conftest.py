@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from mifa_pipeline.aus import DISFA12, describe_aus
-from mifa_pipeline.stages.teacher import SHAPE_ATTRIBUTES
+from mifa_pipeline.stages.teacher import identity_params, write_identity_attributes
 from mifa_pipeline.shards import ShardFileWriter, ShardSample, encode_image
-from mifa_pipeline.teacher import render_face, sample_identity
+from mifa_pipeline.teacher import render_face
 from mifa_pipeline.training.data import ellipse_mask
 
 
@@ -23,12 +23,13 @@ def write_teacher_data(folder: Path, identities: int, per_identity: int, size: i
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     writer = ShardFileWriter(folder, "train-000000.tar")
-    rows = {"identity": [], "prompt": [], "reference_png": [], "mask_png": []}
+    rows = {"identity": [], "seed": [], "prompt": [], "reference_png": [], "mask_png": []}
     mask = ellipse_mask(size)
     for i in range(identities):
-        params = sample_identity(np.random.default_rng(seed * 1000 + i))
+        params = identity_params(seed * 1000 + i)
         who = "a person with light skin, brown eyes and short black hair, wearing a blue top"
         rows["identity"].append(i)
+        rows["seed"].append(seed * 1000 + i)
         rows["prompt"].append(f"a close-up portrait photo of {who}, neutral expression, looking at the camera")
         rows["reference_png"].append(encode_image(render_face(params, {}, size=size).image, "png"))
         rows["mask_png"].append(encode_image(mask, "png"))
@@ -50,14 +51,12 @@ def write_teacher_data(folder: Path, identities: int, per_identity: int, size: i
     (folder / "manifest.json").write_text(json.dumps({"au_names": list(DISFA12)}))
     unit = folder / "_work" / "units" / "unit-0"
     unit.mkdir(parents=True)
-    pq.write_table(pa.table({"identity": pa.array(rows["identity"], pa.int64()), "prompt": rows["prompt"],
+    pq.write_table(pa.table({"identity": pa.array(rows["identity"], pa.int64()), "seed": pa.array(rows["seed"], pa.int64()),
+                             "prompt": rows["prompt"],
                              "reference_png": pa.array(rows["reference_png"], pa.binary()),
                              "mask_png": pa.array(rows["mask_png"], pa.binary())}), unit / "identities.parquet")
     if attributes:
-        shapes = [sample_identity(np.random.default_rng(seed * 1000 + i)) for i in range(identities)]
-        pq.write_table(pa.table({"identity": pa.array(range(identities), pa.int64()),
-                                 **{k: [float(getattr(p, k)) for p in shapes] for k in SHAPE_ATTRIBUTES}}),
-                       folder / "identity_attributes.parquet")
+        write_identity_attributes(folder)
     return folder
 
 
