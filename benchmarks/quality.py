@@ -16,9 +16,11 @@ Figures (every one printed, the last line is one JSON object):
    of the same sweeps (exact intensities; the ceiling), for those renders through the model's VAE (can its
    latent space and decoder show the AU at all?), and the Spearman of the requested level against the
    proxy on MAUGen's images (does the face follow the prompt). AUs the estimator has no proxy for are
-   n/a; an AU counts towards the target only where the teacher's own Spearman exceeds 0.3 (a proxy that cannot read the teacher cannot judge the model);
+   n/a; an AU counts towards the target only where the teacher's own Spearman exceeds 0.3 (a proxy that
+   cannot read the teacher cannot judge the model). Each ratio (model / teacher) comes with a 90% bootstrap
+   interval over the sweep identities: with 8 identities a ratio moves by ~0.2 between draws;
 3. identity: SFace cosine of each generated face to its own reference vs to the other identities'
-   references, as a ROC AUC, beside three ceilings that say where identity is lost: the teacher's own renders
+   references, as a ROC AUC (with a 90% bootstrap interval over the samples), beside three ceilings that say where identity is lost: the teacher's own renders
    of the same requests, those renders through the model's VAE, and the model's identity encoder (cosine of
    the <ID> words of each render and of each reference);
 4. face detection rate (YuNet) of the generated images (teacher renders beside it).
@@ -71,14 +73,56 @@ def spearman(a, b) -> float | None:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def sweep_rhos(who, a, b) -> dict:
+    """Identity -> the Spearman within that identity's sweep (levels 0..5 of one AU); None where undefined."""
+    return {w: spearman(a[who == w], b[who == w]) for w in np.unique(who).tolist()}
+
+
 def sweep_spearman(who, a, b) -> float | None:
     """Mean over identities of the Spearman within each identity's sweep (levels 0..5 of one AU).
 
     Within one face, because a sweep asks how one face changes: pooling faces would mix in how the proxy's
     resting value differs between faces, which says nothing about following the AU."""
-    rhos = [spearman(a[who == w], b[who == w]) for w in np.unique(who)]
-    rhos = [r for r in rhos if r is not None]
+    rhos = [r for r in sweep_rhos(who, a, b).values() if r is not None]
     return float(np.mean(rhos)) if rhos else None
+
+
+def ratio_interval(model: dict, teacher: dict, level: float = 0.9, draws: int = 2000,
+                   seed: int = 0) -> tuple[float, float] | None:
+    """Bootstrap interval of mean(model rho) / mean(teacher rho), resampling the sweep identities.
+
+    Why: a sweep figure rests on a handful of identities (8 by default) and moves by ~0.2 between draws; the
+    interval says how much of a ratio's distance from 0.7 that noise can explain. Identities are resampled
+    as pairs (the model's and the teacher's sweep of the same face); draws whose teacher mean is <= 0 have
+    no ratio and are left out."""
+    ids = [w for w in model if model[w] is not None and teacher.get(w) is not None]
+    if len(ids) < 2:
+        return None
+    m = np.array([model[w] for w in ids], np.float64)
+    t = np.array([teacher[w] for w in ids], np.float64)
+    pick = np.random.default_rng(seed).integers(0, len(ids), (draws, len(ids)))
+    num, den = m[pick].mean(1), t[pick].mean(1)
+    ratios = num[den > 0] / den[den > 0]
+    if len(ratios) < draws // 2:
+        return None
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def auc_interval(embeddings, samples, ref_emb, level: float = 0.9, draws: int = 1000,
+                 seed: int = 0) -> tuple[float, float] | None:
+    """Bootstrap interval of the identity ROC AUC, resampling the generated samples (each brings its cosine
+    to its own reference and to every other one)."""
+    rows = [identity_pairs([e], [s], ref_emb) for e, s in zip(embeddings, samples) if e is not None]
+    if len(rows) < 2:
+        return None
+    pick = np.random.default_rng(seed).integers(0, len(rows), (draws, len(rows)))
+    aucs = [roc_auc([c for i in p for c in rows[i][0]], [c for i in p for c in rows[i][1]]) for p in pick]
+    aucs = [a for a in aucs if a is not None]
+    if not aucs:
+        return None
+    lo, hi = np.quantile(aucs, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def roc_auc(pos, neg) -> float | None:
@@ -97,6 +141,10 @@ def f1(true: np.ndarray, pred: np.ndarray) -> float | None:
 
 def fmt(v, digits=3) -> str:
     return "  n/a" if v is None else f"{v:.{digits}f}"
+
+
+def fmt_interval(v, digits=2) -> str:
+    return "n/a" if v is None else f"[{v[0]:.{digits}f}, {v[1]:.{digits}f}]"
 
 
 # --------------------------------------------------------------------------- held-out set
@@ -283,8 +331,10 @@ def main(argv=None) -> dict:
     det_rate = detected / len(samples)
     pos, neg = identity_pairs(gen_emb, samples, ref_emb)
     auc = roc_auc(pos, neg)
+    auc_ci = auc_interval(gen_emb, samples, ref_emb)
     print(f"\n3. identity: SFace cosine to own reference {np.mean(pos) if pos else float('nan'):.3f} vs others "
-          f"{np.mean(neg) if neg else float('nan'):.3f}; ROC AUC {fmt(auc)} ({len(pos)} own, {len(neg)} other pairs)")
+          f"{np.mean(neg) if neg else float('nan'):.3f}; ROC AUC {fmt(auc)} ({len(pos)} own, {len(neg)} other pairs; "
+          f"90% bootstrap interval over the samples {fmt_interval(auc_ci)})")
     # Where identity is lost: the teacher's own renders of the same requests (the ceiling), the same renders
     # through the model's VAE (what its latent space can carry at all), and the model's identity encoder
     # (do the <ID> words it conditions on tell the identities apart?).
@@ -353,7 +403,7 @@ def main(argv=None) -> dict:
     print(f"\n2. single-AU sweeps: {args.sweep_identities} identities x {len(au_names)} AUs x levels 0..5 "
           f"({len(jobs)} images, {sweep_s / len(jobs):.2f} s/image; {missing} without a landmark fit)")
     print(f"{'AU':6s} {'rho(label,proxy)':>16s} {'rho(asked,proxy)':>16s} {'teacher':>8s} {'ratio':>6s} "
-          f"{'rho(label,asked)':>16s} {'via VAE':>8s}")
+          f"{'90% interval':>13s} {'rho(label,asked)':>16s} {'via VAE':>8s}")
     for au in au_names:
         r = {k: np.asarray(v, np.float64) for k, v in rows[au].items()}
         rho = sweep_spearman(r["who"], r["label"], r["proxy"])
@@ -362,10 +412,13 @@ def main(argv=None) -> dict:
         follow = sweep_spearman(r["who"], r["label"], r["level"])
         via_vae = sweep_spearman(r["who"], r["level"], r["v_proxy"])
         ratio = None if rho is None or ceil is None or ceil <= 0 else rho / ceil
+        interval = ratio_interval(sweep_rhos(r["who"], r["label"], r["proxy"]),
+                                  sweep_rhos(r["who"], r["level"], r["t_proxy"]))
         sweep[au] = {"rho_label_proxy": rho, "rho_asked_proxy": rho_req, "teacher_rho": ceil, "ratio": ratio,
-                     "rho_label_asked": follow, "teacher_via_vae_rho": via_vae}
+                     "ratio_interval90": interval, "rho_label_asked": follow, "teacher_via_vae_rho": via_vae}
         note = "  (not counted: the proxy cannot read the teacher)" if ceil is None or ceil <= 0.3 else ""
-        print(f"{au:6s} {fmt(rho):>16s} {fmt(rho_req):>16s} {fmt(ceil):>8s} {fmt(ratio, 2):>6s} {fmt(follow):>16s} {fmt(via_vae):>8s}{note}")
+        print(f"{au:6s} {fmt(rho):>16s} {fmt(rho_req):>16s} {fmt(ceil):>8s} {fmt(ratio, 2):>6s} "
+              f"{fmt_interval(interval):>13s} {fmt(follow):>16s} {fmt(via_vae):>8s}{note}")
 
     if args.grid:
         cols = min(12, len(samples))
@@ -390,7 +443,7 @@ def main(argv=None) -> dict:
         "model": str(args.model), "resolution": res, "judge_size": max(args.judge_size, res), "n": len(samples),
         "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
         "intensity_mae": float(mae.mean()), "occurrence_f1_macro": float(np.mean(f1s)) if f1s else None,
-        "occurrence_f1_micro": micro_f1, "per_au": per_au, "identity_auc": auc,
+        "occurrence_f1_micro": micro_f1, "per_au": per_au, "identity_auc": auc, "identity_auc_interval90": auc_ci,
         "identity_ceilings": ceilings, "identity_words_shape_r2": geometry, "identity_cos_own": float(np.mean(pos)) if pos else None, "identity_cos_other": float(np.mean(neg)) if neg else None,
         "detection_rate": det_rate, "teacher_detection_rate": teacher_detected / len(samples),
         "sweep": sweep, "targets": targets, "seconds": round(time.time() - t_start, 1),
