@@ -20,9 +20,10 @@ Figures (every one printed, the last line is one JSON object):
    cannot read the teacher cannot judge the model). Each ratio (model / teacher) comes with a 90% bootstrap
    interval over the sweep identities: with 8 identities a ratio moves by ~0.2 between draws;
 3. identity: SFace cosine of each generated face to its own reference vs to the other identities'
-   references, as a ROC AUC (with a 90% bootstrap interval over the samples), beside three ceilings that say where identity is lost: the teacher's own renders
-   of the same requests, those renders through the model's VAE, and the model's identity encoder (cosine of
-   the <ID> words of each render and of each reference);
+   references, as a ROC AUC (with a 90% bootstrap interval over the samples), beside three ceilings that
+   say where identity is lost: the teacher's own renders of the same requests, those renders through the
+   model's VAE, and the model's identity encoder (cosine of the <ID> words of each render and of each
+   reference);
 4. face detection rate (YuNet) of the generated images (teacher renders beside it).
 Images are enlarged to --judge-size px (bicubic) before any face model sees them: at 64 px YuNet and
 MediaPipe miss many faces (the teacher probe measured at 128/256 px).
