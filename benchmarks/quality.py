@@ -84,8 +84,13 @@ def sweep_spearman(who, a, b) -> float | None:
 
     Within one face, because a sweep asks how one face changes: pooling faces would mix in how the proxy's
     resting value differs between faces, which says nothing about following the AU."""
-    rhos = [r for r in sweep_rhos(who, a, b).values() if r is not None]
-    return float(np.mean(rhos)) if rhos else None
+    return mean_rho(sweep_rhos(who, a, b))
+
+
+def mean_rho(rhos: dict) -> float | None:
+    """The sweep figure of per-identity Spearmans: their mean over the identities where one is defined."""
+    defined = [r for r in rhos.values() if r is not None]
+    return float(np.mean(defined)) if defined else None
 
 
 def ratio_interval(model: dict, teacher: dict, level: float = 0.9, draws: int = 2000,
@@ -407,14 +412,14 @@ def main(argv=None) -> dict:
           f"{'90% interval':>13s} {'rho(label,asked)':>16s} {'via VAE':>8s}")
     for au in au_names:
         r = {k: np.asarray(v, np.float64) for k, v in rows[au].items()}
-        rho = sweep_spearman(r["who"], r["label"], r["proxy"])
+        model_rhos = sweep_rhos(r["who"], r["label"], r["proxy"])
+        teacher_rhos = sweep_rhos(r["who"], r["level"], r["t_proxy"])
+        rho, ceil = mean_rho(model_rhos), mean_rho(teacher_rhos)
         rho_req = sweep_spearman(r["who"], r["level"], r["proxy"])
-        ceil = sweep_spearman(r["who"], r["level"], r["t_proxy"])
         follow = sweep_spearman(r["who"], r["label"], r["level"])
         via_vae = sweep_spearman(r["who"], r["level"], r["v_proxy"])
         ratio = None if rho is None or ceil is None or ceil <= 0 else rho / ceil
-        interval = ratio_interval(sweep_rhos(r["who"], r["label"], r["proxy"]),
-                                  sweep_rhos(r["who"], r["level"], r["t_proxy"]))
+        interval = ratio_interval(model_rhos, teacher_rhos)
         sweep[au] = {"rho_label_proxy": rho, "rho_asked_proxy": rho_req, "teacher_rho": ceil, "ratio": ratio,
                      "ratio_interval90": interval, "rho_label_asked": follow, "teacher_via_vae_rho": via_vae}
         note = "  (not counted: the proxy cannot read the teacher)" if ceil is None or ceil <= 0.3 else ""
