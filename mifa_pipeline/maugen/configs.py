@@ -201,6 +201,10 @@ def validate(cfg: dict[str, Any]) -> None:
     if cfg["text_encoder"]["hidden_size"] != token_dim(cfg):
         raise ValueError("text_encoder.hidden_size must equal unet.cross_attention_dim")
     unet = cfg["unet"]
+    latent = int(cfg["vae"].get("latent_channels", 4))
+    if unet["in_channels"] != 2 * latent + 1 or unet["out_channels"] != latent:
+        raise ValueError(f"unet in_channels/out_channels are {unet['in_channels']}/{unet['out_channels']}, expected "
+                         f"{2 * latent + 1}/{latent} for a VAE with {latent} latent channels (latent | mask | masked latent)")
     if unet["up_block_types"].count("CrossAttnUpBlock2D") == 0:
         raise ValueError("the label branch needs at least one CrossAttnUpBlock2D")
     lb = cfg["label_branch"]

@@ -197,6 +197,34 @@ def test_trained_checkpoint_loads_and_generates(resumable_run):
     assert json.loads((ckpt / "trainer.json").read_text())["step"] == 6
 
 
+@pytest.mark.parametrize("resolution, factor, channels", [(64, 4, 4), (128, 8, 8)])
+def test_small_config_keeps_a_16x16_latent_grid_at_any_resolution(resolution, factor, channels):
+    """A finer demo image costs the UNet no more: the VAE factor and latent channels grow instead."""
+    from mifa_pipeline.maugen import configs
+
+    cfg = setup.small_config(resolution=resolution)
+    assert configs.vae_scale_factor(cfg) == factor and cfg["vae"]["latent_channels"] == channels
+    assert (cfg["unet"]["in_channels"], cfg["unet"]["out_channels"]) == (2 * channels + 1, channels)
+    model = MAUGen.from_config(cfg, seed=0)
+    refs = torch.rand(1, 3, resolution, resolution)
+    masks = torch.zeros(1, 1, resolution, resolution)
+    masks[:, :, resolution // 4:, resolution // 4: 3 * resolution // 4] = 1
+    out = model.sample(["a close-up portrait photo of <ID> <ID2>"], refs * (1 - masks), masks,
+                       model.encode_identity(refs), [torch.Generator().manual_seed(0)], num_inference_steps=2)
+    assert out.images.shape == (1, 3, resolution, resolution) and out.intensity.shape == (1, 12)
+    with pytest.raises(ValueError, match="resolution of 64"):
+        setup.small_config(resolution=96)
+
+
+def test_config_with_unet_channels_that_do_not_fit_the_vae_is_refused():
+    from mifa_pipeline.maugen import configs
+
+    cfg = setup.small_config(resolution=128)
+    cfg["unet"]["in_channels"] = 9
+    with pytest.raises(ValueError, match="in_channels/out_channels are 9/8, expected 17/8"):
+        configs.validate(cfg)
+
+
 # --------------------------------------------------------------------------- from a diffusers SD inpainting folder
 def _write_tiny_sd_inpainting(folder: Path) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
