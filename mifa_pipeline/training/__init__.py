@@ -9,8 +9,9 @@ text encoder (from scratch: yes; from ``--base``/``--init``: frozen unless ``--t
 a word-level BPE tokenizer learnt from the data's prompts when none is given (``tokenizer.py``).
 
 Losses of phase 2, per batch:
-- diffusion: epsilon MSE on the inpainting input [noisy 4 | mask 1 | masked-image latent 4], exactly as the
-  sampler builds it (canvas = reference with the mask region black, binarised mask, posterior sample);
+- diffusion: epsilon MSE on the inpainting input [noisy c | mask 1 | masked-image latent c] (c latent
+  channels), exactly as the sampler builds it (canvas = reference with the mask region black, binarised
+  mask, posterior sample);
 - occurrence: MultiLabelFocalLoss (alpha 1, gamma 2) of the label branch's logits against
   occurrence = intensity >= 2 (the DISFA protocol, ``--occurrence-threshold``);
 - intensity: FocalMSELoss (gamma 2; ``--int-gamma 0`` is plain MSE) of sigmoid output vs intensity / 5;
@@ -57,6 +58,10 @@ moves a few pixels; a plain mean over the frame is ruled by hair, skin and backg
 learns to leave those pixels out (the demo's first VAE wiped out the teacher's AU5/AU9/AU17/AU20/AU25
 sweeps). With a weight w, each pixel's reconstruction loss (VAE and decoder phases) or each latent cell's
 diffusion loss weighs 1 + w where the face differs from its identity's neutral reference (``losses.py``).
+
+A new VAE for a trained model (``--init M --vae V --resolution R``, ``setup.with_vae``): M's networks are
+kept, and where V's latents differ from M's in channels (the small config at 128 px has 8, at 64 px 4),
+the UNet weights that read and write latents start afresh; everything else continues from M.
 
 Noise schedule: from scratch the model is trained (and, since the schedule is part of the checkpoint,
 sampled) with v-prediction on zero-terminal-SNR betas and trailing timesteps; with SD-1.5's schedule the

@@ -18,7 +18,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="output folder: checkpoints/, model/, train_log.jsonl, validation/")],
     base: Annotated[Optional[Path], typer.Option("--base", help="diffusers SD-1.5 inpainting folder to start from")] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="mifa MAUGen checkpoint folder to start from")] = None,
-    vae: Annotated[Optional[Path], typer.Option("--vae", help="a trained VAE (mifa model folder or diffusers vae folder): skip the VAE phase")] = None,
+    vae: Annotated[Optional[Path], typer.Option("--vae", help="a trained VAE (mifa model folder or diffusers vae folder): skip the VAE phase; with --init: move that model to this VAE at --resolution (where its latents differ, the UNet's latent-facing convolution weights start afresh; every other weight is kept)")] = None,
     config: Annotated[str, typer.Option("--config", help="tiny | small (the demo model) | full; with --base: label-branch sizes")] = "tiny",
     resolution: Annotated[int, typer.Option("--resolution", help="training image size (pixels)")] = 64,
     steps: Annotated[int, typer.Option("--steps", help="MAUGen training steps")] = 1000,

@@ -150,18 +150,37 @@ def rebuild(model: MAUGen, config: dict[str, Any]) -> MAUGen:
                   model.au_cue.data)
 
 
-def with_vae(model: MAUGen, path: str | Path) -> MAUGen:
-    """``model`` with the VAE of ``path`` (our model folder, or a diffusers ``AutoencoderKL`` folder)."""
+def with_vae(model: MAUGen, path: str | Path, resolution: int | None = None, seed: int = 0) -> tuple[MAUGen, list[str]]:
+    """``model`` with the VAE of ``path`` (our model folder, or a diffusers ``AutoencoderKL`` folder), at
+    ``resolution`` (default: the model's), and the names of the DIG weights that had to start afresh.
+
+    Where the new VAE's latents differ in channels or the image in size, the UNet is rebuilt for them: the
+    weights of its first and last convolutions that read and write latents start afresh (``seed``), every
+    weight whose shape still fits (the rest of the UNet, the label branch) is kept, and so are the
+    text encoder, identity encoder, mapping and AU cue. That moves a trained model to a finer VAE (the
+    demo from 64 px to 128 px) without learning everything again.
+    """
     from diffusers import AutoencoderKL
 
     path = Path(path)
     folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
     vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
     config = model.config
-    config["vae"] = _library_config(vae.config)
-    if config["vae"].get("sample_size") != config["resolution"]:
-        config["vae"]["sample_size"] = config["resolution"]
-    return MAUGen(config, model.dig, vae, model.text, model.identity_encoder, model.mapping, model.au_cue.data)
+    config["resolution"] = int(resolution or config["resolution"])
+    config["vae"] = {**_library_config(vae.config), "sample_size": config["resolution"]}
+    channels = int(vae.config.latent_channels)
+    config["unet"].update({"in_channels": 2 * channels + 1, "out_channels": channels,
+                           "sample_size": config["resolution"] // configs.vae_scale_factor(config)})
+    configs.validate(config)
+    dig, restarted = model.dig, []
+    if config["unet"] != model.config["unet"]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            dig = MAUGenUNet(config)
+        old, new = model.dig.state_dict(), dig.state_dict()
+        restarted = [k for k, v in new.items() if k not in old or old[k].shape != v.shape]
+        dig.load_state_dict({k: (new[k] if k in restarted else old[k]) for k in new})
+    return MAUGen(config, dig, vae, model.text, model.identity_encoder, model.mapping, model.au_cue.data), restarted
 
 
 # --------------------------------------------------------------------------- forward passes with grad

@@ -108,7 +108,7 @@ class TrainConfig:
     diffusion_expression_weight: float = 0.0  # the same for the diffusion loss, on the latent grid
     decoder_adversarial_weight: float = 0.0  # decoder phase: weight of a patch critic's hinge loss (0: off)
     max_time_s: float | None = None          # stop (with a checkpoint) after this many seconds
-    vae: str | None = None                   # a trained VAE (our model folder or a diffusers vae folder): no VAE phase
+    vae: str | None = None                   # a trained VAE (our model folder or a diffusers vae folder): no VAE phase; with init: move that model to it (setup.with_vae)
     prediction_type: str | None = None       # epsilon | v_prediction; default: v_prediction from scratch, else the model's
     zero_snr: bool | None = None             # zero terminal SNR betas + trailing spacing; default: on from scratch
     resume: bool = False
@@ -327,6 +327,11 @@ class Trainer:
             model = realign(MAUGen.from_pretrained(cfg.init))
             if model.au_names != self.au_names:
                 raise ValueError(f"--init {cfg.init}: AU list {model.au_names} differs from the data's {self.au_names}")
+            if cfg.vae:
+                model, restarted = setup.with_vae(model, cfg.vae, cfg.resolution, cfg.seed)
+                realign(model.vae)
+                self.logger.log({"type": "new_vae", "vae": cfg.vae, "resolution": cfg.resolution,
+                                 "restarted": restarted})
             return self._schedule(self._identity_input(model), None, None), False, False
         if cfg.base:
             model = setup.build_from_base(cfg.base, cfg.config, self.au_names, cfg.resolution, cfg.seed)
@@ -338,7 +343,7 @@ class Trainer:
         model.init_au_cue_from_text()  # language init (reference §6) through the (still random) text encoder
         needs_vae = True
         if cfg.vae:
-            model, needs_vae = setup.with_vae(model, cfg.vae), False
+            model, needs_vae = setup.with_vae(model, cfg.vae, cfg.resolution, cfg.seed)[0], False
             realign(model.vae)
         return self._schedule(model, "v_prediction", True), needs_vae, True
 

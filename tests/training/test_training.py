@@ -278,6 +278,46 @@ def test_training_from_an_init_checkpoint(resumable_run, teacher_data, tmp_path)
         after.encode_identity(torch.rand(1, 3, 32, 32))
 
 
+def _write_vae(folder: Path, levels: int, channels: int) -> Path:
+    from diffusers import AutoencoderKL
+
+    from mifa_pipeline.maugen import configs
+
+    vae = dict(configs.tiny_config()["vae"], latent_channels=channels, block_out_channels=[8, 16, 16, 16][:levels],
+               down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels)
+    torch.manual_seed(0)
+    AutoencoderKL(**vae).save_pretrained(folder)
+    return folder
+
+
+def test_a_trained_model_moves_to_a_finer_vae_keeping_what_fits(resumable_run, teacher_data, tmp_path):
+    """--init with --vae: only the UNet's latent-facing convolutions restart; then it trains at the new size."""
+    root, _ = resumable_run
+    before = MAUGen.from_pretrained(root / "a" / "model")
+    vae = _write_vae(tmp_path / "vae8", levels=4, channels=8)
+    moved, restarted = setup.with_vae(MAUGen.from_pretrained(root / "a" / "model"), vae, resolution=64)
+    assert sorted(restarted) == ["unet.conv_in.weight", "unet.conv_out.bias", "unet.conv_out.weight"]
+    old, new = before.dig.state_dict(), moved.dig.state_dict()
+    assert all(torch.equal(new[k], old[k]) for k in new if k not in restarted)
+    assert new["unet.conv_in.weight"].shape[1] == 17 and new["unet.conv_out.weight"].shape[0] == 8
+    assert torch.equal(moved.au_cue, before.au_cue)
+    assert all(torch.equal(a, b) for a, b in zip(moved.identity_encoder.parameters(), before.identity_encoder.parameters()))
+    # the same latent layout keeps every weight
+    assert setup.with_vae(before, root / "a" / "model")[1] == []
+
+    out = tmp_path / "moved"
+    train(TrainConfig(data=[str(teacher_data)], out=str(out), init=str(root / "a" / "model"), vae=str(vae), config="tiny",
+                      steps=2, checkpoint_every=100, **dict(QUICK, resolution=64)), echo=None)
+    assert _log(out, "new_vae")[0]["restarted"] == restarted
+    trained = MAUGen.from_pretrained(out / "model")
+    assert trained.resolution == 64 and trained.vae.config.latent_channels == 8
+    refs = torch.rand(1, 3, 64, 64)
+    masks = torch.ones(1, 1, 64, 64)
+    out = trained.sample(["a portrait of <ID> <ID2>"], refs * 0, masks, trained.encode_identity(refs),
+                         [torch.Generator().manual_seed(0)], num_inference_steps=2)
+    assert out.images.shape == (1, 3, 64, 64)
+
+
 def test_expression_weights_reach_the_trainers_losses(resumable_run, teacher_data, tmp_path):
     """Same seed, so the same batches and noise: the weights change the diffusion and reconstruction losses
     of the first step, and nothing else."""
