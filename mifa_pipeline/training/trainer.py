@@ -847,6 +847,9 @@ class Trainer:
                 raise FileExistsError(f"{self.out} already holds checkpoints; pass --resume to continue, or use another --out")
             self.model, self.needs_vae, default_text = self._fresh_model()
             self.train_text = default_text if cfg.train_text_encoder is None else cfg.train_text_encoder
+        if self.model.resolution != cfg.resolution:
+            raise ValueError(f"--resolution is {cfg.resolution} but the model draws {self.model.resolution} px images; "
+                             f"pass --resolution {self.model.resolution}, or --vae with a VAE for the new size")
         self.model.to(self.device)
         vae_steps = cfg.vae_steps if cfg.vae_steps is not None else (max(100, cfg.steps // 8) if self.needs_vae else 0)
         self._vae_total = vae_steps

@@ -304,6 +304,11 @@ def test_a_trained_model_moves_to_a_finer_vae_keeping_what_fits(resumable_run, t
     assert all(torch.equal(a, b) for a, b in zip(moved.identity_encoder.parameters(), before.identity_encoder.parameters()))
     # the same latent layout keeps every weight
     assert setup.with_vae(before, root / "a" / "model")[1] == []
+    # another size without a VAE for it is refused, and nothing is written
+    with pytest.raises(ValueError, match="--resolution is 64 but the model draws 32 px images"):
+        train(TrainConfig(data=[str(teacher_data)], out=str(tmp_path / "refused"), init=str(root / "a" / "model"),
+                          config="tiny", steps=2, **dict(QUICK, resolution=64)), echo=None)
+    assert not (tmp_path / "refused" / "checkpoints").exists() or not any((tmp_path / "refused" / "checkpoints").iterdir())
 
     out = tmp_path / "moved"
     train(TrainConfig(data=[str(teacher_data)], out=str(out), init=str(root / "a" / "model"), vae=str(vae), config="tiny",
