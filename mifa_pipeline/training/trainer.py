@@ -108,7 +108,7 @@ class TrainConfig:
     diffusion_expression_weight: float = 0.0  # the same for the diffusion loss, on the latent grid
     decoder_adversarial_weight: float = 0.0  # decoder phase: weight of a patch critic's hinge loss (0: off)
     max_time_s: float | None = None          # stop (with a checkpoint) after this many seconds
-    vae: str | None = None                   # a trained VAE (our model folder or a diffusers vae folder): no VAE phase; with init: move that model to it (setup.with_vae)
+    vae: str | None = None                   # a trained VAE (our or a diffusers folder): no VAE phase; with init: the model moves to it
     prediction_type: str | None = None       # epsilon | v_prediction; default: v_prediction from scratch, else the model's
     zero_snr: bool | None = None             # zero terminal SNR betas + trailing spacing; default: on from scratch
     resume: bool = False

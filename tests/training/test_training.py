@@ -318,9 +318,9 @@ def test_a_trained_model_moves_to_a_finer_vae_keeping_what_fits(resumable_run, t
     assert trained.resolution == 64 and trained.vae.config.latent_channels == 8
     refs = torch.rand(1, 3, 64, 64)
     masks = torch.ones(1, 1, 64, 64)
-    out = trained.sample(["a portrait of <ID> <ID2>"], refs * 0, masks, trained.encode_identity(refs),
-                         [torch.Generator().manual_seed(0)], num_inference_steps=2)
-    assert out.images.shape == (1, 3, 64, 64)
+    drawn = trained.sample(["a portrait of <ID> <ID2>"], refs * 0, masks, trained.encode_identity(refs),
+                           [torch.Generator().manual_seed(0)], num_inference_steps=2)
+    assert drawn.images.shape == (1, 3, 64, 64)
 
 
 def test_expression_weights_reach_the_trainers_losses(resumable_run, teacher_data, tmp_path):
