@@ -190,6 +190,12 @@ def vae_scale_factor(cfg: dict[str, Any]) -> int:
     return 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
 
 
+def inpainting_channels(latent_channels: int) -> dict[str, int]:
+    """The UNet's in/out channels for a VAE with ``latent_channels``: it reads [noisy latent | mask |
+    masked-image latent] and predicts one latent."""
+    return {"in_channels": 2 * latent_channels + 1, "out_channels": latent_channels}
+
+
 def validate(cfg: dict[str, Any]) -> None:
     """Fail early, with a readable message, on configs the networks cannot run."""
     if cfg.get("format") != FORMAT_NAME:
@@ -202,9 +208,11 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ValueError("text_encoder.hidden_size must equal unet.cross_attention_dim")
     unet = cfg["unet"]
     latent = int(cfg["vae"].get("latent_channels", 4))
-    if unet["in_channels"] != 2 * latent + 1 or unet["out_channels"] != latent:
+    expected = inpainting_channels(latent)
+    if {k: unet[k] for k in expected} != expected:
         raise ValueError(f"unet in_channels/out_channels are {unet['in_channels']}/{unet['out_channels']}, expected "
-                         f"{2 * latent + 1}/{latent} for a VAE with {latent} latent channels (latent | mask | masked latent)")
+                         f"{expected['in_channels']}/{expected['out_channels']} for a VAE with {latent} latent "
+                         f"channels (latent | mask | masked latent)")
     if unet["up_block_types"].count("CrossAttnUpBlock2D") == 0:
         raise ValueError("the label branch needs at least one CrossAttnUpBlock2D")
     lb = cfg["label_branch"]

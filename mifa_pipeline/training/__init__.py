@@ -27,8 +27,8 @@ Losses of phase 2, per batch:
   pseudo-words predicts each identity's numbers from its data folder's ``identity_attributes.parquet``
   (standardised per column), by MSE. Why: the InfoNCE above can be solved by colours alone (teacher
   identities differ in skin, hair and eye colour), and the demo's words carried no eye, brow, nose or
-  mouth geometry (ridge probe R^2 ~ 0), so the UNet drew a generic face interior. `mifa teacher` writes the teacher's shape
-  parameters there; for real data, 3DMM shape coefficients would play that role;
+  mouth geometry (ridge probe R^2 ~ 0), so the UNet drew a generic face interior. `mifa teacher` writes
+  the teacher's shape parameters there; for real data, 3DMM shape coefficients would play that role;
 - identity in the image (``--identity-image-weight``, needs the attribute term): the clean latent the UNet
   predicts (from its v / epsilon output), decoded by the frozen VAE, is read by the identity encoder ->
   mapping -> attribute head, held fixed (``setup.judged_attributes``: no gradient to their weights, eval

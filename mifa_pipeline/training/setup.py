@@ -43,8 +43,7 @@ def small_config(au_names: list[str] | None = None, resolution: int = 64) -> dic
     d = 64
     cfg["unet"].update({
         "sample_size": 16,
-        "in_channels": 2 * latent_channels + 1,   # noisy latent | mask | masked-image latent
-        "out_channels": latent_channels,
+        **configs.inpainting_channels(latent_channels),
         "block_out_channels": [32, 64, 128],
         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
@@ -168,8 +167,7 @@ def with_vae(model: MAUGen, path: str | Path, resolution: int | None = None, see
     config = model.config
     config["resolution"] = int(resolution or config["resolution"])
     config["vae"] = {**_library_config(vae.config), "sample_size": config["resolution"]}
-    channels = int(vae.config.latent_channels)
-    config["unet"].update({"in_channels": 2 * channels + 1, "out_channels": channels,
+    config["unet"].update({**configs.inpainting_channels(int(vae.config.latent_channels)),
                            "sample_size": config["resolution"] // configs.vae_scale_factor(config)})
     configs.validate(config)
     dig, restarted = model.dig, []
