@@ -144,8 +144,10 @@ def load_base(base: str | Path) -> dict[str, Any]:
         scheduler = json.loads(sched_file.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{base}: cannot load the base model ({type(exc).__name__}: {exc})") from None
-    if unet.config.in_channels != 9:
-        raise CheckpointError(f"{base / 'unet'}: in_channels is {unet.config.in_channels}, an inpainting UNet has 9")
+    expected = configs.inpainting_channels(int(vae.config.latent_channels))
+    if unet.config.in_channels != expected["in_channels"]:
+        raise CheckpointError(f"{base / 'unet'}: in_channels is {unet.config.in_channels}, an inpainting UNet for "
+                              f"this VAE has {expected['in_channels']}")
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 

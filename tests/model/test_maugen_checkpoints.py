@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 
 from conftest import make_inputs, write_official
 from mifa_pipeline.maugen import MAUGen
@@ -113,6 +116,15 @@ def test_missing_file_and_base(official_files, tmp_path):
         _import(official_files, base=tmp_path)
     with pytest.raises(CheckpointError, match="not a MAUGen folder"):
         MAUGen.from_pretrained(tmp_path)
+
+
+def test_a_base_whose_unet_is_not_inpainting_is_refused(official_files, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(official_files["base"], base)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    UNet2DConditionModel(**{**unet.config, "in_channels": 4}).save_pretrained(base / "unet")
+    with pytest.raises(CheckpointError, match="in_channels is 4, an inpainting UNet for this VAE has 9"):
+        _import(official_files, base=base)
 
 
 def test_half_precision_folder_loads_in_requested_dtype(tmp_path):
