@@ -168,12 +168,15 @@ def test_resume_after_sigkill_is_byte_identical(small_manifest, fake_model, tmp_
     script = KILLABLE.format(root=str(Path(__file__).parent.parent), overrides=overrides, out=str(out))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     units = out / "_work" / "units"
-    deadline = time.time() + 60
+    deadline = time.time() + 300   # the child imports torch first: minutes on a loaded 2-core machine
+    committed = 0
     while time.time() < deadline and proc.poll() is None:
-        if units.is_dir() and len([p for p in units.iterdir() if not p.name.startswith(".")]) >= 3:
+        committed = len([p for p in units.iterdir() if not p.name.startswith(".")]) if units.is_dir() else 0
+        if committed >= 3:
             break
         time.sleep(0.02)
     assert proc.poll() is None, proc.stderr.read().decode()
+    assert committed >= 3, "the build to kill committed no unit in time; the test did not get to kill it mid-build"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
