@@ -96,3 +96,20 @@ def store_half_cmd(
     except CheckpointError as exc:
         _fail(str(exc))
     typer.echo(f"wrote {dst}: {sizes['bytes_before']:,} -> {sizes['bytes_after']:,} bytes")
+
+
+@model_app.command("average")
+def average_cmd(
+    a: Path = typer.Argument(..., help="a MAUGen folder (its dtype, files and counters are kept)"),
+    b: Path = typer.Argument(..., help="a MAUGen folder of the same architecture and tokenizer"),
+    dst: Path = typer.Argument(..., help="new folder: (1 - weight) * A + weight * B"),
+    weight: float = typer.Option(0.5, "--weight", help="B's share, in [0, 1]"),
+) -> None:
+    """Average two MAUGen folders tensor by tensor (e.g. a fine-tuned model with the one it started from)."""
+    from .checkpoints import CheckpointError, average_folders
+
+    try:
+        n = average_folders(a, b, dst, weight)
+    except CheckpointError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {dst}: {n} tensors averaged, weight of B {weight}")

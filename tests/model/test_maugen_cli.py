@@ -107,3 +107,43 @@ def test_store_half_refuses_weights_float16_cannot_hold(tiny, tmp_path):
     result = runner.invoke(model_app, ["store-half", str(tmp_path / "full"), str(tmp_path / "half")])
     assert result.exit_code == 2 and "au_cue" in result.output and "float16" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # nothing half-written is left
+
+
+
+def _folder_pair(tiny, tmp_path, change_cue):
+    """Two saved copies of `tiny`, the second with its AU cue tensor replaced by change_cue(cue)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    tiny.save_pretrained(a)
+    shutil.copytree(a, b)
+    cue = b / "au_cue" / "model.safetensors"
+    tensors = load_file(cue)
+    tensors["au_cue"] = change_cue(tensors["au_cue"]).contiguous()
+    save_file(tensors, cue)
+    return a, b
+
+
+def test_average_writes_the_weighted_mean_and_keeps_the_rest(tiny, tmp_path):
+    a, b = _folder_pair(tiny, tmp_path, lambda cue: cue + 4.0)
+    result = runner.invoke(model_app, ["average", str(a), str(b), str(tmp_path / "mix"), "--weight", "0.25"])
+    assert result.exit_code == 0, result.output
+    mixed = MAUGen.from_pretrained(tmp_path / "mix")
+    assert torch.allclose(mixed.au_cue.data, tiny.au_cue.data + 1.0, atol=1e-5)
+    assert torch.equal(mixed.dig.unet.conv_in.weight, tiny.dig.unet.conv_in.weight)  # equal inputs stay equal
+    assert sorted(p.relative_to(tmp_path / "mix") for p in (tmp_path / "mix").rglob("*")) == sorted(
+        p.relative_to(a) for p in a.rglob("*"))
+
+    again = runner.invoke(model_app, ["average", str(a), str(b), str(tmp_path / "mix")])
+    assert again.exit_code == 2 and "not empty" in again.output
+    bad = runner.invoke(model_app, ["average", str(a), str(b), str(tmp_path / "w"), "--weight", "1.5"])
+    assert bad.exit_code == 2 and "weight" in bad.output and "1.5" in bad.output
+
+
+def test_average_refuses_models_of_different_shapes(tiny, tmp_path):
+    a, b = _folder_pair(tiny, tmp_path, lambda cue: cue[:, :-1])
+    result = runner.invoke(model_app, ["average", str(a), str(b), str(tmp_path / "mix")])
+    assert result.exit_code == 2 and "au_cue" in result.output and "shape" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # nothing half-written is left
