@@ -20,6 +20,8 @@ import importlib.util
 import json
 import math
 import pickle
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -227,17 +229,26 @@ def save_folder(model: MAUGen, path: str | Path) -> None:
     _save_component(path / "mapping", cfg["mapping"], model.mapping.state_dict())
 
 
-def _write_folder_atomically(dst: Path, fill) -> None:
-    """Refuse an existing, non-empty `dst`; let `fill(tmp)` write beside it, rename at the end, so a
-    failure leaves no half-written model."""
-    import shutil
-
+def _rewrite_weights(src: Path, dst: Path, rewrite: Callable[[Path, dict[str, torch.Tensor]], dict]) -> None:
+    """Copy the folder `src` to `dst` with each safetensors file's tensors replaced by
+    `rewrite(path relative to src, tensors)` (its metadata kept), every other file as it is. Refuses an
+    existing, non-empty `dst`; writes beside it and renames at the end, so a failure leaves no
+    half-written model."""
     if dst.exists() and any(dst.iterdir()):
         raise CheckpointError(f"{dst}: exists and is not empty")
     tmp = dst.with_name(f".{dst.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        fill(tmp)
+        for file in sorted(p for p in src.rglob("*") if p.is_file()):
+            rel = file.relative_to(src)
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if file.suffix != ".safetensors":
+                shutil.copyfile(file, target)
+                continue
+            with safe_open(file, framework="pt") as f:
+                metadata = f.metadata()
+            save_file(rewrite(rel, load_file(file)), target, metadata=metadata)
         if dst.exists():
             dst.rmdir()
         tmp.rename(dst)
@@ -246,92 +257,73 @@ def _write_folder_atomically(dst: Path, fill) -> None:
         raise
 
 
+def _files(root: Path, pattern: str) -> list[Path]:
+    return sorted(p.relative_to(root) for p in root.glob(pattern) if p.is_file())
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def store_half(src: str | Path, dst: str | Path) -> dict[str, int]:
     """Copy a MAUGen folder with every float32 tensor stored as float16: half the bytes for a model that
     ships inside a package (the demo model); `load_folder` casts back to the dtype asked for. Returns the
     bytes before and after. Refuses a tensor that float16 cannot hold and an existing, non-empty `dst`."""
-    import shutil
-
     src, dst = Path(src), Path(dst)
     read_config(src)
-    sizes = {"bytes_before": 0, "bytes_after": 0}
 
-    def fill(tmp: Path) -> None:
-        for file in sorted(p for p in src.rglob("*") if p.is_file()):
-            target = tmp / file.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            sizes["bytes_before"] += file.stat().st_size
-            if file.suffix != ".safetensors":
-                shutil.copyfile(file, target)
-            else:
-                with safe_open(file, framework="pt") as f:
-                    metadata = f.metadata()
-                tensors = load_file(file)
-                for name, t in tensors.items():
-                    if t.dtype == torch.float32:
-                        half = t.to(torch.float16)
-                        if not torch.isfinite(half).all() and torch.isfinite(t).all():
-                            raise CheckpointError(f"{file}: {name} has values beyond float16's range "
-                                                  f"(max |x| {t.abs().max().item():.3g} > 65504)")
-                        tensors[name] = half
-                save_file(tensors, target, metadata=metadata)
-            sizes["bytes_after"] += target.stat().st_size
+    def to_half(rel: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for name, t in tensors.items():
+            if t.dtype == torch.float32:
+                half = t.to(torch.float16)
+                if not torch.isfinite(half).all() and torch.isfinite(t).all():
+                    raise CheckpointError(f"{src / rel}: {name} has values beyond float16's range "
+                                          f"(max |x| {t.abs().max().item():.3g} > 65504)")
+                tensors[name] = half
+        return tensors
 
-    _write_folder_atomically(dst, fill)
-    return sizes
+    _rewrite_weights(src, dst, to_half)
+    return {"bytes_before": _folder_bytes(src), "bytes_after": _folder_bytes(dst)}
 
 
 def average_folders(a: str | Path, b: str | Path, dst: str | Path, weight: float = 0.5) -> int:
     """Write `(1 - weight) * a + weight * b`, tensor by tensor, for two MAUGen folders of one architecture
     (a "model soup": a fine-tuned model averaged with the model it started from keeps much of both). The
-    floating tensors are averaged in float32 and stored in `a`'s dtype; integer tensors (batch-norm
-    counters) and every other file are `a`'s. Refuses folders whose configs, files, tensor names or shapes
+    floating tensors that differ are averaged in float32 and stored in `a`'s dtype; equal tensors, integer
+    tensors (batch-norm counters) and every other file are `a`'s, so a component both share (a frozen VAE)
+    stays byte for byte the same. Refuses folders whose configs, weight files, tensor names or shapes
     differ, or whose tokenizers differ (their text embeddings would not mean the same words). Returns the
     number of tensors averaged."""
-    import shutil
-
     a, b, dst = Path(a), Path(b), Path(dst)
     if not 0.0 <= weight <= 1.0:
         raise CheckpointError(f"weight: {weight} is not in [0, 1]")
     if read_config(a) != read_config(b):
         raise CheckpointError(f"{a} and {b}: {CONFIG_NAME} differ (not one architecture)")
-    weights_a = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
-    weights_b = sorted(p.relative_to(b) for p in b.rglob("*.safetensors"))
-    if weights_a != weights_b:
-        raise CheckpointError(f"{a} and {b}: different weight files ({[str(p) for p in weights_a]} vs "
-                              f"{[str(p) for p in weights_b]})")
-    for tok in sorted(p.relative_to(a) for p in (a / "tokenizer").rglob("*") if p.is_file()):
-        if not (b / tok).is_file() or (a / tok).read_bytes() != (b / tok).read_bytes():
+    for pattern in ("**/*.safetensors", "tokenizer/*"):
+        files_a, files_b = _files(a, pattern), _files(b, pattern)
+        if files_a != files_b:
+            raise CheckpointError(f"{a} and {b}: different {pattern} files ({[str(p) for p in files_a]} vs "
+                                  f"{[str(p) for p in files_b]})")
+    for tok in _files(a, "tokenizer/*"):
+        if (a / tok).read_bytes() != (b / tok).read_bytes():
             raise CheckpointError(f"{a} and {b}: {tok} differs (the tokenizers must be the same)")
     averaged = 0
 
-    def fill(tmp: Path) -> None:
+    def mix(rel: Path, ta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         nonlocal averaged
-        for file in sorted(p for p in a.rglob("*") if p.is_file()):
-            rel = file.relative_to(a)
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if file.suffix != ".safetensors":
-                shutil.copyfile(file, target)
-                continue
-            with safe_open(file, framework="pt") as f:
-                metadata = f.metadata()
-            ta, tb = load_file(file), load_file(b / rel)
-            if ta.keys() != tb.keys():
-                raise CheckpointError(f"{rel}: tensor names differ ({sorted(set(ta) ^ set(tb))[:5]})")
-            out = {}
-            for name, x in ta.items():
-                y = tb[name]
-                if x.shape != y.shape:
-                    raise CheckpointError(f"{rel}: {name} has shape {tuple(x.shape)} vs {tuple(y.shape)}")
-                if x.is_floating_point():
-                    out[name] = ((1 - weight) * x.float() + weight * y.float()).to(x.dtype)
-                    averaged += 1
-                else:
-                    out[name] = x
-            save_file(out, target, metadata=metadata)
+        tb = load_file(b / rel)
+        if ta.keys() != tb.keys():
+            raise CheckpointError(f"{rel}: tensor names differ ({sorted(set(ta) ^ set(tb))[:5]})")
+        for name, x in ta.items():
+            y = tb[name]
+            if x.shape != y.shape:
+                raise CheckpointError(f"{rel}: {name} has shape {tuple(x.shape)} vs {tuple(y.shape)}")
+            if x.is_floating_point() and not torch.equal(x, y):
+                ta[name] = ((1 - weight) * x.float() + weight * y.float()).to(x.dtype)
+                averaged += 1
+        return ta
 
-    _write_folder_atomically(dst, fill)
+    _rewrite_weights(a, dst, mix)
     return averaged
 
 

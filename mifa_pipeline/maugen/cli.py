@@ -112,4 +112,4 @@ def average_cmd(
         n = average_folders(a, b, dst, weight)
     except CheckpointError as exc:
         _fail(str(exc))
-    typer.echo(f"wrote {dst}: {n} tensors averaged, weight of B {weight}")
+    typer.echo(f"wrote {dst}: {n} tensors differed and were averaged, weight of B {weight}")

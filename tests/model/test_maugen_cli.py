@@ -109,7 +109,6 @@ def test_store_half_refuses_weights_float16_cannot_hold(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # nothing half-written is left
 
 
-
 def _folder_pair(tiny, tmp_path, change_cue):
     """Two saved copies of `tiny`, the second with its AU cue tensor replaced by change_cue(cue)."""
     import shutil
@@ -130,9 +129,11 @@ def test_average_writes_the_weighted_mean_and_keeps_the_rest(tiny, tmp_path):
     a, b = _folder_pair(tiny, tmp_path, lambda cue: cue + 4.0)
     result = runner.invoke(model_app, ["average", str(a), str(b), str(tmp_path / "mix"), "--weight", "0.25"])
     assert result.exit_code == 0, result.output
+    assert " 1 tensors differed" in result.output  # only the cue: the rest is equal in both
     mixed = MAUGen.from_pretrained(tmp_path / "mix")
     assert torch.allclose(mixed.au_cue.data, tiny.au_cue.data + 1.0, atol=1e-5)
-    assert torch.equal(mixed.dig.unet.conv_in.weight, tiny.dig.unet.conv_in.weight)  # equal inputs stay equal
+    for shared in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / "mix" / shared).read_bytes() == (a / shared).read_bytes()  # shared parts unchanged
     assert sorted(p.relative_to(tmp_path / "mix") for p in (tmp_path / "mix").rglob("*")) == sorted(
         p.relative_to(a) for p in a.rglob("*"))
 
@@ -147,3 +148,12 @@ def test_average_refuses_models_of_different_shapes(tiny, tmp_path):
     result = runner.invoke(model_app, ["average", str(a), str(b), str(tmp_path / "mix")])
     assert result.exit_code == 2 and "au_cue" in result.output and "shape" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # nothing half-written is left
+
+
+def test_average_refuses_models_with_other_tokenizers(tiny, tmp_path):
+    a, b = _folder_pair(tiny, tmp_path, lambda cue: cue)
+    config = b / "tokenizer" / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("{", '{"model_max_length_note": "other",', 1))
+    result = runner.invoke(model_app, ["average", str(a), str(b), str(tmp_path / "mix")])
+    assert result.exit_code == 2 and "tokenizer_config.json differs" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
