@@ -239,9 +239,8 @@ def _rewrite_weights(src: Path, dst: Path, rewrite: Callable[[Path, dict[str, to
     tmp = dst.with_name(f".{dst.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        for file in sorted(p for p in src.rglob("*") if p.is_file()):
-            rel = file.relative_to(src)
-            target = tmp / rel
+        for rel in _files(src):
+            file, target = src / rel, tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             if file.suffix != ".safetensors":
                 shutil.copyfile(file, target)
@@ -257,12 +256,13 @@ def _rewrite_weights(src: Path, dst: Path, rewrite: Callable[[Path, dict[str, to
         raise
 
 
-def _files(root: Path, pattern: str) -> list[Path]:
+def _files(root: Path, pattern: str = "**/*") -> list[Path]:
+    """The files under `root` matching `pattern`, as sorted paths relative to it."""
     return sorted(p.relative_to(root) for p in root.glob(pattern) if p.is_file())
 
 
 def _folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return sum((path / rel).stat().st_size for rel in _files(path))
 
 
 def store_half(src: str | Path, dst: str | Path) -> dict[str, int]:
@@ -382,8 +382,8 @@ def folder_info(path: str | Path) -> dict[str, Any]:
     cfg = read_config(path)
     counts: dict[str, int] = {}
     files: dict[str, str] = {}
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = file.relative_to(path).as_posix()
+    for relpath in _files(path):
+        file, rel = path / relpath, relpath.as_posix()
         files[rel] = sha256_file(file)
         if file.suffix == ".safetensors":
             comp = rel.split("/")[0]
