@@ -15,7 +15,7 @@ train_app = typer.Typer(invoke_without_command=True, add_completion=False, prett
 @train_app.callback(invoke_without_command=True)
 def train(
     data: Annotated[list[Path], typer.Argument(help="data folders (mifa build / mifa teacher output)")],
-    out: Annotated[Path, typer.Option("--out", help="output folder: checkpoints/, model/, train_log.jsonl, validation/")],
+    out: Annotated[Path, typer.Option("--out", help="output folder: checkpoints/, model/, train_log.jsonl, validation/, latent_cache.safetensors")],
     base: Annotated[Optional[Path], typer.Option("--base", help="diffusers SD-1.5 inpainting folder to start from")] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="mifa MAUGen checkpoint folder to start from")] = None,
     vae: Annotated[Optional[Path], typer.Option("--vae", help="a trained VAE (mifa model folder or diffusers vae folder): skip the VAE phase; with --init: move that model to this VAE at --resolution (where its latents differ, the UNet's latent-facing convolution weights start afresh; every other weight is kept)")] = None,

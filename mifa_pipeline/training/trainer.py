@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from mifa_pipeline.maugen import MAUGen, configs
 
-from . import setup
+from . import latent_cache, setup
 from .adversarial import CRITIC_BETAS, CRITIC_LR, PatchDiscriminator, critic_loss, generator_loss
 from .data import ATTRIBUTES_FILE, FaceData, load_data
 from .losses import expression_weights, focal_mse, info_nce, multilabel_focal, weighted_mean
@@ -568,18 +568,29 @@ class Trainer:
 
     @torch.no_grad()
     def _build_caches(self) -> None:
+        """The frozen VAE's latents of every training image, reference, masked canvas and the black canvas;
+        read from ``OUT/latent_cache.safetensors`` when it was written for this VAE, data and device."""
         t0 = time.time()
         d = self.train
-        self.lat_mean, self.lat_std = self._encode_all(d.images)
-        self.ref_mean, self.ref_std = self._encode_all(d.ref_images)
         mask = (d.ref_masks.float() / 255.0 > 0.5).float()
         canvas = (d.ref_images.float() * (1.0 - mask)).round().to(torch.uint8)
-        self.canvas_mean, self.canvas_std = self._encode_all(canvas)
+        black = torch.zeros(1, 3, d.images.shape[-2], d.images.shape[-1], dtype=torch.uint8)
+        inputs = {"lat": d.images, "ref": d.ref_images, "canvas": canvas, "paint": black}
+        path = self.out / latent_cache.CACHE_FILE
+        key = latent_cache.cache_key(self.model.vae, inputs, self.device)
+        cached, why = latent_cache.load(path, key)
+        if cached is None:
+            cached = {}
+            for name, images in inputs.items():
+                cached[f"{name}_mean"], cached[f"{name}_std"] = self._encode_all(images)
+            latent_cache.save(path, key, cached)
+        for name in inputs:
+            setattr(self, f"{name}_mean", cached[f"{name}_mean"].to(self.device))
+            setattr(self, f"{name}_std", cached[f"{name}_std"].to(self.device))
         h = self.lat_mean.shape[-1]
         self.mask_lat = F.interpolate(mask, size=(h, h), mode="nearest").to(self.device)
-        black = torch.zeros(1, 3, d.images.shape[-2], d.images.shape[-1], dtype=torch.uint8)
-        self.paint_mean, self.paint_std = self._encode_all(black)
-        self.echo(f"latent caches: {len(d)} samples + {d.num_identities} references in {time.time() - t0:.1f}s")
+        self.logger.log({"type": "latent_cache", "loaded": why == "loaded", "reason": why, "file": str(path),
+                         "samples": len(d), "references": d.num_identities, "seconds": round(time.time() - t0, 1)})
 
     # ------------------------------------------------------------------ main phase
     def _main_step(self, step: int) -> dict[str, float]:

@@ -166,6 +166,26 @@ def test_resume_continues_bit_for_bit(resumable_run, checkpoint):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_reads_the_latent_cache_and_still_continues_bit_for_bit(resumable_run):
+    """The uninterrupted run left its VAE latents in OUT; a resume beside that file loads them instead of
+    encoding every image again, and its losses and final weights are still the uninterrupted run's."""
+    root, cfg = resumable_run
+    full = root / "a"
+    assert [r["loaded"] for r in _log(full, "latent_cache")] == [False]
+    part = root / "cached"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-0000002", part / "checkpoints" / "step-0000002")
+    shutil.copy(full / "latent_cache.safetensors", part / "latent_cache.safetensors")
+    train(TrainConfig(out=str(part), resume=True, **cfg), echo=None)
+    assert [(r["loaded"], r["reason"]) for r in _log(part, "latent_cache")] == [(True, "loaded")]
+    a = {r["step"]: r for r in _log(full) if r["phase"] == "main"}
+    b = {r["step"]: r for r in _log(part) if r["phase"] == "main"}
+    assert sorted(b) == [3, 4, 5, 6]
+    assert all(b[s]["loss"] == a[s]["loss"] and b[s]["diffusion"] == a[s]["diffusion"] for s in b)
+    wa, wb = _weights(full / "model"), _weights(part / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_existing_checkpoints_need_resume(resumable_run):
     root, cfg = resumable_run
     with pytest.raises(FileExistsError):
