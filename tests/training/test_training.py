@@ -166,9 +166,15 @@ def test_resume_continues_bit_for_bit(resumable_run, checkpoint):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_reads_the_latent_cache_and_still_continues_bit_for_bit(resumable_run):
+def test_resume_reads_the_latent_cache_and_still_continues_bit_for_bit(resumable_run, monkeypatch):
     """The uninterrupted run left its VAE latents in OUT; a resume beside that file loads them instead of
-    encoding every image again, and its losses and final weights are still the uninterrupted run's."""
+    encoding every image again (encoding is made to fail), and its losses and final weights are still the
+    uninterrupted run's."""
+    from mifa_pipeline.training.trainer import Trainer
+
+    def no_encoding(self, images):
+        raise AssertionError("the latent cache was on disk: nothing should be encoded")
+
     root, cfg = resumable_run
     full = root / "a"
     assert [r["loaded"] for r in _log(full, "latent_cache")] == [False]
@@ -176,6 +182,7 @@ def test_resume_reads_the_latent_cache_and_still_continues_bit_for_bit(resumable
     (part / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-0000002", part / "checkpoints" / "step-0000002")
     shutil.copy(full / "latent_cache.safetensors", part / "latent_cache.safetensors")
+    monkeypatch.setattr(Trainer, "_encode_all", no_encoding)
     train(TrainConfig(out=str(part), resume=True, **cfg), echo=None)
     assert [(r["loaded"], r["reason"]) for r in _log(part, "latent_cache")] == [(True, "loaded")]
     a = {r["step"]: r for r in _log(full) if r["phase"] == "main"}
