@@ -56,6 +56,8 @@ class RandomAUs(_Section):
     max_aus: int = Field(3, ge=1)
     min_intensity: int = Field(1, ge=1, le=5)
     max_intensity: int = Field(5, ge=1, le=5)
+    only: list[str] | None = Field(None, description="draw the AUs only from these (e.g. the rare ones a set "
+                                      "should hold more of); default: every AU of prompts.au_names")
 
     @model_validator(mode="after")
     def _ordered(self) -> "RandomAUs":
@@ -63,6 +65,8 @@ class RandomAUs(_Section):
             raise ValueError(f"min_aus ({self.min_aus}) must be <= max_aus ({self.max_aus})")
         if self.min_intensity > self.max_intensity:
             raise ValueError(f"min_intensity ({self.min_intensity}) must be <= max_intensity ({self.max_intensity})")
+        if self.only is not None and (not self.only or len(set(self.only)) != len(self.only)):
+            raise ValueError(f"only must name at least one AU, each once, got {self.only}")
         return self
 
 
@@ -120,6 +124,13 @@ class PromptSection(_Section):
         if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise ValueError(f"emotion weights must be >= 0 with a positive sum, got {weights}")
         return weights
+
+    @model_validator(mode="after")
+    def _random_aus_in_set(self) -> "PromptSection":
+        only = self.random_aus.only
+        if only is not None and any(au not in self.au_names for au in only):
+            raise ValueError(f"random_aus.only {only} names AUs outside au_names {self.au_names}")
+        return self
 
 
 class EllipseMask(_Section):
@@ -288,6 +299,12 @@ RUNTIME_ONLY_FIELDS = {
     ("model", "device"),
 }
 
+# Options added after builds existed, with the value that means "as before": left at it, they are left out
+# of the output-determining config, so builds made before the option keep their fingerprints (and resume).
+LATER_OPTIONS_AT_DEFAULT = {
+    ("prompts", "random_aus", "only"): None,
+}
+
 
 def output_determining(manifest: BuildManifest) -> dict[str, Any]:
     """The manifest as JSON without runtime-only fields: equal dicts mean byte-identical outputs."""
@@ -301,6 +318,12 @@ def output_determining(manifest: BuildManifest) -> dict[str, Any]:
         for part in path[:-1]:
             node = node[part]
         node.pop(path[-1], None)
+    for path, default in LATER_OPTIONS_AT_DEFAULT.items():
+        node = data
+        for part in path[:-1]:
+            node = node[part]
+        if node.get(path[-1]) == default:
+            node.pop(path[-1])
     return data
 
 

@@ -100,10 +100,11 @@ class PromptExpansion:
             )
             return emotion, intensities, words
         r = self.config.random_aus
-        k = int(g.integers(r.min_aus, min(r.max_aus, len(self.config.au_names)) + 1))
-        chosen = sorted(g.choice(len(self.config.au_names), size=k, replace=False).tolist())
+        pool = self.config.au_names if r.only is None else [au for au in self.config.au_names if au in r.only]
+        k = int(g.integers(r.min_aus, min(r.max_aus, len(pool)) + 1))
+        chosen = sorted(g.choice(len(pool), size=k, replace=False).tolist())
         for index in chosen:
-            intensities[self.config.au_names[index]] = int(g.integers(r.min_intensity, r.max_intensity + 1))
+            intensities[pool[index]] = int(g.integers(r.min_intensity, r.max_intensity + 1))
         return "random", intensities, "the face shows " + describe_aus({au: v for au, v in intensities.items() if v})
 
     def samples(self, person: IdentityRecord) -> list[SampleRecord]:

@@ -65,3 +65,16 @@ def test_without_batch_invariance_batching_enters_the_fingerprint():
     c = load_manifest(None, ["sampler.batch_invariant=false", "resources.identities_per_unit=9"], output="/a")
     assert output_determining(a) != output_determining(b)
     assert output_determining(a) != output_determining(c)
+
+
+def test_random_aus_only_must_name_aus_of_the_set_and_enters_the_fingerprint_only_when_set():
+    with pytest.raises(ManifestError, match=r"random_aus\.only \['AU5', 'AU7'\] names AUs outside au_names"):
+        load_manifest(None, ["prompts.random_aus.only=[AU5,AU7]"])
+    with pytest.raises(ManifestError, match="only must name at least one AU"):
+        load_manifest(None, ["prompts.random_aus.only=[]"])
+    default = load_manifest(None, [], output="/a")
+    narrowed = load_manifest(None, ["prompts.random_aus.only=[AU5,AU17]"], output="/a")
+    # builds made before the option existed keep their fingerprints (and so resume) ...
+    assert "only" not in output_determining(default)["prompts"]["random_aus"]
+    # ... and a narrowed pool is another data set
+    assert output_determining(narrowed) != output_determining(default)

@@ -41,6 +41,20 @@ def test_prompts_carry_id_placeholder_and_requested_aus_match_words():
         assert "smile" in s.prompt and "pulled-up lip corners" in s.prompt
 
 
+def test_random_aus_can_be_drawn_from_a_subset_and_the_default_pool_is_unchanged():
+    mix = {"prototype": 0, "random": 1, "neutral": 0}
+    narrowed = PromptSection(expression_mix=mix, random_aus={"only": ["AU17", "AU5"], "max_aus": 1})
+    _, samples, _ = PromptExpansion(narrowed, 0, 40).run([0, 1])
+    active = [[au for au, v in s.requested.items() if v] for s in samples]
+    assert all(len(a) == 1 and a[0] in ("AU5", "AU17") for a in active)
+    assert {a[0] for a in active} == {"AU5", "AU17"}
+    assert all(s.prompt.count("the face shows") == 1 for s in samples)
+    # naming every AU draws exactly what the default draws, so earlier builds stay reproducible
+    everything = PromptSection(expression_mix=mix, random_aus={"only": list(DISFA12)})
+    assert ([s.requested for s in PromptExpansion(everything, 3, 20).run([0])[1]]
+            == [s.requested for s in PromptExpansion(PromptSection(expression_mix=mix), 3, 20).run([0])[1]])
+
+
 def test_demographics_follow_the_distribution():
     cfg = PromptSection(demographics={"gender": {"woman": 1.0, "man": 0.0}, "age": {"elderly": 1}})
     people = PromptExpansion(cfg, 0, 1).run(range(20))[0]
