@@ -83,10 +83,17 @@ def chain_fingerprints(parent: str, configs: dict[str, dict[str, Any]], stages=S
     return chain
 
 
+# Files in a model folder that no loader reads (a model card, its sample grid): they stay in the manifest's
+# file list, but editing them does not make the model another one, so a build made with it still resumes.
+DOCUMENTATION_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".webp")
+
+
 def model_hash(files: list[dict[str, Any]], checkpoint: str) -> str:
+    """What the generate stage's fingerprint knows of the model: the name and content of every file it loads."""
     if not files:
         return sha256_text(f"builtin:{checkpoint}")
-    return sha256_text(canonical_json([[Path(f["path"]).name, f["sha256"]] for f in files]))
+    loaded = [f for f in files if Path(f["path"]).suffix.lower() not in DOCUMENTATION_SUFFIXES]
+    return sha256_text(canonical_json([[Path(f["path"]).name, f["sha256"]] for f in loaded]))
 
 
 def code_version() -> dict[str, Any]:

@@ -114,6 +114,21 @@ def test_completed_build_is_not_redone_and_another_manifest_is_refused(small_man
     assert rebuilt.state == "built" and digests(m.output) != before
 
 
+def test_editing_a_model_card_keeps_the_build_while_a_changed_weight_does_not(small_manifest, fake_model, tmp_path):
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights v1")
+    (model / "MODEL_CARD.md").write_text("first figures\n")
+    m = small_manifest(f"model.checkpoint={model}")
+    build(m)
+    (model / "MODEL_CARD.md").write_text("better-worded figures\n")
+    (model / "samples.png").write_bytes(b"a new grid")
+    assert prepare(m).state == "complete"     # the same model: nothing to redo
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights v2")
+    with pytest.raises(BuildError, match="different manifest"):
+        prepare(m)
+
+
 def test_bad_input_writes_nothing(small_manifest, fake_model, tmp_path):
     with pytest.raises(BuildError, match="model.checkpoint: .*does not exist"):
         prepare(small_manifest("model.checkpoint=/nonexistent/model", out=tmp_path / "x"))
