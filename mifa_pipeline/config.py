@@ -130,6 +130,9 @@ class PromptSection(_Section):
         only = self.random_aus.only
         if only is not None and any(au not in self.au_names for au in only):
             raise ValueError(f"random_aus.only {only} names AUs outside au_names {self.au_names}")
+        pool = len(self.au_names if only is None else only)
+        if self.random_aus.min_aus > pool:
+            raise ValueError(f"random_aus.min_aus ({self.random_aus.min_aus}) is more than the {pool} AUs it can draw from")
         return self
 
 

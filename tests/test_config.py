@@ -72,6 +72,8 @@ def test_random_aus_only_must_name_aus_of_the_set_and_enters_the_fingerprint_onl
         load_manifest(None, ["prompts.random_aus.only=[AU5,AU7]"])
     with pytest.raises(ManifestError, match="only must name at least one AU"):
         load_manifest(None, ["prompts.random_aus.only=[]"])
+    with pytest.raises(ManifestError, match=r"random_aus\.min_aus \(2\) is more than the 1 AUs"):
+        load_manifest(None, ["prompts.random_aus.only=[AU5]", "prompts.random_aus.min_aus=2", "prompts.random_aus.max_aus=2"])
     default = load_manifest(None, [], output="/a")
     narrowed = load_manifest(None, ["prompts.random_aus.only=[AU5,AU17]"], output="/a")
     # builds made before the option existed keep their fingerprints (and so resume) ...
