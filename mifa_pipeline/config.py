@@ -125,12 +125,18 @@ class PromptSection(_Section):
             raise ValueError(f"emotion weights must be >= 0 with a positive sum, got {weights}")
         return weights
 
+    @property
+    def random_au_pool(self) -> list[str]:
+        """The AUs random combinations draw from, in au_names order (so naming them all changes nothing)."""
+        only = self.random_aus.only
+        return list(self.au_names) if only is None else [au for au in self.au_names if au in only]
+
     @model_validator(mode="after")
     def _random_aus_in_set(self) -> "PromptSection":
         only = self.random_aus.only
         if only is not None and any(au not in self.au_names for au in only):
             raise ValueError(f"random_aus.only {only} names AUs outside au_names {self.au_names}")
-        pool = len(self.au_names if only is None else only)
+        pool = len(self.random_au_pool)
         if self.random_aus.min_aus > pool:
             raise ValueError(f"random_aus.min_aus ({self.random_aus.min_aus}) is more than the {pool} AUs it can draw from")
         return self
@@ -317,16 +323,17 @@ def output_determining(manifest: BuildManifest) -> dict[str, Any]:
         runtime.discard(("sampler", "batch_size"))
         data["batching"] = {"identities_per_unit": manifest.resources.identities_per_unit}
     for path in runtime:
-        node = data
-        for part in path[:-1]:
-            node = node[part]
-        node.pop(path[-1], None)
+        _parent(data, path).pop(path[-1], None)
     for path, default in LATER_OPTIONS_AT_DEFAULT.items():
-        node = data
-        for part in path[:-1]:
-            node = node[part]
-        if node.get(path[-1]) == default:
-            node.pop(path[-1])
+        if _parent(data, path).get(path[-1]) == default:
+            _parent(data, path).pop(path[-1])
+    return data
+
+
+def _parent(data: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """The dict holding the field at ``path`` (the keys from the top) of a dumped manifest."""
+    for part in path[:-1]:
+        data = data[part]
     return data
 
 

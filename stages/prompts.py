@@ -54,6 +54,7 @@ class PromptExpansion:
         self.describe = describe
         self.seed = seed
         self.samples_per_identity = samples_per_identity
+        self.random_pool = config.random_au_pool
         au_set = set(config.au_names)
         # Prototypes restricted to the build's AU set; an emotion with no AU left cannot be asked for.
         self.prototypes = {
@@ -99,8 +100,7 @@ class PromptExpansion:
                 {au: v for au, v in intensities.items() if v}
             )
             return emotion, intensities, words
-        r = self.config.random_aus
-        pool = self.config.au_names if r.only is None else [au for au in self.config.au_names if au in r.only]
+        r, pool = self.config.random_aus, self.random_pool
         k = int(g.integers(r.min_aus, min(r.max_aus, len(pool)) + 1))
         chosen = sorted(g.choice(len(pool), size=k, replace=False).tolist())
         for index in chosen:
