@@ -19,10 +19,10 @@ import numpy as np
 
 from mifa_pipeline.config import load_manifest
 from mifa_pipeline.judging import Judges, judge_specs
-from mifa_pipeline.refilter import LocalRefilterRunner, prepare_refilter
-from mifa_pipeline.runner import LocalRunner, prepare
+from mifa_pipeline.refilter import prepare_refilter, run_refilter
+from mifa_pipeline.runner import build_data, prepare
 from mifa_pipeline.stages.filter import Filtering
-from mifa_pipeline.work import GenerationWorker, expand_unit
+from mifa_pipeline.work import BuildWorker
 
 JUDGED = ["filter.face.detector=yunet", "filter.identity.embedder=sface", "filter.au.estimator=mediapipe"]
 
@@ -40,17 +40,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # 1. the filter stage alone, on generated units held in memory
         m = load_manifest(None, [*base, *JUDGED], output=Path(tmp) / "judged")
-        worker = GenerationWorker(m)
-        worker.setup()
-        states = [worker.process(expand_unit(m, u)) for u in prepare(m).plan.units]
-        n = sum(len(s.samples) for s in states)
+        worker = BuildWorker(m, str(Path(tmp) / "unused"), "")
+        resolution = worker.setup()
+        states = []  # (samples, people) per identity block, generated in memory
+        for block in prepare(m).plan.blocks:
+            people, _ = worker.identities.run([worker.prompts.identity(i) for i in block.identities])
+            samples = [s for p in people for s in worker.prompts.samples(p)]
+            samples, _ = worker.generation.run(samples, {p.identity: p for p in people})
+            states.append((samples, {p.identity: p for p in people}))
+        n = sum(len(s) for s, _ in states)
         start = time.perf_counter()
         judges = Judges(m.filter, judge_specs(m.filter))
         load = time.perf_counter() - start
-        stage = Filtering(m.filter, worker.resolution, judges)
+        stage = Filtering(m.filter, resolution, judges)
         start = time.perf_counter()
-        for s in states:
-            stage.run(s.samples, s.people_by_id)
+        for samples, people in states:
+            stage.run(samples, people)
         seconds = time.perf_counter() - start
         judges.close()
         figures.update(filter_samples=n, filter_model_load_s=round(load, 3), filter_seconds=round(seconds, 3),
@@ -62,11 +67,11 @@ def main() -> None:
         parent = Path(tmp) / "v1"
         build_m = load_manifest(None, [*base, *JUDGED], output=parent)
         start = time.perf_counter()
-        LocalRunner(prepare(build_m), progress=False).run()
+        build_data(prepare(build_m), "local", progress=False)
         figures["judged_build_local_s"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
-        result = LocalRefilterRunner(prepare_refilter(parent, ["filter.identity.min_cosine=0.8"], Path(tmp) / "v2"),
-                                     progress=False).run()
+        result = run_refilter(prepare_refilter(parent, ["filter.identity.min_cosine=0.8"], Path(tmp) / "v2"),
+                              "local", progress=False)
         refilter_s = time.perf_counter() - start
         c = result.manifest
         figures.update(refilter_threshold_only_s=round(refilter_s, 3), refilter_kept=c["counts"]["kept_samples"],
@@ -74,7 +79,7 @@ def main() -> None:
         print(f"judged build (teacher + filter + shards, local runner): {figures['judged_build_local_s']} s")
         print(f"threshold-only re-filter of {n} samples: {refilter_s:.2f} s, judges re-run: "
               f"{c['stages']['filter']['rescored_judges'] or 'none'}, kept {c['counts']['kept_samples']}/{n}")
-    cos = [s.scores.get("identity_cosine") for st in states for s in st.samples]
+    cos = [s.scores.get("identity_cosine") for samples, _ in states for s in samples]
     figures["identity_cosine_mean"] = round(float(np.mean([c for c in cos if c is not None])), 4)
     print(json.dumps(figures))
 

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from mifa_pipeline.config import load_manifest
-from mifa_pipeline.ray_runner import RayRunner, start_ray
-from mifa_pipeline.runner import prepare
+from mifa_pipeline.ray_executor import start_ray
+from mifa_pipeline.runner import build_data, prepare
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
         start_ray(None)  # started here so that its start-up is reported apart from the build
         ray_start = time.perf_counter() - start
         start = time.perf_counter()
-        result = RayRunner(prepare(m), progress=False).run()  # includes loading the model in each worker
+        result = build_data(prepare(m), "ray", progress=False)  # includes loading the model in each worker
         wall = time.perf_counter() - start
     c = result.manifest
     stages = c["stages"]

@@ -74,22 +74,46 @@ def build(
     if prepared.state == "complete":
         out.print(f"{m.output}: already complete (fingerprint {prepared.fingerprint[:12]}); nothing to do")
         return
-    if runner == "local":
-        from mifa_pipeline.runner import LocalRunner as Runner
-    else:
-        from mifa_pipeline.ray_runner import RayRunner as Runner
-    kwargs = {"ray_address": ray_address} if runner == "ray" else {}
+    from mifa_pipeline.runner import Runner, make_executor
+
+    result = _run(lambda: Runner(prepared, make_executor(runner, m, ray_address), progress=progress).run(), m.output)
+    _summary(result, "mifa build summary")
+    c = result.manifest
+    out.print(f"{result.state}: {m.output} ({c['counts']['kept_samples']} samples, fingerprint {c['fingerprint'][:12]})")
+
+
+def _resume_hint(folder: Path) -> str:
+    """What is kept after a failure: finished tasks (if any), and how to go on."""
+    from mifa_pipeline.done import DONE_DIR
+
+    done = folder / DONE_DIR
+    if done.is_dir() and any(done.iterdir()):
+        return f"finished work in {folder} is kept; run the same command again to resume"
+    return "nothing was finished; run the same command again to start over"
+
+
+def _run(work, folder: Path):
+    """Run a build or filter; every failure a user can meet ends in one message and a non-zero exit."""
+    from mifa_pipeline.ray_executor import TaskFailed
+    from mifa_pipeline.runner import BuildError
+
     try:
-        result = Runner(prepared, progress=progress, **kwargs).run()
-    except BuildError as exc:
-        raise fail(f"{exc}\n(committed work in {m.output} is kept; run the same command again to resume)") from None
+        return work()
+    except (BuildError, TaskFailed) as exc:
+        raise fail(f"{exc}\n({_resume_hint(folder)})") from None
     except KeyboardInterrupt:
-        raise fail(f"interrupted; committed work in {m.output} is kept; run the same command again to resume", 130) from None
+        raise fail(f"interrupted; {_resume_hint(folder)}", 130) from None
+    except OSError as exc:
+        where = exc.filename or folder
+        hint = "free some space" if exc.errno == 28 else "fix it"
+        raise fail(f"{where}: {exc.strerror or exc} (errno {exc.errno}); {hint}, then {_resume_hint(folder)}") from None
+
+
+def _summary(result, title: str) -> None:
     from mifa_pipeline.progress import summary_table
 
     c = result.manifest
-    out.print(summary_table(c["stages"], c["shards"], result.wall_seconds))
-    out.print(f"{result.state}: {m.output} ({c['counts']['kept_samples']} samples, fingerprint {c['fingerprint'][:12]})")
+    out.print(summary_table(c["stages"], c["shards"], result.wall_seconds, title))
 
 
 def _print_plan(prepared, runner: str) -> None:
@@ -102,10 +126,10 @@ def _print_plan(prepared, runner: str) -> None:
         "identities": m.identities.count,
         "samples_per_identity": m.identities.samples_per_identity,
         "planned_samples": plan.total_samples,
-        "work_units": len(plan.units),
-        "max_shards": plan.max_shards,
+        "identity_blocks": len(plan.blocks),
+        "shards": len(plan.shards),
         "samples_per_shard": m.writer.samples_per_shard,
-        "stages": ["prompts", "identities", "generate", "filter", "write"],
+        "stages": ["prompts", "identities", "duplicates", "generate", "filter", "write"],
         "model": m.model.checkpoint,
         "sampler": m.sampler.model_dump(),
         "runner": runner,
@@ -129,8 +153,8 @@ def inspect(folder: Annotated[Path, typer.Argument(help="a finished build folder
 
 @app.command()
 def verify(folder: Annotated[Path, typer.Argument(help="a finished build folder")]) -> None:
-    """Re-hash every shard and check keys, counts and the shard index against the run manifest."""
-    from mifa_pipeline.inspect import verify as run_verify
+    """Re-hash every file and check fingerprint, keys, counts, sidecar rows and the index against the run manifest."""
+    from mifa_pipeline.verify import verify as run_verify
 
     try:
         problems = run_verify(folder)
@@ -140,7 +164,7 @@ def verify(folder: Annotated[Path, typer.Argument(help="a finished build folder"
         for p in problems:
             err.print(f"[red]✗[/] {p}", highlight=False)
         raise fail(f"{folder}: {len(problems)} problem(s) found", 1)
-    out.print(f"[green]✓[/] {folder}: every shard, key, count and the index match the run manifest")
+    out.print(f"[green]✓[/] {folder}: every file, key, count, sidecar row and the fingerprint match the run manifest")
 
 
 @app.command("filter")
@@ -160,7 +184,7 @@ def filter_(
     Threshold-only changes reuse the stored scores and run no model; a changed judge (detector, embedder,
     AU estimator or their files) re-scores only what it produces. The parent version stays intact.
     """
-    from mifa_pipeline.refilter import make_runner, prepare_refilter
+    from mifa_pipeline.refilter import prepare_refilter, run_refilter
     from mifa_pipeline.runner import BuildError
 
     if runner not in ("ray", "local"):
@@ -174,14 +198,9 @@ def filter_(
     if prepared.state == "complete":
         out.print(f"{target}: already complete (fingerprint {prepared.fingerprint[:12]}); nothing to do")
         return
-    try:
-        result = make_runner(runner, prepared, progress, ray_address).run()
-    except BuildError as exc:
-        raise fail(f"{exc}\n(committed work in {target} is kept; run the same command again to resume)") from None
-    from mifa_pipeline.progress import summary_table
-
+    result = _run(lambda: run_refilter(prepared, runner, progress, ray_address), target)
+    _summary(result, "mifa filter summary")
     c = result.manifest
-    out.print(summary_table(c["stages"], c["shards"], result.wall_seconds))
     rescored = c["stages"]["filter"].get("rescored_judges") or "none (scores reused)"
     out.print(f"{result.state}: {target} = {c['dataset']['name']} {c['dataset']['version']} "
               f"({c['counts']['kept_samples']} samples; parent {parent}; re-scored judges: {rescored})")

@@ -1,9 +1,7 @@
-"""`mifa inspect` (what a build holds) and `mifa verify` (whether its files are what the manifest says)."""
+"""`mifa inspect`: what a build holds (counts, drops, AU and demographic distributions). `verify.py` checks it."""
 
 from __future__ import annotations
 
-import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,74 +11,6 @@ from rich.console import Console
 from rich.table import Table
 
 from mifa_pipeline.manifest import read_run_manifest
-from mifa_pipeline.shards import KEY_PATTERN, file_digests, shard_name
-
-
-def _tar_samples(path: Path) -> dict[str, set[str]]:
-    """key -> member extensions, in tar order (webdataset's rule: the key ends at the first dot)."""
-    samples: dict[str, set[str]] = {}
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            samples.setdefault(key, set()).add(ext)
-    return samples
-
-
-def verify(folder: Path) -> list[str]:
-    """Every problem found; an empty list means the data set matches its run manifest byte for byte."""
-    manifest = read_run_manifest(folder)
-    problems: list[str] = []
-    split = manifest["dataset"]["split"]
-    seen_keys: set[str] = set()
-    listed = [s["path"] for s in manifest["shards"]]
-    expected_names = [shard_name(split, i) for i in range(len(listed))]
-    if listed != expected_names:
-        problems.append(f"shard names are not contiguous from {expected_names[:1]}: {listed}")
-    for extra in sorted(set(p.name for p in folder.glob(f"{split}-*.tar")) - set(listed)):
-        problems.append(f"{extra}: a shard file the manifest does not list")
-    for shard in manifest["shards"]:
-        path = folder / shard["path"]
-        if not path.is_file():
-            problems.append(f"{shard['path']}: missing")
-            continue
-        sha, md5, size = file_digests(path)
-        if (sha, size) != (shard["sha256"], shard["bytes"]):
-            problems.append(f"{shard['path']}: sha256/size {sha[:12]}/{size} != manifest {shard['sha256'][:12]}/{shard['bytes']}")
-        try:
-            samples = _tar_samples(path)
-        except tarfile.TarError as exc:
-            problems.append(f"{shard['path']}: not a readable tar ({exc})")
-            continue
-        if len(samples) != shard["nsamples"]:
-            problems.append(f"{shard['path']}: {len(samples)} samples, manifest says {shard['nsamples']}")
-        for key, exts in samples.items():
-            if not KEY_PATTERN.match(key):
-                problems.append(f"{shard['path']}: key {key!r} is not dot-free [A-Za-z0-9_-]+")
-            if key in seen_keys:
-                problems.append(f"{shard['path']}: key {key} appears twice in the data set")
-            seen_keys.add(key)
-            if not {"json", "cls"} <= exts or not exts & {"png", "jpg", "webp"}:
-                problems.append(f"{shard['path']}: sample {key} has members {sorted(exts)}, expected image + json + cls")
-        sidecar = path.with_suffix(".parquet")
-        if not sidecar.is_file():
-            problems.append(f"{sidecar.name}: missing sidecar")
-        else:
-            keys = pq.read_table(sidecar, columns=["key"]).column("key").to_pylist()
-            if keys != list(samples):
-                problems.append(f"{sidecar.name}: keys differ from {shard['path']}")
-    index_path = folder / manifest.get("shard_index", "shardindex.json")
-    if not index_path.is_file():
-        problems.append(f"{index_path.name}: missing")
-    else:
-        index = json.loads(index_path.read_text())
-        want = [{"url": s["path"], "nsamples": s["nsamples"], "filesize": s["bytes"], "md5sum": s["md5"]}
-                for s in manifest["shards"]]
-        if index.get("__kind__") != "wids-shard-index-v1" or index.get("shardlist") != want:
-            problems.append(f"{index_path.name}: does not match the run manifest's shards")
-    total = sum(s["nsamples"] for s in manifest["shards"])
-    if total != manifest["counts"]["kept_samples"]:
-        problems.append(f"shards hold {total} samples, manifest counts {manifest['counts']['kept_samples']}")
-    return problems
 
 
 def _sidecar_rows(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from mifa_pipeline.stages.identities import IdentitySampling
 from mifa_pipeline.stages.prompts import PromptExpansion
 from mifa_pipeline.stages.write import ShardWriting
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: shards planned by slot, identities.parquet, scores/, done records
 MANIFEST_NAME = "manifest.json"
 STAGES = (PromptExpansion, IdentitySampling, Generation, Filtering, ShardWriting)
 PACKAGES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "webdataset", "insightface",
@@ -135,6 +135,8 @@ def write_run_manifest(folder: Path, content: dict[str, Any]) -> Path:
 
 def read_run_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST_NAME
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: does not exist")
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME}; is this a finished mifa build?")
     return json.loads(path.read_text(encoding="utf-8"))

@@ -12,10 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-STAGE_LABELS = {
-    "prompts": "1 prompts", "identities": "2 identities", "generate": "3 generate",
-    "filter": "4 filter", "write": "5 shards (samples)",
-}
+STAGE_LABELS = {"identities": "identities", "samples": "samples (planned)", "shards": "shards"}
 
 
 class BuildProgress:
@@ -49,14 +46,19 @@ class BuildProgress:
         speed = task.speed
         self._progress.update(task_id, rate=f"{speed:.2f}/s" if speed else "")
 
+    def note(self, message: str) -> None:
+        """A line shown in every mode (a redone task, a taken-over lock)."""
+        self.console.print(message, highlight=False)
+
     def log(self, message: str) -> None:
         """One line per event when bars are off, so logs still show progress."""
         if not self.enabled:
             self.console.print(message, highlight=False)
 
 
-def summary_table(stages: dict[str, dict[str, Any]], shards: list[dict[str, Any]], wall_seconds: float) -> Table:
-    table = Table(title="mifa build summary")
+def summary_table(stages: dict[str, dict[str, Any]], shards: list[dict[str, Any]], wall_seconds: float,
+                  title: str = "mifa build summary") -> Table:
+    table = Table(title=title)
     for col in ("stage", "in", "out", "dropped", "seconds (sum over workers)"):
         table.add_column(col, justify="right" if col != "stage" else "left")
     for name, s in stages.items():

@@ -1,38 +1,43 @@
 """`mifa filter`: re-decide an existing data set with other filter settings, into a new version.
 
-Nothing is regenerated. Per work unit, the stored raw scores are reused; only judges whose fingerprint
-changed (another model file, detector or AU set) run again, and a threshold-only change runs no model at
-all. The new version gets its own folder, shards and run manifest (with the old one as parent); its unit
-folders hold the new scores and decisions and point at the build's units for the images, so the old
-version stays intact and readable. Resume, Ray, progress and `mifa verify` work as for a build.
+Nothing is regenerated. The job is the build's shard machinery with another worker: per shard, a
+`RefilterWorker` reads the parent's scores table (every planned sample, kept or dropped), re-decides from
+the stored scores (a threshold-only change reads no image and runs no model), re-scores only with judges
+whose fingerprint changed, and writes the new shard by copying image members byte for byte from the
+parent's tar (kept there) or scores table (dropped there). The parent stays intact; the new version has
+its own folder, identity table, shards and run manifest (`parent` names the old one).
 """
 
 from __future__ import annotations
 
-import io
 import json
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 from pydantic import ValidationError
 
-from mifa_pipeline import pool
+from mifa_pipeline import identity_table
 from mifa_pipeline.config import BuildManifest, ManifestError, _format_validation_error, apply_overrides, parse_override
+from mifa_pipeline.done import forget, write_done
+from mifa_pipeline.executors import WorkerSpec
 from mifa_pipeline.judging import JudgeFileError, Judges, judge_specs, raw_keys
-from mifa_pipeline.manifest import STAGES, chain_fingerprints, read_run_manifest, stage_configs
-from mifa_pipeline.plan import BuildPlan, WorkUnit
+from mifa_pipeline.manifest import SCHEMA_VERSION, STAGES, chain_fingerprints, read_run_manifest, stage_configs
+from mifa_pipeline.plan import BuildPlan, IdentityBlock, ShardSlots
 from mifa_pipeline.records import StageStats
-from mifa_pipeline.runner import BuildError, BuildRunner, LocalRunner, PreparedBuild, _check_output
+from mifa_pipeline.runner import (IDENTITIES_TASK, BuildError, BuildResult, PreparedBuild, Runner, _sum_stats,
+                                  check_output, make_executor, publish_identities, remove_blocks)
+from mifa_pipeline.shards import write_parquet_atomic
 from mifa_pipeline.stages.filter import Filtering, redecide
-from mifa_pipeline.stages.write import ShardWriting
+from mifa_pipeline.stages.generate import model_description
+from mifa_pipeline.stages.write import SCORES_SCHEMA, ShardWriting, scores_path
+from mifa_pipeline.work import DUPLICATE_STAGE, decode_png
 
 REFILTER_STAGES = tuple(s for s in STAGES if s.name in (Filtering.name, ShardWriting.name))
+METADATA = [n for n in SCORES_SCHEMA.names if n != "image"]
 
 
 def next_version(version: str) -> str:
@@ -44,6 +49,13 @@ def next_version(version: str) -> str:
 class PreparedRefilter(PreparedBuild):
     parent_dir: Path = Path()
     parent_manifest: dict[str, Any] | None = None
+    rescore: tuple[str, ...] = ()  # judges whose fingerprint changed: they run again
+    removed: tuple[str, ...] = ()  # judges switched off: their scores are dropped
+
+
+def _parent_duplicates(parent: Path) -> int:
+    table = pq.read_table(parent / identity_table.IDENTITIES_FILE, columns=["duplicate"])
+    return sum(table.column("duplicate").to_pylist())
 
 
 def prepare_refilter(parent: Path, overrides: list[str], out: Path | None = None, version: str | None = None,
@@ -53,6 +65,9 @@ def prepare_refilter(parent: Path, overrides: list[str], out: Path | None = None
         parent_manifest = read_run_manifest(parent)
     except FileNotFoundError as exc:
         raise BuildError(str(exc)) from None
+    if parent_manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BuildError(f"{parent}: a data set of an earlier mifa layout (schema {parent_manifest.get('schema_version')}), "
+                         "which this version cannot re-filter; rebuild it")
     for text in overrides:
         try:
             parts, _ = parse_override(text)
@@ -75,116 +90,178 @@ def prepare_refilter(parent: Path, overrides: list[str], out: Path | None = None
     except JudgeFileError as exc:
         raise BuildError(str(exc)) from None
     judges = {n: j.fingerprint for n, j in specs.items()}
+    before = parent_manifest.get("judges", {})
+    old = parent_manifest["build_manifest"]["filter"]["identity"]["duplicate_cosine"]
+    new = manifest.filter.identity.duplicate_cosine
+    if (new is None or (old is not None and new > old)) and _parent_duplicates(parent):
+        raise BuildError(f"filter.identity.duplicate_cosine={new}: a re-filter can only tighten it (parent: {old}); "
+                         "the identities the parent dropped as duplicates were never generated")
     configs = stage_configs(manifest, "", judges)
     chain = chain_fingerprints(parent_manifest["fingerprint"], configs, REFILTER_STAGES)
     records = [j.record for j in specs.values() if j.record]
     build = PreparedRefilter(manifest, BuildPlan.from_manifest(manifest), records, chain, judges, fresh,
-                             parent_dir=parent, parent_manifest=parent_manifest)
-    return _check_output(build)
+                             parent_dir=parent, parent_manifest=parent_manifest,
+                             rescore=tuple(sorted(n for n in judges if before.get(n) != judges[n])),
+                             removed=tuple(sorted(set(before) - set(judges))))
+    return check_output(build)
 
 
-@dataclass
-class RefilteredUnit:
-    unit: WorkUnit
-    samples: pa.Table
-    identities: pa.Table
-    stats: StageStats
-    rescored: list[str]
-    source: Path
+def _tar_members(path: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {extension: member bytes}, read as stored (nothing decoded)."""
+    members: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            if info.isfile():
+                key, _, ext = info.name.partition(".")
+                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    return members
 
 
-def _decode(png: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(png)) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+class RefilterWorker:
+    """Re-decides the parent's shards; loads a judge (once per worker) only when its fingerprint changed."""
 
+    def __init__(self, build: PreparedRefilter, fingerprint: str):
+        self.manifest = build.manifest
+        self.out = build.out
+        self.parent = build.parent_dir
+        self.fingerprint = fingerprint
+        self.rescore, self.removed = set(build.rescore), set(build.removed)
+        self.judges: Judges | None = None
 
-def refilter_unit(manifest: BuildManifest, parent: Path, unit: WorkUnit) -> RefilteredUnit:
-    """Re-score (only changed judges) and re-decide one unit of the parent; loads no model if none changed."""
-    start = time.perf_counter()
-    cfg = manifest.filter
-    specs = judge_specs(cfg)
-    before = pool.read_judges(parent, unit)
-    rerun = {n for n, spec in specs.items() if before.get(n) != spec.fingerprint}
-    removed = set(before) - set(specs)
-    stats = StageStats(Filtering.name, Filtering.version)
-    samples = pool.read_samples(parent, unit)
-    people = pool.read_identities(parent, unit)
-    judges = Judges(cfg, specs, run=rerun) if rerun else None
-    try:
-        embeddings = {p["identity"]: p["embedding"] for p in people}
-        if "identity" in removed:
-            embeddings = {i: None for i in embeddings}
-        if judges is not None and "identity" in judges.run:
-            embeddings = judges.reference_embeddings({p["identity"]: _decode(p["reference_png"]) for p in people})
-        for row in samples:
+    def _judges(self) -> Judges:
+        if self.judges is None:
+            cfg = self.manifest.filter
+            self.judges = Judges(cfg, judge_specs(cfg), run=self.rescore)
+        return self.judges
+
+    def close(self) -> None:
+        if self.judges is not None:
+            self.judges.close()
+
+    def reembed_identities(self, block: IdentityBlock) -> dict[str, Any]:
+        """The parent's reference faces embedded by a changed identity judge (their duplicates kept)."""
+        forget(self.out, block.name)
+        rows = identity_table.read_rows(self.parent, block.identities)
+        images = {r["identity"]: decode_png(r["reference_png"]) for r in rows}
+        embeddings = self._judges().reference_embeddings(images)
+        import pyarrow as pa
+
+        table = pa.Table.from_pylist([{**r, "embedding": embeddings[r["identity"]]} for r in rows],
+                                     schema=identity_table.IDENTITY_SCHEMA)
+        relative = identity_table.block_path(block.name)
+        (self.out / relative).parent.mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(table, self.out / relative)
+        return write_done(self.out, block.name, self.fingerprint, [relative], stats={})
+
+    def make_shard(self, shard: ShardSlots) -> dict[str, Any]:
+        forget(self.out, shard.name)
+        start = time.perf_counter()
+        m, cfg = self.manifest, self.manifest.filter
+        rows = pq.read_table(self.parent / scores_path(shard.name), columns=METADATA).to_pylist()
+        people = {r["identity"]: r for r in identity_table.read_rows(
+            self.out, shard.identities, ["embedding", "nearest_earlier_cosine", "duplicate"])}
+        parent_kept = {r["key"] for r in rows if r["keep"]}
+        members = _tar_members(self.parent / f"{shard.name}.tar") if parent_kept else {}
+        stored: dict[str, bytes] | None = None
+
+        def image(row: dict[str, Any]) -> bytes | None:
+            nonlocal stored
+            if row["key"] in parent_kept:
+                return members[row["key"]][row["image_ext"]]
+            if stored is None:  # dropped images are read only when some are needed
+                table = pq.read_table(self.parent / scores_path(shard.name), columns=["key", "image"])
+                stored = dict(zip(table.column("key").to_pylist(), table.column("image").to_pylist()))
+            return stored[row["key"]]
+
+        filt = StageStats(Filtering.name, Filtering.version)
+        dup = StageStats(DUPLICATE_STAGE, "2", n_in=len(rows))
+        for row in rows:
             raw = json.loads(row["scores"])
-            for judge in removed | rerun:
+            person = people[row["identity"]]
+            raw["identity_nearest_earlier_cosine"] = person["nearest_earlier_cosine"]
+            generated = "image_valid" in raw
+            if not generated:  # its identity was a duplicate in the parent: never generated, stays dropped
+                row.update(scores=json.dumps(raw, separators=(",", ":")), keep=False, drop_reason="duplicate_identity",
+                           image=None)
+                dup.drop("duplicate_identity")
+                continue
+            for judge in self.removed | self.rescore:
                 for key in raw_keys(judge, raw):
                     del raw[key]
-            if judges is not None and raw.get("image_valid"):
-                raw.update(judges.score(_decode(row["image"]), embeddings[row["identity"]]))
+            if self.rescore and raw.get("image_valid"):
+                raw.update(self._judges().score(decode_png(image(row)), person["embedding"]))
             scores, reason = redecide(raw, json.loads(row["requested"]), json.loads(row["occurrence_prob"]), cfg)
-            row.update(scores=json.dumps(scores, separators=(",", ":")), keep=reason is None, drop_reason=reason,
-                       image=None)
-            stats.n_in += 1
-            if reason is None:
-                stats.n_out += 1
+            if person["duplicate"]:
+                reason = "duplicate_identity"
+                dup.drop(reason)
             else:
-                stats.drop(reason)
-    finally:
-        if judges is not None:
-            judges.close()
-    for p in people:
-        p.update(embedding=embeddings[p["identity"]], reference_png=None, mask_png=None)
-    stats.seconds = time.perf_counter() - start
-    schema = pq.read_schema(pool.unit_dir(parent, unit) / "samples.parquet")
-    id_schema = pq.read_schema(pool.unit_dir(parent, unit) / "identities.parquet")
-    return RefilteredUnit(unit, pa.Table.from_pylist(samples, schema=schema), pa.Table.from_pylist(people, schema=id_schema),
-                          stats, sorted(rerun), pool.source_dir(parent, unit))
+                dup.n_out += 1
+                filt.n_in += 1
+                if reason is None:
+                    filt.n_out += 1
+                else:
+                    filt.drop(reason)
+            row.update(scores=json.dumps(scores, separators=(",", ":")), keep=reason is None, drop_reason=reason)
+            row["image"] = image(row) if (reason is None or raw.get("image_valid")) else None
+        filt.seconds = time.perf_counter() - start
+        writing = ShardWriting(self.out, {"name": m.dataset.name, "version": m.dataset.version}, model_description(m.model))
+        info, files, write_stats = writing.run(shard.name, rows)
+        stats = {s.name: s.to_json() for s in (dup, filt, write_stats)}
+        stats[Filtering.name]["rescored"] = sorted(self.rescore)
+        return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, nsamples=info.nsamples,
+                          first_key=info.first_key, last_key=info.last_key, stats=stats)
 
 
-class RefilterMixin:
-    """Turns a runner (local or Ray) into a re-filter: units come from the parent, not from generation."""
+class RefilterJob:
+    """The re-filter's work: the parent's identity table (re-embedded where that judge changed), then shards."""
 
-    build: PreparedRefilter
-    progress_stages = ("filter", "write")
+    kind = "mifa-filter"
+    title = "mifa filter summary"
+    progress_stages = ("samples", "shards")
 
-    def execute(self, units: list[WorkUnit]):
-        for result in self.map_units(refilter_unit, units, self.manifest, self.build.parent_dir):
-            self.advance("filter", result.stats.n_in)
-            yield result
+    def __init__(self, build: PreparedRefilter):
+        self.build = build
 
-    def commit(self, result: RefilteredUnit) -> None:
-        stats = {result.stats.name: result.stats.to_json()}
-        stats[result.stats.name]["rescored"] = result.rescored
-        pool.write_unit(self.out, result.unit, result.samples, result.identities, stats, self.build.judges,
-                        source=result.source)
+    def worker_spec(self, executor) -> WorkerSpec:
+        """CPU workers: as many as the cluster holds beside one CPU step (one here, in-process)."""
+        share = self.build.manifest.resources.filter_cpus
+        count = 1
+        if hasattr(executor, "cluster"):
+            count = max(1, min(len(self.build.plan.shards), int((executor.cluster().get("CPU", 1.0) - share) / share)))
+        return WorkerSpec(RefilterWorker, (self.build, self.build.fingerprint), count, share, 0.0)
+
+    def identity_phase(self, runner: Runner, pool) -> dict[str, Any]:
+        out, build = runner.out, self.build
+        threshold = build.manifest.filter.identity.duplicate_cosine
+        parts = [str(build.parent_dir / identity_table.IDENTITIES_FILE)]
+        if "identity" in build.rescore:
+            blocks = build.plan.blocks
+            adopted = runner.adopt([b.name for b in blocks], what="identity block")
+            pending = [b for b in blocks if b.name not in adopted]
+            for _ in pool.run("reembed_identities", pending):
+                pass
+            parts = [str(out / identity_table.block_path(b.name)) for b in blocks]
+        _, counts = next(runner.executor.map(publish_identities, [str(out)], parts, threshold))
+        record = write_done(out, IDENTITIES_TASK, build.fingerprint, [identity_table.IDENTITIES_FILE], **counts, stats={})
+        remove_blocks(out, build.plan.blocks)
+        return record
 
     def lineage(self) -> dict[str, Any]:
         parent = self.build.parent_manifest
-        return {"kind": "mifa-filter", "parent": {
+        return {"kind": self.kind, "parent": {
             "fingerprint": parent["fingerprint"], "path": str(self.build.parent_dir.resolve()),
             "version": parent["dataset"]["version"]}}
 
-    def _stage_totals(self, writer_stats: StageStats) -> dict[str, dict[str, Any]]:
-        inherited = {k: v for k, v in self.build.parent_manifest["stages"].items()
-                     if k in ("prompts", "identities", "generate")}
-        rescored: set[str] = set()
-        for unit in self.build.plan.units:
-            rescored |= set(pool.read_stats(self.out, unit)["filter"].get("rescored", []))
-        totals = {**inherited, **super()._stage_totals(writer_stats)}
-        totals["filter"]["rescored_judges"] = sorted(rescored)
-        return totals
+    def inherited_stages(self) -> dict[str, dict[str, Any]]:
+        return {k: v for k, v in self.build.parent_manifest["stages"].items() if k in ("prompts", "identities", "generate")}
+
+    def annotate(self, content: dict[str, Any]) -> None:
+        content["stages"].setdefault(Filtering.name, StageStats(Filtering.name, Filtering.version).to_json())
+        content["stages"][Filtering.name]["rescored_judges"] = list(self.build.rescore)
 
 
-class LocalRefilterRunner(RefilterMixin, LocalRunner):
-    pass
-
-
-def make_runner(kind: str, build: PreparedRefilter, progress: bool | None, ray_address: str | None) -> BuildRunner:
-    if kind == "local":
-        return LocalRefilterRunner(build, progress=progress)
-    from mifa_pipeline.ray_runner import RayRefilterRunner
-
-    return RayRefilterRunner(build, progress=progress, ray_address=ray_address)
-
+def run_refilter(build: PreparedRefilter, kind: str = "local", progress: bool | None = None,
+                 ray_address: str | None = None) -> BuildResult:
+    """Run a prepared re-filter on the executor `kind` ('local' or 'ray')."""
+    executor = make_executor(kind, build.manifest, ray_address, check=False)
+    return Runner(build, executor, RefilterJob(build), progress=progress).run()

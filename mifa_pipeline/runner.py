@@ -1,9 +1,9 @@
-"""The build: checks that write nothing, then resume-aware execution, shard writing and the run manifest.
+"""The build: checks that write nothing, then the output lock, the identity phase, the shard phase, the run manifest.
 
-`BuildRunner` owns everything that must be identical whoever executes the units: what is already
-done, committing units to the pool, writing shards in global order, the run manifest. Subclasses only
-decide where units run: `LocalRunner` here (in-process, no Ray), `RayRunner` in `ray_runner.py`; both
-also offer `map_units` for plain CPU steps, which `refilter.py` uses to run `mifa filter` either way.
+`Runner` owns what must be the same whoever executes the work: taking the output, what is already done
+(proven by done records), which tasks to (re)do, the shard index and the run manifest. A job says what the
+work is (`BuildJob` here: generate; `refilter.RefilterJob`: re-decide a parent's shards), an executor where
+it runs (`executors.LocalExecutor`, `ray_executor.RayExecutor`). The driver handles done records only.
 """
 
 from __future__ import annotations
@@ -11,28 +11,34 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mifa_pipeline import pool
+from mifa_pipeline import identity_table
 from mifa_pipeline.config import BuildManifest, canonical_json, checkpoint_dir, sha256_text
+from mifa_pipeline.done import WORK_DIR, check_done, done_path, forget, read_done, write_done
+from mifa_pipeline.executors import Executor, WorkerSpec
 from mifa_pipeline.judging import JudgeFileError, judge_specs
+from mifa_pipeline.lock import LOCK_NAME, OutputLock, OutputLockError
 from mifa_pipeline.manifest import (MANIFEST_NAME, SCHEMA_VERSION, chain_fingerprints, code_version, model_files,
                                     model_hash, now_iso, package_versions, stage_configs, write_run_manifest)
-from mifa_pipeline.plan import BuildPlan, WorkUnit
+from mifa_pipeline.plan import BuildPlan
 from mifa_pipeline.progress import BuildProgress
 from mifa_pipeline.records import StageStats
-from mifa_pipeline.shards import atomic_write_text, write_shard_index
-from mifa_pipeline.stages.filter import DuplicateIdentities
+from mifa_pipeline.shards import TMP_MARK, ShardInfo, atomic_write_text, write_shard_index
 from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.stages.identities import reference_files
-from mifa_pipeline.stages.write import ShardWriting
-from mifa_pipeline.work import GenerationWorker, UnitState, expand_unit, filter_unit
+from mifa_pipeline.stages.write import SCORES_DIR
+from mifa_pipeline.work import BuildWorker, check_task
 
-BUILD_STATE = "build.json"  # _work/build.json: which build this folder holds (written before any unit)
+BUILD_STATE = "build.json"  # _work/build.json: which build this folder holds (written before any task)
+IDENTITIES_TASK = "identities"  # the done record of the published identity table
+STAGE_ORDER = ("prompts", "identities", "duplicates", "generate", "filter", "write")
 
 
 class BuildError(RuntimeError):
@@ -58,14 +64,23 @@ class PreparedBuild:
         return self.fingerprints[-1]["fingerprint"]
 
 
+# ---------------------------------------------------------------------------------- checks (write nothing)
+OLD_LAYOUT = "an earlier mifa layout (work units under _work/units, schema 1) that this version does not read"
+
+
 def _existing_fingerprint(out: Path) -> str | None:
-    for path, read in ((out / MANIFEST_NAME, lambda d: d["fingerprint"]),
-                       (out / pool.WORK_DIR / BUILD_STATE, lambda d: d["fingerprint"])):
+    if (out / WORK_DIR / "units").is_dir():
+        raise BuildError(f"output {out}: holds a build of {OLD_LAYOUT}; rebuild it with --fresh or into a new folder")
+    for path in (out / MANIFEST_NAME, out / WORK_DIR / BUILD_STATE):
         if path.is_file():
             try:
-                return read(json.loads(path.read_text()))
-            except (ValueError, KeyError):
+                data = json.loads(path.read_text())
+                fingerprint, schema = data["fingerprint"], data.get("schema_version", 1)
+            except (ValueError, KeyError, TypeError):
                 raise BuildError(f"{path}: unreadable build record; rebuild with --fresh") from None
+            if schema != SCHEMA_VERSION:
+                raise BuildError(f"output {out}: holds a build of {OLD_LAYOUT}; rebuild it with --fresh or into a new folder")
+            return fingerprint
     return None
 
 
@@ -102,21 +117,28 @@ def prepare(manifest: BuildManifest, fresh: bool = False) -> PreparedBuild:
     records = files + [j.record for j in judges.values() if j.record]
     build = PreparedBuild(manifest, BuildPlan.from_manifest(manifest), records, chain_fingerprints("", configs),
                           {n: j.fingerprint for n, j in judges.items()}, fresh)
-    return _check_output(build)
+    return check_output(build)
 
 
-def _check_output(build: PreparedBuild) -> PreparedBuild:
+def check_output(build: PreparedBuild) -> PreparedBuild:
     """Refuse a folder that holds something else; mark a matching one for resume (or as complete)."""
     out, fresh = build.out, build.fresh
     if out.exists() and not out.is_dir():
         raise BuildError(f"output {out}: exists and is not a folder")
     _check_writable(out)
-    existing = _existing_fingerprint(out) if out.is_dir() else None
-    if out.is_dir() and any(out.iterdir()) and existing is None:
+    try:
+        existing = _existing_fingerprint(out) if out.is_dir() else None
+    except BuildError:
+        if not fresh:
+            raise
+        existing = "old layout"
+    others = [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
+    if others and existing is None:
         raise BuildError(f"output {out}: folder is not empty and holds no mifa build; refusing to write into it")
     if existing is not None and existing != build.fingerprint and not fresh:
         raise BuildError(f"output {out}: holds a build of a different manifest (fingerprint {existing[:12]}, "
                          f"this one {build.fingerprint[:12]}); use --fresh to replace it or --out for a new folder")
+    build.state = "new"
     if existing == build.fingerprint and not fresh:
         build.state = "complete" if (out / MANIFEST_NAME).is_file() else "resume"
     return build
@@ -124,10 +146,133 @@ def _check_output(build: PreparedBuild) -> PreparedBuild:
 
 def remove_build(out: Path) -> None:
     """--fresh: delete what a mifa build writes, and nothing else."""
-    shutil.rmtree(out / pool.WORK_DIR, ignore_errors=True)
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    shutil.rmtree(out / SCORES_DIR, ignore_errors=True)
     for p in out.iterdir():
-        if p.is_file() and (p.suffix in (".tar", ".parquet", ".tmp") or p.name in (MANIFEST_NAME, "shardindex.json")):
+        if p.is_file() and (p.suffix in (".tar", ".parquet") or TMP_MARK in p.name
+                            or p.name in (MANIFEST_NAME, "shardindex.json", identity_table.IDENTITIES_FILE)):
             p.unlink()
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (what Slurm and Kubernetes send) stops a build like Ctrl-C: committed work is kept."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def cluster_check(manifest: BuildManifest):
+    """A check of a Ray cluster's resources: refuse a pool it cannot hold instead of hanging (2-CPU deadlock)."""
+    r = manifest.resources
+
+    def check(have: dict[str, float]) -> None:
+        cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
+        need_cpus = r.generation_workers * r.cpus_per_worker + r.filter_cpus
+        if need_cpus > cpus:
+            raise BuildError(
+                f"resources: {r.generation_workers} generation worker(s) x cpus_per_worker {r.cpus_per_worker} "
+                f"+ filter_cpus {r.filter_cpus} = {need_cpus:g} CPUs, but the Ray cluster has {cpus:g}; "
+                "lower resources.generation_workers or resources.cpus_per_worker")
+        need_gpus = r.generation_workers * r.gpus_per_worker
+        if need_gpus > gpus:
+            raise BuildError(f"resources: {r.generation_workers} generation worker(s) x gpus_per_worker "
+                             f"{r.gpus_per_worker} = {need_gpus:g} GPUs, but the Ray cluster has {gpus:g}")
+    return check
+
+
+def make_executor(kind: str, manifest: BuildManifest, ray_address: str | None = None, check: bool = True) -> Executor:
+    """'local' (this process) or 'ray' (a local Ray, or the cluster at `ray_address`)."""
+    if kind == "local":
+        from mifa_pipeline.executors import LocalExecutor
+
+        return LocalExecutor()
+    if kind != "ray":
+        raise BuildError(f"--runner {kind!r}: expected 'ray' or 'local'")
+    from mifa_pipeline.ray_executor import RayExecutor
+
+    return RayExecutor(ray_address, manifest.resources.filter_cpus, cluster_check(manifest) if check else None)
+
+
+def build_data(build: PreparedBuild, kind: str = "local", progress: bool | None = None,
+               ray_address: str | None = None) -> "BuildResult":
+    """Run a prepared build on the executor `kind` ('local' or 'ray')."""
+    return Runner(build, make_executor(kind, build.manifest, ray_address), progress=progress).run()
+
+
+# ---------------------------------------------------------------------------------- what a build does
+class BuildJob:
+    """A build's work: identity blocks, the identity table, then shards, all by `BuildWorker`s."""
+
+    kind = "mifa-build"
+    title = "mifa build summary"
+    progress_stages = ("identities", "samples", "shards")
+
+    def __init__(self, build: PreparedBuild):
+        self.build = build
+
+    def worker_spec(self, executor: Executor) -> WorkerSpec:
+        r = self.build.manifest.resources
+        return WorkerSpec(BuildWorker, (self.build.manifest, str(self.build.out), self.build.fingerprint),
+                          r.generation_workers, r.cpus_per_worker, r.gpus_per_worker)
+
+    def identity_phase(self, runner: "Runner", pool) -> dict[str, Any]:
+        """Make every identity block (adopting proven ones), then publish the identity table."""
+        out, fp = runner.out, self.build.fingerprint
+        blocks = self.build.plan.blocks
+        adopted = runner.adopt([b.name for b in blocks], what="identity block")
+        pending = [b for b in blocks if b.name not in adopted]
+        records = dict(adopted)
+        for block, record in pool.run("make_identity_block", pending):
+            records[block.name] = record
+            runner.advance("identities", len(block.identities))
+        parts = [out / identity_table.block_path(b.name) for b in blocks]
+        threshold = self.build.manifest.filter.identity.duplicate_cosine
+        _, counts = next(runner.executor.map(publish_identities, [str(out)], [str(p) for p in parts], threshold))
+        stats = _sum_stats(r["stats"] for r in records.values())
+        record = write_done(out, IDENTITIES_TASK, fp, [identity_table.IDENTITIES_FILE], **counts,
+                            stats={k: v.to_json() for k, v in stats.items()})
+        remove_blocks(out, blocks)
+        return record
+
+    def lineage(self) -> dict[str, Any]:
+        return {"kind": self.kind, "parent": None}
+
+    def inherited_stages(self) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def annotate(self, content: dict[str, Any]) -> None:
+        """Anything a job adds to the run manifest (a build adds nothing)."""
+
+
+def remove_blocks(out: Path, blocks) -> None:
+    """Once published, the blocks' reference faces live in identities.parquet alone."""
+    for b in blocks:
+        forget(out, b.name)
+        (out / identity_table.block_path(b.name)).unlink(missing_ok=True)
+    try:
+        (out / identity_table.BLOCKS_DIR).rmdir()
+    except OSError:
+        pass
+
+
+def publish_identities(parts: list[str], threshold: float | None, out: str) -> dict[str, int]:
+    """A CPU step (so the driver never reads reference faces): blocks -> identities.parquet."""
+    return identity_table.publish(Path(out), [Path(p) for p in parts], threshold)
+
+
+def _sum_stats(parts) -> dict[str, StageStats]:
+    totals: dict[str, StageStats] = {}
+    for stats in parts:
+        for name, s in stats.items():
+            part = StageStats(name, s["version"], s["in"], s["out"], dict(s["dropped"]), s["seconds"])
+            totals.setdefault(name, StageStats(name, s["version"])).merge(part)
+    return totals
 
 
 @dataclass
@@ -135,202 +280,203 @@ class BuildResult:
     state: str
     manifest: dict[str, Any]
     wall_seconds: float
-    units_run: int = 0
+    units_run: int = 0  # shards made by this run (the rest were adopted from an earlier one)
+    notes: list[str] = field(default_factory=list)
 
 
-class BuildRunner:
-    """Shared build logic; subclasses implement `execute` (where units run)."""
+class Runner:
+    """Takes the output, runs a job's identity phase and shards on an executor, writes the run manifest."""
 
-    name = "base"
-    progress_stages = ("prompts", "identities", "generate", "filter", "write")
-
-    def __init__(self, build: PreparedBuild, progress: bool | None = None):
+    def __init__(self, build: PreparedBuild, executor: Executor, job=None, progress: bool | None = None):
         self.build = build
         self.manifest = build.manifest
         self.out = build.out
+        self.executor = executor
+        self.job = job or BuildJob(build)
         self.show_progress = progress
         self.progress: BuildProgress | None = None
-        on = "identity" in build.judges
-        self.duplicates = DuplicateIdentities(build.manifest.filter.identity.duplicate_cosine) if on else None
-        self.duplicate_stats = StageStats("duplicates", DuplicateIdentities.version)
+        self.notes: list[str] = []
 
-    # ------------------------------------------------------------------ for subclasses
-    def execute(self, units: list[WorkUnit]) -> Iterator[UnitState]:
-        """Run expand -> generate -> filter for each unit; yield each finished unit, in any order."""
-        raise NotImplementedError
-
+    # ------------------------------------------------------------------ helpers for jobs
     def advance(self, stage: str, n: int) -> None:
         if self.progress is not None:
             self.progress.advance(stage, n)
 
-    # ------------------------------------------------------------------ the build
+    def note(self, message: str) -> None:
+        """A line the user should see whatever the progress mode (a redone task, a taken-over lock)."""
+        self.notes.append(message)
+        if self.progress is not None:
+            self.progress.note(message)
+
+    def adopt(self, names: list[str], what: str) -> dict[str, dict[str, Any]]:
+        """The tasks among `names` whose done records prove their files; says why each other one is redone."""
+        fp = self.build.fingerprint
+        recorded = [n for n in names if done_path(self.out, n).is_file()]
+        adopted = {}
+        for name, (record, why) in self.executor.map(check_task, recorded, str(self.out), fp):
+            if record is not None:
+                adopted[name] = record
+            else:
+                self.note(f"{name}: redone ({why})")
+        return adopted
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> BuildResult:
+        start = time.perf_counter()
+        lock = OutputLock(self.out, purpose=self.job.kind)
+        try:
+            taken = lock.acquire()
+        except OutputLockError as exc:
+            raise BuildError(str(exc)) from None
+        wrote_nothing = True
+        try:
+            with sigterm_as_interrupt():
+                self.build = check_output(replace(self.build))  # again, now that the output is ours
+                if self.build.state == "complete":
+                    return BuildResult("complete", json.loads((self.out / MANIFEST_NAME).read_text()), 0.0)
+                resumed = self.build.state == "resume"
+                if taken:
+                    self.notes.append(taken)
+                self._start_folder()
+                result = self._run(start, resumed)
+                wrote_nothing = False
+                return result
+        except BaseException:
+            if lock.created_folder and not self._anything_done():
+                self._remove_own_start()
+            raise
+        finally:
+            lock.release()
+            if lock.created_folder and wrote_nothing and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()
+
     def _start_folder(self) -> None:
         out = self.out
         if self.build.fresh and out.is_dir():
             remove_build(out)
-        (out / pool.WORK_DIR / "shards").mkdir(parents=True, exist_ok=True)
-        state = out / pool.WORK_DIR / BUILD_STATE
+        (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
+        state = out / WORK_DIR / BUILD_STATE
         if not state.is_file():
             atomic_write_text(state, json.dumps({
-                "fingerprint": self.build.fingerprint, "created": now_iso(),
+                "schema_version": SCHEMA_VERSION, "fingerprint": self.build.fingerprint, "created": now_iso(),
                 "build_manifest": self.manifest.model_dump(mode="json"),
             }, indent=2) + "\n")
-        pool.clean_partial(out)
-        for tmp in out.glob("*.tmp"):
-            tmp.unlink()
+        for folder in (out, out / SCORES_DIR, out / WORK_DIR / "done", out / identity_table.BLOCKS_DIR):
+            if folder.is_dir():  # ours alone now (we hold the lock): a crashed writer's temporary files
+                for tmp in folder.glob(f".*{TMP_MARK}*"):
+                    tmp.unlink()
 
-    def run(self) -> BuildResult:
-        start = time.perf_counter()
-        if self.build.state == "complete":
-            content = json.loads((self.out / MANIFEST_NAME).read_text())
-            return BuildResult("complete", content, 0.0)
-        created_folder = not self.out.exists()
-        self._start_folder()
-        units = self.build.plan.units
-        committed_before = {u.index for u in units if pool.is_committed(self.out, u)}
-        pending = [u for u in units if u.index not in committed_before]
-        m = self.manifest
-        writer = ShardWriting(self.out, m.writer, m.dataset.split,
-                              {"name": m.dataset.name, "version": m.dataset.version},
-                              model_description(m.model), markers=self.out / pool.WORK_DIR / "shards")
-        spi = m.identities.samples_per_identity
-        done_samples = sum(len(units[i].identities) * spi for i in committed_before)
-        totals = {"prompts": self.build.plan.total_samples, "identities": m.identities.count,
-                  "generate": self.build.plan.total_samples, "filter": self.build.plan.total_samples, "write": None}
-        done = {"prompts": done_samples, "generate": done_samples, "filter": done_samples,
-                "identities": sum(len(units[i].identities) for i in committed_before)}
-        committed_now = 0
-        try:
-            totals = {k: v for k, v in totals.items() if k in self.progress_stages}
-            with BuildProgress(totals, done, enabled=self.show_progress) as self.progress:
-                next_unit = self._write_ready(units, 0, writer)
-                for state in self.execute(pending):
-                    self.commit(state)
-                    committed_now += 1
-                    self.progress.log(f"committed {state.unit.name} ({committed_now}/{len(pending)})")
-                    next_unit = self._write_ready(units, next_unit, writer)
-                if next_unit != len(units):
-                    raise BuildError(f"internal: {len(units) - next_unit} unit(s) never finished")
-                shards = writer.finish()
-                self.advance("write", 0)
-        except BaseException:
-            writer.abort()
-            if created_folder and committed_now == 0 and not committed_before:
-                shutil.rmtree(self.out, ignore_errors=True)  # a first run that failed early leaves nothing
-            raise
-        finally:
-            self.progress = None
-        index = write_shard_index(self.out, m.dataset.name, shards)
-        content = self._run_manifest(shards, writer.stats, index, time.perf_counter() - start, len(pending))
+    def _anything_done(self) -> bool:
+        done = self.out / WORK_DIR / "done"
+        return done.is_dir() and any(done.iterdir())
+
+    def _remove_own_start(self) -> None:
+        """A first run that failed before finishing any task removes what it wrote, and only that."""
+        (self.out / WORK_DIR / BUILD_STATE).unlink(missing_ok=True)
+        for folder in (self.out / WORK_DIR / "done", self.out / identity_table.BLOCKS_DIR, self.out / SCORES_DIR,
+                       self.out / WORK_DIR):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+    def _run(self, start: float, resumed: bool) -> BuildResult:
+        plan, job = self.build.plan, self.job
+        shards = plan.shards
+        totals = {"identities": plan.identities, "samples": plan.total_samples, "shards": len(shards)}
+        with BuildProgress({k: totals[k] for k in job.progress_stages}, {}, enabled=self.show_progress) as self.progress:
+            for message in self.notes:
+                self.progress.note(message)
+            try:
+                adopted = self.adopt([s.name for s in shards], what="shard")
+                pending = [s for s in shards if s.name not in adopted]
+                records = dict(adopted)
+                self.advance("shards", len(adopted))
+                self.advance("samples", sum(r["planned"] for r in adopted.values()))
+                pool = None
+                try:
+                    identities, why = check_done(self.out, IDENTITIES_TASK, self.build.fingerprint) if pending else (None, "")
+                    if pending and identities is None:
+                        if why != "not done yet":
+                            self.note(f"identities.parquet: redone ({why})")
+                        pool = self.executor.workers(job.worker_spec(self.executor))
+                        identities = job.identity_phase(self, pool)
+                    else:
+                        identities = identities or read_done(self.out, IDENTITIES_TASK)[0]
+                    self.advance("identities", plan.identities)
+                    if pending:
+                        pool = pool or self.executor.workers(job.worker_spec(self.executor))
+                        for shard, record in pool.run("make_shard", pending):
+                            records[shard.name] = record
+                            self.advance("samples", shard.planned)
+                            self.advance("shards", 1)
+                            self.progress.log(f"{shard.name}: {record['nsamples']} of {shard.planned} kept")
+                finally:
+                    if pool is not None:
+                        pool.close()
+            finally:
+                self.executor.close()
+        ordered = [records[s.name] for s in shards]
+        infos = [_shard_info(r) for r in ordered]
+        index = write_shard_index(self.out, self.manifest.dataset.name, infos)
+        wall = time.perf_counter() - start
+        content = self._run_manifest(ordered, identities, index, wall, len(pending))
+        job.annotate(content)
         write_run_manifest(self.out, content)
-        return BuildResult("resumed" if committed_before else "built", content, time.perf_counter() - start, len(pending))
+        return BuildResult("resumed" if resumed else "built", content, wall, len(pending), self.notes)
 
-    def commit(self, state: UnitState) -> None:
-        pool.commit_unit(self.out, state.unit, state.people, state.samples, state.stats,
-                         self.manifest.writer.image_format, self.build.judges)
-
-    def _write_ready(self, units: list[WorkUnit], next_unit: int, writer: ShardWriting) -> int:
-        """Feed committed units to the shard writer in order, as far as the committed prefix reaches.
-
-        This ordered pass is also where identities are compared with earlier ones (duplicates): it is the
-        one place that sees every identity in global order, on every run, resumed or not. On a resume the
-        units whose shards exist already are replayed from their metadata, without reading their images.
-        """
-        while next_unit < len(units) and pool.is_committed(self.out, units[next_unit]):
-            unit = units[next_unit]
-            replay = writer.already_written(1)  # a resume, at a shard an earlier run wrote: metadata first
-            rows = pool.read_sample_metadata(self.out, unit) if replay else pool.read_samples(self.out, unit)
-            rows = self._drop_duplicates(unit, [r for r in rows if r["keep"]])
-            if replay and not writer.already_written(len(rows)):  # reaches a shard still to write
-                images = {r["key"]: r["image"] for r in pool.read_samples(self.out, unit, ["key", "image"])}
-                rows = [{**r, "image": images[r["key"]]} for r in rows]
-            writer.add(rows)
-            self.advance("write", len(rows))
-            next_unit += 1
-        return next_unit
-
-    def _drop_duplicates(self, unit: WorkUnit, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if self.duplicates is None:
-            return rows
-        nearest = {p["identity"]: self.duplicates.nearest(p["embedding"])
-                   for p in pool.read_identities(self.out, unit, ["identity", "embedding"])}
-        kept = []
-        self.duplicate_stats.n_in += len(rows)
-        for row in rows:
-            scores = json.loads(row["scores"])
-            scores["identity_nearest_earlier_cosine"] = nearest[row["identity"]]
-            row["scores"] = json.dumps(scores, separators=(",", ":"))
-            if self.duplicates.is_duplicate(nearest[row["identity"]]):
-                self.duplicate_stats.drop("duplicate_identity")
-            else:
-                kept.append(row)
-        self.duplicate_stats.n_out += len(kept)
-        return kept
-
-    def _stage_totals(self, writer_stats: StageStats) -> dict[str, dict[str, Any]]:
-        totals: dict[str, StageStats] = {}
-        for unit in self.build.plan.units:
-            for name, s in pool.read_stats(self.out, unit).items():
-                part = StageStats(name, s["version"], s["in"], s["out"], dict(s["dropped"]), s["seconds"])
-                totals.setdefault(name, StageStats(name, s["version"])).merge(part)
-        if self.duplicates is not None:
-            totals[self.duplicate_stats.name] = self.duplicate_stats
-        totals[writer_stats.name] = writer_stats
-        return {name: s.to_json() for name, s in totals.items()}
-
-    def lineage(self) -> dict[str, Any]:
-        """What kind of version this is and what it derives from (a build has no parent)."""
-        return {"kind": "mifa-build", "parent": None}
-
-    def _run_manifest(self, shards, writer_stats, index: Path, wall: float, units_run: int) -> dict[str, Any]:
+    def _run_manifest(self, records: list[dict[str, Any]], identities: dict[str, Any] | None, index: Path,
+                      wall: float, shards_run: int) -> dict[str, Any]:
         m = self.manifest
+        stats = _sum_stats([identities["stats"]] if identities else [])
+        stats = {**stats, **{k: v for k, v in _sum_stats(r["stats"] for r in records).items()}}
+        stages = {**self.job.inherited_stages(),
+                  **{k: stats[k].to_json() for k in STAGE_ORDER if k in stats}}
+        kept = sum(r["nsamples"] for r in records)
         return {
             "schema_version": SCHEMA_VERSION,
-            **self.lineage(),
+            **self.job.lineage(),
             "dataset": {"name": m.dataset.name, "version": m.dataset.version, "split": m.dataset.split,
                         "description": m.dataset.description},
             "fingerprint": self.build.fingerprint,
             "stage_fingerprints": self.build.fingerprints,
+            "judges": dict(sorted(self.build.judges.items())),
             "build_manifest": m.model_dump(mode="json"),
             "build_manifest_sha256": sha256_text(canonical_json(m.model_dump(mode="json"))),
             "code": code_version(),
             "packages": package_versions(),
-            "runner": self.name,
+            "runner": self.executor.name,
             "models": [*self.build.models],
             "model": model_description(m.model),
             "au_names": list(m.prompts.au_names),
             "counts": {"identities": m.identities.count, "planned_samples": self.build.plan.total_samples,
-                       "kept_samples": sum(s.nsamples for s in shards)},
-            "stages": self._stage_totals(writer_stats),
-            "shards": [s.to_json() for s in shards],
+                       "kept_samples": kept,
+                       "duplicate_identities": identities.get("duplicates", 0) if identities else 0},
+            "identities": _file_record(identity_table.IDENTITIES_FILE, identities),
+            "stages": stages,
+            "shards": [_shard_json(r) for r in records],
             "shard_index": index.name,
             "finished": now_iso(),
             "wall_seconds_last_run": round(wall, 2),
-            "units_run_last": units_run,
+            "shards_run_last": shards_run,
         }
 
 
-class LocalRunner(BuildRunner):
-    """Runs every unit in this process, one after another: no Ray; the reference for the Ray runner."""
+def _file_record(path: str, record: dict[str, Any] | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {"path": path, **record["files"][path], "rows": record.get("identities")}
 
-    name = "local"
 
-    def map_units(self, fn, units: list[WorkUnit], *args) -> Iterator[Any]:
-        """`fn(*args, unit)` for each unit (a CPU step), results in any order."""
-        for unit in units:
-            yield fn(*args, unit)
+def _shard_info(record: dict[str, Any]) -> ShardInfo:
+    tar = f"{record['name']}.tar"
+    f = record["files"][tar]
+    return ShardInfo(tar, record["nsamples"], f["bytes"], f["sha256"], f["md5"], record["first_key"], record["last_key"])
 
-    def execute(self, units: list[WorkUnit]) -> Iterator[UnitState]:
-        if not units:
-            return
-        worker = GenerationWorker(self.manifest)
-        worker.setup()
-        for unit in units:
-            state = expand_unit(self.manifest, unit)
-            self.advance("prompts", len(state.samples))
-            state = worker.process(state)
-            self.advance("identities", len(state.people))
-            self.advance("generate", len(state.samples))
-            state = filter_unit(self.manifest, state, worker.resolution)
-            self.advance("filter", len(state.samples))
-            yield state
+
+def _shard_json(record: dict[str, Any]) -> dict[str, Any]:
+    info = _shard_info(record).to_json()
+    files = record["files"]
+    sidecar, scores = f"{record['name']}.parquet", f"{SCORES_DIR}/{record['name']}.parquet"
+    return {**info, "planned": record["planned"],
+            "sidecar": {"path": sidecar, **files[sidecar]}, "scores": {"path": scores, **files[scores]}}

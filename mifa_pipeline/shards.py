@@ -3,6 +3,8 @@
 This module knows samples only as (key, encoded image, metadata dict, class index); it knows no model.
 Tars are written through webdataset's TarWriter with a fixed mtime, owner and mode and members in sorted
 order, to a temporary name that is fsynced and renamed: a shard path either holds a whole shard or nothing.
+Temporary names are hidden and unique (`.NAME.tmp-<random>`), so two writers never share one and a
+reader globbing `*.tar` never meets one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import json
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +46,8 @@ class ShardInfo:
     bytes: int
     sha256: str
     md5: str
-    first_key: str
-    last_key: str
+    first_key: str | None  # None for a shard all of whose samples were dropped
+    last_key: str | None
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -114,6 +117,10 @@ def _column_type(values: list[Any]) -> pa.DataType:
 
 
 def sidecar_table(rows: list[dict[str, Any]]) -> pa.Table:
+    if not rows:  # a shard whose samples were all dropped: the columns every sidecar has
+        return pa.table({"key": pa.array([], pa.string()), "shard": pa.array([], pa.string()),
+                         "label": pa.array([], pa.int64()), "image_ext": pa.array([], pa.string()),
+                         "image_sha256": pa.array([], pa.string())})
     names: list[str] = []
     for row in rows:
         names += [n for n in row if n not in names]
@@ -127,10 +134,27 @@ def sidecar_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.table(columns)
 
 
+TMP_MARK = ".tmp-"
+
+
+def temporary_path(final: Path) -> Path:
+    """A hidden, unique temporary name beside `final` (renamed onto it once whole)."""
+    return final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+
+
 def _fsync_replace(tmp: Path, final: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    tmp = temporary_path(path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        _fsync_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def file_digests(path: Path) -> tuple[str, str, int]:
@@ -150,7 +174,7 @@ class ShardFileWriter:
         self.folder = folder
         self.name = name
         self.tar_path = folder / name
-        self.tmp_path = folder / (name + ".tmp")
+        self.tmp_path = temporary_path(self.tar_path)
         self._file = open(self.tmp_path, "wb")
         self._writer = wds.TarWriter(self._file, user="mifa", group="mifa", mode=0o644, encoder=False, mtime=FIXED_MTIME)
         self.rows: list[dict[str, Any]] = []
@@ -167,13 +191,11 @@ class ShardFileWriter:
         self._writer.close()  # closes the tar stream (and our file)
         if not self._file.closed:
             self._file.close()
-        sidecar = self.tar_path.with_suffix(".parquet")
-        tmp_sidecar = sidecar.with_name(sidecar.name + ".tmp")
-        pq.write_table(sidecar_table(self.rows), tmp_sidecar, compression="zstd")
-        _fsync_replace(tmp_sidecar, sidecar)
+        write_parquet_atomic(sidecar_table(self.rows), self.tar_path.with_suffix(".parquet"))
         _fsync_replace(self.tmp_path, self.tar_path)
         sha, md5, size = file_digests(self.tar_path)
-        return ShardInfo(self.name, len(self.keys), size, sha, md5, self.keys[0], self.keys[-1])
+        first, last = (self.keys[0], self.keys[-1]) if self.keys else (None, None)
+        return ShardInfo(self.name, len(self.keys), size, sha, md5, first, last)
 
     def abort(self) -> None:
         """Drop the half-written shard; closes the tar stream first so nothing writes to it later."""
@@ -199,6 +221,9 @@ def write_shard_index(folder: Path, name: str, shards: list[ShardInfo]) -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync_replace(tmp, path)
+    tmp = temporary_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        _fsync_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

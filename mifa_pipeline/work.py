@@ -1,41 +1,41 @@
-"""What happens to one work unit, cut where a runner may put a process boundary.
+"""What one worker does: make identity blocks, then whole shards, writing its files straight to the output.
 
-    expand_unit (CPU)  ->  GenerationWorker.process (GPU: identities + generation)  ->  filter_unit (CPU)
+    identity block:  prompts (who) -> references (painted / rendered / read) -> embeddings -> block file
+    shard:           prompts -> identities (from identities.parquet) -> generation -> judging -> decision
+                     -> encoding -> tar + sidecar + scores table -> done record
 
-The local runner calls these in a loop; the Ray runner runs the first and last as tasks and holds
-GenerationWorker in an actor pool. Neither the stages nor these functions know which one drives them.
+A `BuildWorker` holds the generator and the judges for its lifetime (one per process: the local executor
+makes one, the Ray executor one per actor), so nothing is loaded per task. It returns done records only:
+the driver never sees an image. Executors decide where workers run; this module knows none of them.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import math
-from dataclasses import dataclass, field
+import time
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+from PIL import Image
+
+from mifa_pipeline import identity_table
 from mifa_pipeline.config import BuildManifest
+from mifa_pipeline.done import check_done, forget, write_done
 from mifa_pipeline.judging import Judges, judge_specs
-from mifa_pipeline.plan import WorkUnit
-from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
+from mifa_pipeline.plan import IdentityBlock, ShardSlots
+from mifa_pipeline.records import IdentityRecord, StageStats
 from mifa_pipeline.shards import encode_image
 from mifa_pipeline.stages.filter import Filtering
-from mifa_pipeline.stages.identities import IdentitySampling
+from mifa_pipeline.stages.generate import model_description
+from mifa_pipeline.stages.identities import IdentitySampling, make_canvas
 from mifa_pipeline.stages.prompts import PromptExpansion
-
-
-@dataclass
-class UnitState:
-    """A unit in flight: its identities, its samples and what each stage so far reported."""
-
-    unit: WorkUnit
-    people: list[IdentityRecord]
-    samples: list[SampleRecord]
-    stats: list[StageStats] = field(default_factory=list)
-
-    @property
-    def people_by_id(self) -> dict[int, IdentityRecord]:
-        return {p.identity: p for p in self.people}
-
+from mifa_pipeline.stages.write import ShardWriting, sample_row
 
 TEACHER_RESOLUTION = 128
+DUPLICATE_STAGE = "duplicates"
 
 
 def uses_teacher(manifest: BuildManifest) -> bool:
@@ -47,72 +47,134 @@ def teacher_identities(manifest: BuildManifest) -> bool:
     return uses_teacher(manifest) or manifest.identities.source == "teacher"
 
 
-def expand_unit(manifest: BuildManifest, unit: WorkUnit) -> UnitState:
+def prompt_stage(manifest: BuildManifest) -> PromptExpansion:
     describe = None
     if teacher_identities(manifest):
         from mifa_pipeline.stages.teacher import describe
-    stage = PromptExpansion(manifest.prompts, manifest.seed, manifest.identities.samples_per_identity, describe)
-    people, samples, stats = stage.run(unit.identities)
-    return UnitState(unit, people, samples, [stats])
+    return PromptExpansion(manifest.prompts, manifest.seed, manifest.identities.samples_per_identity, describe)
 
 
-class GenerationWorker:
-    """Holds the model for its lifetime (one per GPU actor); loads it in `setup`, never at import."""
+def decode_png(data: bytes, mode: str = "RGB") -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert(mode), dtype=np.uint8).copy()
 
-    def __init__(self, manifest: BuildManifest):
+
+def check_task(out: str, fingerprint: str, name: str) -> tuple[dict[str, Any] | None, str]:
+    """(record or None, why not): the CPU step a resume runs for every task that has a done record."""
+    return check_done(Path(out), name, fingerprint)
+
+
+class BuildWorker:
+    """Holds the model and the judges (loaded once, in `setup`); makes identity blocks and shards."""
+
+    def __init__(self, manifest: BuildManifest, out: str, fingerprint: str):
         self.manifest = manifest
+        self.out = Path(out)
+        self.fingerprint = fingerprint
         self.generation = None
         self.identities = None
+        self.judges = None
+        self.prompts = prompt_stage(manifest)
 
     def setup(self) -> int:
-        """Load the model; returns the image resolution (what the filter needs to know)."""
+        """Load the generator and the judges; returns the image resolution."""
+        if self.generation is not None:
+            return self.generation.resolution
         import torch
 
         from mifa_pipeline.stages.generate import Generation, load_model
 
-        threads = self.manifest.resources.torch_threads or math.ceil(self.manifest.resources.cpus_per_worker)
-        torch.set_num_threads(max(1, threads))
         m = self.manifest
+        threads = m.resources.torch_threads or math.ceil(m.resources.cpus_per_worker)
+        torch.set_num_threads(max(1, threads))
         if uses_teacher(m):
             from mifa_pipeline.stages.teacher import TeacherRendering
 
             self.generation = TeacherRendering(m.sampler.resolution or TEACHER_RESOLUTION, m.prompts.au_names)
         else:
-            model = load_model(m.model, m.sampler)
-            self.generation = Generation(m.sampler, model, m.prompts.au_names, m.prompts.negative_prompt)
+            self.generation = Generation(m.sampler, load_model(m.model, m.sampler), m.prompts.au_names,
+                                         m.prompts.negative_prompt)
         painter = self.generation.paint
         if m.identities.source == "teacher":
             from mifa_pipeline.stages.teacher import TeacherRendering
 
             painter = TeacherRendering(self.generation.resolution, m.prompts.au_names).paint
         self.identities = IdentitySampling(m.identities, self.generation.resolution, painter=painter)
+        specs = judge_specs(m.filter)
+        self.judges = Judges(m.filter, specs) if specs else None
         return self.generation.resolution
 
-    @property
-    def resolution(self) -> int:
-        return self.generation.resolution
+    def close(self) -> None:
+        if self.judges is not None:
+            self.judges.close()
 
-    def process(self, state: UnitState) -> UnitState:
-        if self.generation is None:
-            self.setup()
-        people, id_stats = self.identities.run(state.people)
-        samples, gen_stats = self.generation.run(state.samples, {p.identity: p for p in people})
-        return UnitState(state.unit, people, samples, [*state.stats, id_stats, gen_stats])
+    # ------------------------------------------------------------------ identity phase
+    def make_identity_block(self, block: IdentityBlock) -> dict[str, Any]:
+        self.setup()
+        forget(self.out, block.name)
+        start = time.perf_counter()
+        people = [self.prompts.identity(i) for i in block.identities]
+        people, stats = self.identities.run(people)
+        if self.judges is not None and "identity" in self.judges.run:
+            embeddings = self.judges.reference_embeddings({p.identity: p.reference for p in people})
+            for p in people:
+                p.embedding = embeddings[p.identity]
+        stats.seconds = time.perf_counter() - start
+        relative = identity_table.block_path(block.name)
+        (self.out / relative).parent.mkdir(parents=True, exist_ok=True)
+        from mifa_pipeline.shards import write_parquet_atomic
 
+        write_parquet_atomic(identity_table.block_table(people), self.out / relative)
+        return write_done(self.out, block.name, self.fingerprint, [relative], stats={stats.name: stats.to_json()})
 
-def filter_unit(manifest: BuildManifest, state: UnitState, resolution: int) -> UnitState:
-    """Score and decide every sample, then encode its image in the writer's format (CPU work, off the GPU)."""
-    judges = None
-    specs = judge_specs(manifest.filter)
-    if specs:
-        judges = Judges(manifest.filter, specs)
-    try:
-        samples, stats = Filtering(manifest.filter, resolution, judges).run(state.samples, state.people_by_id)
-    finally:
-        if judges is not None:
-            judges.close()
-    w = manifest.writer
-    for s in samples:
-        s.image_bytes = encode_image(s.image, w.image_format, w.quality) if s.scores.get("image_valid") else b""
-        s.image = None  # the encoded bytes travel on; the array is no longer needed
-    return UnitState(state.unit, state.people, samples, [*state.stats, stats])
+    # ------------------------------------------------------------------ sample phase
+    def _people(self, shard: ShardSlots) -> dict[int, tuple[IdentityRecord, dict[str, Any]]]:
+        rows = identity_table.read_rows(self.out, shard.identities,
+                                        ["reference_png", "mask_png", "embedding", "nearest_earlier_cosine", "duplicate"])
+        people = {}
+        for row in rows:
+            person = self.prompts.identity(row["identity"])
+            person.reference, person.mask = decode_png(row["reference_png"]), decode_png(row["mask_png"], "L")
+            person.canvas = make_canvas(person.reference, person.mask)
+            person.embedding = row["embedding"]
+            people[person.identity] = (person, row)
+        return people
+
+    def make_shard(self, shard: ShardSlots) -> dict[str, Any]:
+        """Generate, judge and write one shard; returns its done record."""
+        self.setup()
+        forget(self.out, shard.name)
+        m = self.manifest
+        start = time.perf_counter()
+        people = self._people(shard)
+        spi = m.identities.samples_per_identity
+        samples = [s for i in shard.identities for s in self.prompts.samples(people[i][0])
+                   if shard.first_slot <= i * spi + s.sample < shard.end_slot]
+        prompt_stats = StageStats(PromptExpansion.name, PromptExpansion.version, len(samples), len(samples),
+                                  seconds=time.perf_counter() - start)
+        dup_stats = StageStats(DUPLICATE_STAGE, "2", n_in=len(samples))
+        generate = []
+        for s in samples:
+            row = people[s.identity][1]
+            if row["duplicate"]:
+                s.keep, s.drop_reason = False, "duplicate_identity"
+                s.scores = {"identity_nearest_earlier_cosine": row["nearest_earlier_cosine"]}
+                dup_stats.drop("duplicate_identity")
+            else:
+                generate.append(s)
+        dup_stats.n_out = len(generate)
+        by_id = {i: p for i, (p, _) in people.items()}
+        generate, gen_stats = self.generation.run(generate, by_id)
+        generate, filter_stats = Filtering(m.filter, self.generation.resolution, self.judges).run(generate, by_id)
+        w = m.writer
+        for s in generate:
+            s.scores["identity_nearest_earlier_cosine"] = people[s.identity][1]["nearest_earlier_cosine"]
+            s.image_bytes = encode_image(s.image, w.image_format, w.quality) if s.scores.get("image_valid") else None
+            s.image = None
+        rows = [sample_row(s, by_id[s.identity], w.image_format) for s in samples]
+        writing = ShardWriting(self.out, {"name": m.dataset.name, "version": m.dataset.version}, model_description(m.model))
+        info, files, write_stats = writing.run(shard.name, rows)
+        stats = [prompt_stats, dup_stats, gen_stats, filter_stats, write_stats]
+        return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, nsamples=info.nsamples,
+                          first_key=info.first_key, last_key=info.last_key,
+                          stats={s.name: s.to_json() for s in stats})

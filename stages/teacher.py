@@ -51,17 +51,22 @@ def write_identity_attributes(out_dir: Path) -> Path:
 
     Why: the teacher knows each face's eye, brow, nose and mouth geometry exactly, and an identity encoder
     trained only to tell identities apart learns their colours instead (a linear probe from the demo
-    model's words to these parameters: R^2 ~ 0). Columns: ``identity`` (as in the shards) and one float
-    column per name in ``SHAPE_ATTRIBUTES``. Written atomically; rewriting it gives the same bytes.
+    model's words to these parameters: R^2 ~ 0). Reads only ``identity`` and ``seed`` of the identity table
+    the build publishes beside its shards (``OUT/identities.parquet``; never ``OUT/_work``), and raises
+    FileNotFoundError when it is missing. Every row is kept, duplicate identities too (their samples were
+    dropped, so nothing reads their row: harmless, and simpler than filtering). Columns: ``identity`` (as in
+    the shards) and one float column per name in ``SHAPE_ATTRIBUTES``. Written atomically; rewriting it gives
+    the same bytes.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tables = sorted(Path(out_dir).glob("_work/units/*/identities.parquet"))
-    if not tables:
-        raise FileNotFoundError(f"{out_dir}: no identity tables (_work/units/*/identities.parquet)")
-    rows = sorted({(int(r["identity"]), int(r["seed"])) for t in tables
-                   for r in pq.read_table(t, columns=["identity", "seed"]).to_pylist()})
+    table = Path(out_dir) / "identities.parquet"
+    if not table.is_file():
+        raise FileNotFoundError(f"{out_dir}: no identities.parquet (a data set built by mifa before the shard "
+                                "redesign? rebuild it)")
+    rows = sorted({(int(r["identity"]), int(r["seed"]))
+                   for r in pq.read_table(table, columns=["identity", "seed"]).to_pylist()})
     params = [identity_params(seed) for _, seed in rows]
     columns = {"identity": pa.array([i for i, _ in rows], pa.int64())}
     for name in SHAPE_ATTRIBUTES:

@@ -1,9 +1,12 @@
-"""Stage 5, shard writing: kept samples, in global (identity, sample) order, into fixed-size shards.
+"""Stage 5, shard writing: one shard's files, from the rows of its planned samples (kept and dropped).
 
-Shard k holds kept samples k*S .. k*S+S-1, so shard contents depend only on the samples, never on
-which worker finished first. A shard is recorded in `_work/shards/NAME.json` after its files are
-renamed into place; a resumed build recounts a recorded shard's samples without rewriting it and
-checks that they are the same ones.
+A shard task ends here. It writes, each atomically:
+- `NAME.tar`: the kept samples (KEY.png, KEY.json, KEY.cls), what training streams;
+- `NAME.parquet`: the sidecar, one row per kept sample (labels, scores, image sha256), what readers query;
+- `scores/NAME.parquet`: every planned sample of the shard, kept or dropped, with its scores, decision and
+  drop reason, and the encoded image of each dropped one (kept images live in the tar). `mifa filter`
+  re-decides from this table alone; it is kept apart so a reader of the sidecars never meets a dropped row.
+Rows are plain dicts (`SCORES_SCHEMA`), so a re-filter, which reads rows back, writes through the same code.
 """
 
 from __future__ import annotations
@@ -14,16 +17,40 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from mifa_pipeline.config import WriterSection
-from mifa_pipeline.records import StageStats
-from mifa_pipeline.shards import ShardFileWriter, ShardInfo, ShardSample, atomic_write_text, shard_name
+from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
+from mifa_pipeline.shards import ShardFileWriter, ShardInfo, ShardSample, write_parquet_atomic
 
 ROUND = 5  # decimals of the float labels and scores in .json: stable, readable, far below label noise
+SCORES_DIR = "scores"
+
+SCORES_SCHEMA = pa.schema([
+    ("key", pa.string()), ("identity", pa.int64()), ("sample", pa.int64()), ("seed", pa.int64()),
+    ("expression", pa.string()), ("prompt", pa.string()), ("demographics", pa.string()),
+    ("requested", pa.string()), ("occurrence_prob", pa.string()), ("intensity", pa.string()),
+    ("scores", pa.string()), ("keep", pa.bool_()), ("drop_reason", pa.string()),
+    ("image", pa.binary()), ("image_ext", pa.string()),
+])  # JSON-valued columns keep the AU order of the build; `image` is null for kept and never-generated samples
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def sample_row(sample: SampleRecord, person: IdentityRecord, image_ext: str) -> dict[str, Any]:
+    """A sample's scores-table row (the form a shard's samples take from here on)."""
+    return {
+        "key": sample.key, "identity": sample.identity, "sample": sample.sample, "seed": sample.seed,
+        "expression": sample.expression, "prompt": sample.prompt, "demographics": _json(person.demographics),
+        "requested": _json(sample.requested), "occurrence_prob": _json(sample.occurrence_prob),
+        "intensity": _json(sample.intensity), "scores": _json(sample.scores), "keep": sample.keep,
+        "drop_reason": sample.drop_reason, "image": sample.image_bytes, "image_ext": image_ext,
+    }
 
 
 def sample_metadata(row: dict[str, Any], dataset: dict[str, str], model: str) -> dict[str, Any]:
-    """The `.json` member of a sample, from its pool row."""
+    """The `.json` member of a sample, from its row."""
     prob = json.loads(row["occurrence_prob"])
     intensity = json.loads(row["intensity"])
     return {
@@ -45,86 +72,36 @@ def sample_metadata(row: dict[str, Any], dataset: dict[str, str], model: str) ->
     }
 
 
+def scores_path(name: str) -> str:
+    return f"{SCORES_DIR}/{name}.parquet"
+
+
 class ShardWriting:
     name = "write"
-    version = "1"
+    version = "2"
 
-    def __init__(self, out: Path, config: WriterSection, split: str, dataset: dict[str, str], model: str,
-                 markers: Path):
+    def __init__(self, out: Path, dataset: dict[str, str], model: str):
         self.out = out
-        self.config = config
-        self.split = split
         self.dataset = dataset
         self.model = model
-        self.markers = markers
-        self.shards: list[ShardInfo] = []
-        self.stats = StageStats(self.name, self.version)
-        self._writer: ShardFileWriter | None = None
-        self._recorded: ShardInfo | None = None  # the shard being recounted on resume
-        self._keys: list[str] = []
 
-    def _marker(self, name: str) -> Path:
-        return self.markers / (name + ".json")
-
-    def _written_before(self, index: int) -> bool:
-        """Shard `index` was written and recorded by an earlier run (a resume recounts it, never rewrites it)."""
-        name = shard_name(self.split, index)
-        return self._marker(name).is_file() and (self.out / name).is_file()
-
-    def _open_next(self) -> None:
-        name = shard_name(self.split, len(self.shards))
-        if self._written_before(len(self.shards)):
-            self._recorded = ShardInfo(**json.loads(self._marker(name).read_text()))
-        else:
-            self._writer = ShardFileWriter(self.out, name)
-
-    def _close_current(self) -> None:
-        if self._recorded is not None:
-            info = self._recorded
-            if (len(self._keys), self._keys[0], self._keys[-1]) != (info.nsamples, info.first_key, info.last_key):
-                raise RuntimeError(f"{info.path}: recorded shard does not hold the samples this build puts there; "
-                                   "the output folder was changed by hand: rebuild with --fresh")
-        else:
-            info = self._writer.close()
-            atomic_write_text(self._marker(info.path), json.dumps(info.to_json()) + "\n")
-        self.shards.append(info)
-        self._writer, self._recorded, self._keys = None, None, []
-
-    def already_written(self, n: int) -> bool:
-        """Whether the next `n` rows all land in shards an earlier run wrote and recorded (a resume then
-        only recounts their keys and need not read their images)."""
-        per = self.config.samples_per_shard
-        start = len(self.shards) * per + len(self._keys)
-        return all(self._written_before(i) for i in range(start // per, (start + max(n, 1) - 1) // per + 1))
-
-    def add(self, rows: list[dict[str, Any]]) -> list[ShardInfo]:
-        """Append the next kept rows (already in global order); returns the shards completed by them."""
+    def run(self, name: str, rows: list[dict[str, Any]]) -> tuple[ShardInfo, list[str], StageStats]:
+        """Write shard `name` from its rows in slot order; returns its tar info, its files, its stats."""
         start = time.perf_counter()
-        done_before = len(self.shards)
-        for row in rows:
-            if self._writer is None and self._recorded is None:
-                self._open_next()
-            if self._writer is not None:
-                if "image" not in row:
-                    raise RuntimeError(f"internal: {row['key']} goes to a new shard but was read without its image")
-                self._writer.write(ShardSample(
-                    key=row["key"], image=row["image"], image_ext=row["image_ext"],
-                    metadata=sample_metadata(row, self.dataset, self.model), label=row["identity"],
-                ))
-            self._keys.append(row["key"])
-            if len(self._keys) == self.config.samples_per_shard:
-                self._close_current()
-        self.stats.n_in += len(rows)
-        self.stats.n_out += len(rows)
-        self.stats.seconds += time.perf_counter() - start
-        return self.shards[done_before:]
-
-    def finish(self) -> list[ShardInfo]:
-        """Close the last, short shard."""
-        if self._keys:
-            self._close_current()
-        return self.shards
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
+        kept = [r for r in rows if r["keep"]]
+        writer = ShardFileWriter(self.out, f"{name}.tar")
+        try:
+            for row in kept:
+                writer.write(ShardSample(key=row["key"], image=row["image"], image_ext=row["image_ext"],
+                                         metadata=sample_metadata(row, self.dataset, self.model), label=row["identity"]))
+            info = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        table = pa.Table.from_pylist([{**r, "image": None if r["keep"] else r["image"]} for r in rows],
+                                     schema=SCORES_SCHEMA)
+        (self.out / SCORES_DIR).mkdir(exist_ok=True)
+        write_parquet_atomic(table, self.out / scores_path(name))
+        stats = StageStats(self.name, self.version, n_in=len(kept), n_out=len(kept),
+                           seconds=time.perf_counter() - start)
+        return info, [f"{name}.tar", f"{name}.parquet", scores_path(name)], stats

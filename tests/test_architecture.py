@@ -41,7 +41,7 @@ def test_model_package_imports_nothing_of_the_pipeline_or_ray(path):
 
 @pytest.mark.parametrize("path", sources(ROOT / "stages"), ids=lambda p: p.name)
 def test_stages_never_import_the_runner_or_ray(path):
-    bad = {m for m in imports_of(path) if m.split(".")[0] == "ray" or m.endswith(("runner", "ray_runner", ".work"))}
+    bad = {m for m in imports_of(path) if m.split(".")[0] == "ray" or m.endswith(("runner", "executors", "ray_executor", ".work"))}
     assert not bad, f"{path.name} imports {bad}"
 
 
@@ -50,9 +50,9 @@ def test_judges_and_teacher_share_no_code_with_the_model(path):
     assert not {m for m in imports_of(path) if m.startswith("mifa_pipeline.maugen")}
 
 
-def test_only_ray_runner_imports_ray_and_shards_know_no_model():
+def test_only_the_ray_executor_imports_ray_and_shards_know_no_model():
     for path in sources(PKG):
-        if path.name != "ray_runner.py":
+        if path.name != "ray_executor.py":
             assert not {m for m in imports_of(path) if m.split(".")[0] == "ray"}, path
     shard_imports = imports_of(PKG / "shards.py")
     assert not {m for m in shard_imports if m.split(".")[0] in ("torch", "diffusers", "transformers")

@@ -1,9 +1,8 @@
-"""Whole builds in one process (LocalRunner) with the fast fake model: shards, resume, verify, bad input."""
+"""Whole builds in one process (local executor) with the fast fake model: shards, resume, verify, bad input."""
 
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,28 +10,33 @@ import textwrap
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from mifa_pipeline.inspect import verify
-from mifa_pipeline.runner import BuildError, LocalRunner, prepare
+from mifa_pipeline.runner import BuildError, build_data, prepare
+from mifa_pipeline.verify import verify
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def build(manifest, fresh=False):
-    return LocalRunner(prepare(manifest, fresh=fresh), progress=False).run()
+    return build_data(prepare(manifest, fresh=fresh), "local", progress=False)
 
 
 def digests(folder: Path) -> dict[str, str]:
-    names = sorted(p.name for p in folder.iterdir() if p.suffix in (".tar", ".parquet") or p.name == "shardindex.json")
+    """Every published file (shards, sidecars, scores tables, identity table, index) by content."""
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                   if p.is_file() and not str(p.relative_to(folder)).startswith(("_work", "manifest.json")))
     return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names}
 
 
-def test_build_writes_contiguous_fixed_size_shards_readable_by_webdataset(small_manifest, fake_model):
+def test_build_writes_shards_of_planned_slots_readable_by_webdataset(small_manifest, fake_model):
     m = small_manifest()
     result = build(m)
     shards = result.manifest["shards"]
     assert [s["path"] for s in shards] == [f"train-{i:06d}.tar" for i in range(4)]
-    assert [s["nsamples"] for s in shards] == [5, 5, 5, 3]
+    assert [s["planned"] for s in shards] == [5, 5, 5, 3] == [s["nsamples"] for s in shards]
     assert verify(m.output) == []
     urls = str(m.output / "train-{000000..000003}.tar")
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb").to_tuple("__key__", "png", "json", "cls"))
@@ -41,25 +45,48 @@ def test_build_writes_contiguous_fixed_size_shards_readable_by_webdataset(small_
     assert key == "id0000001-s0001" == meta["key"] and cls == 1 == meta["identity"]
     assert image.shape == (32, 32, 3)
     assert set(meta["intensity"]) == set(meta["requested_aus"]) == set(result.manifest["au_names"])
-    assert all(0 <= v <= 5 for v in meta["intensity"].values())
     assert "<ID> <ID2>" in meta["prompt"] and meta["demographics"]
+    people = pq.read_table(m.output / "identities.parquet").to_pylist()
+    assert [p["identity"] for p in people] == list(range(6)) and all(p["reference_png"] for p in people)
+    assert not (m.output / "_work" / "identities").exists()  # published: the blocks are gone
 
 
-def test_run_manifest_records_lineage_counts_and_shards(small_manifest, fake_model):
+def test_drops_leave_each_shard_its_own_slots(small_manifest, fake_model, tmp_path):
+    """Shard k holds the kept samples of slots [5k, 5k+5): drops shrink it and never move samples between shards."""
+    all_kept = build(small_manifest(out=tmp_path / "all")).manifest
+    m = small_manifest("filter.min_pixel_std=46", out=tmp_path / "some")
+    c = build(m).manifest
+    assert [s["planned"] for s in c["shards"]] == [5, 5, 5, 3]
+    assert 0 < c["counts"]["kept_samples"] < 18 and c["stages"]["filter"]["dropped"]["blank_image"] > 0
+    for full, cut in zip(all_kept["shards"], c["shards"]):
+        keys = [r["key"] for r in pq.read_table(m.output / cut["sidecar"]["path"], columns=["key"]).to_pylist()]
+        assert set(keys) <= set(full_keys(tmp_path / "all", full))
+        scores = pq.read_table(m.output / cut["scores"]["path"]).to_pylist()
+        assert [r["key"] for r in scores] == full_keys(tmp_path / "all", full)  # every planned sample has a row
+        assert all(r["image"] is None for r in scores if r["keep"]) and all(r["image"] for r in scores if not r["keep"])
+    assert verify(m.output) == []
+
+
+def full_keys(folder, shard):
+    return [r["key"] for r in pq.read_table(folder / shard["sidecar"]["path"], columns=["key"]).to_pylist()]
+
+
+def test_run_manifest_records_lineage_counts_and_every_file(small_manifest, fake_model):
     m = small_manifest()
     c = build(m).manifest
-    assert c["schema_version"] == 1 and c["parent"] is None
+    assert c["schema_version"] == 2 and c["parent"] is None and c["kind"] == "mifa-build"
     assert [f["stage"] for f in c["stage_fingerprints"]] == ["prompts", "identities", "generate", "filter", "write"]
-    assert c["fingerprint"] == c["stage_fingerprints"][-1]["fingerprint"]
+    assert list(c["stages"]) == ["prompts", "identities", "duplicates", "generate", "filter", "write"]
     assert c["stages"]["generate"]["in"] == 18 and c["stages"]["write"]["out"] == 18
-    assert c["packages"]["torch"] and c["code"]["mifa"]
     for s in c["shards"]:
-        assert hashlib.sha256((m.output / s["path"]).read_bytes()).hexdigest() == s["sha256"]
+        for entry in (s, s["sidecar"], s["scores"]):
+            assert hashlib.sha256((m.output / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+    assert c["identities"]["rows"] == 6
     index = json.loads((m.output / "shardindex.json").read_text())
     assert index["__kind__"] == "wids-shard-index-v1" and index["shardlist"][0]["url"] == "train-000000.tar"
 
 
-def test_same_manifest_gives_identical_bytes_whatever_batch_and_unit_size(small_manifest, fake_model, tmp_path):
+def test_same_manifest_gives_identical_bytes_whatever_batch_and_block_size(small_manifest, fake_model, tmp_path):
     a = small_manifest("sampler.batch_size=1", "resources.identities_per_unit=1", out=tmp_path / "a")
     b = small_manifest("sampler.batch_size=7", "resources.identities_per_unit=4", out=tmp_path / "b")
     build(a)
@@ -70,35 +97,100 @@ def test_same_manifest_gives_identical_bytes_whatever_batch_and_unit_size(small_
     assert digests(c.output) != digests(a.output)
 
 
-def test_drops_keep_shards_full_and_are_counted(small_manifest, fake_model):
-    # every image of the fake has pixel std well below 1000: all dropped as blank, none written
-    m = small_manifest("filter.min_pixel_std=1000")
+def test_drops_are_counted_and_an_all_dropped_shard_is_empty(small_manifest, fake_model):
+    m = small_manifest("filter.min_pixel_std=1000")   # every fake image is 'blank' at this contrast
     c = build(m).manifest
     assert c["stages"]["filter"]["dropped"] == {"blank_image": 18}
-    assert c["shards"] == [] and c["counts"]["kept_samples"] == 0
+    assert [s["nsamples"] for s in c["shards"]] == [0, 0, 0, 0] and c["counts"]["kept_samples"] == 0
+    assert list(wds.WebDataset(str(m.output / "train-000000.tar"), shardshuffle=False, empty_check=False)) == []
     assert verify(m.output) == []
 
 
-def test_verify_catches_a_flipped_byte(small_manifest, fake_model):
-    m = small_manifest()
-    build(m)
-    path = m.output / "train-000001.tar"
+# ---------------------------------------------------------------------------------- verify
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _flip(path, at=700):
     data = bytearray(path.read_bytes())
-    data[700] ^= 0x01
+    data[min(at, len(data) - 1)] ^= 0x01
     path.write_bytes(bytes(data))
-    problems = verify(m.output)
-    assert any("train-000001.tar: sha256" in p for p in problems)
 
 
-def test_verify_catches_a_missing_shard_and_a_stray_one(small_manifest, fake_model):
-    m = small_manifest()
-    build(m)
-    (m.output / "train-000002.tar").rename(m.output / "train-000009.tar")
-    problems = verify(m.output)
-    assert any("train-000002.tar: missing" in p for p in problems)
-    assert any("train-000009.tar: a shard file the manifest does not list" in p for p in problems)
+VERIFY_EDITS = {
+    "flipped tar byte": (lambda o: _flip(o / "train-000001.tar"), "train-000001.tar: sha256"),
+    "flipped sidecar byte": (lambda o: _flip(o / "train-000001.parquet", 300), "train-000001.parquet: sha256"),
+    "flipped scores byte": (lambda o: _flip(o / "scores" / "train-000002.parquet", 300), "scores/train-000002.parquet: sha256"),
+    "flipped identity table": (lambda o: _flip(o / "identities.parquet", 300), "identities.parquet: sha256"),
+    "deleted shard": (lambda o: (o / "train-000002.tar").unlink(), "train-000002.tar: missing"),
+    "stray shard": (lambda o: (o / "train-000009.tar").write_bytes(b"x"), "train-000009.tar: a file the run manifest"),
+    "stray sidecar": (lambda o: (o / "scores" / "extra.parquet").write_bytes(b"x"), "scores/extra.parquet: a file"),
+    "stale md5 in manifest": (lambda o: _edit_json(o / "manifest.json", lambda d: d["shards"][0].update(md5="0" * 32)),
+                              "train-000000.tar: md5"),
+    "stale md5 in index": (lambda o: _edit_json(o / "shardindex.json", lambda d: d["shardlist"][0].update(md5sum="0" * 32)),
+                           "shardindex.json: does not match"),
+    "edited build_manifest": (lambda o: _edit_json(o / "manifest.json", lambda d: d["build_manifest"].update(seed=7)),
+                              "fingerprint does not follow"),
+    "edited counts": (lambda o: _edit_json(o / "manifest.json", lambda d: d["counts"].update(kept_samples=17)),
+                      "counts: shards hold 18"),
+    "edited stage counts": (lambda o: _edit_json(o / "manifest.json", lambda d: d["stages"]["filter"]["dropped"].update(no_face=1)),
+                            "stages.filter"),
+}
 
 
+def _rewrite_sidecar(out, change):
+    import pyarrow as pa
+
+    path = out / "train-000000.parquet"
+    table = change(pq.read_table(path))
+    pq.write_table(table, path)
+    _edit_json(out / "manifest.json", lambda d: d["shards"][0]["sidecar"].update(
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(), bytes=path.stat().st_size))
+    return pa
+
+
+VERIFY_EDITS["sidecar row edited (hashes updated)"] = (
+    lambda o: _rewrite_sidecar(o, lambda t: t.set_column(t.schema.get_field_index("intensity_AU12"), "intensity_AU12",
+                                                         __import__("pyarrow").array([9.0] * t.num_rows))),
+    "train-000000.parquet: row id0000000-s0000 disagrees with its tar member in ['intensity_AU12']")
+VERIFY_EDITS["sidecar column dropped (hashes updated)"] = (
+    lambda o: _rewrite_sidecar(o, lambda t: t.drop_columns(["prompt"])), "disagrees with its tar member in ['prompt']")
+
+
+@pytest.fixture(scope="module")
+def verified_build(tmp_path_factory):
+    from mifa_pipeline.config import load_manifest
+    from tests.fake_model import FakeMAUGen
+    import mifa_pipeline.stages.generate as generate
+
+    real = generate.load_model
+    generate.load_model = lambda *a, **k: FakeMAUGen()
+    try:
+        m = load_manifest(None, ["identities.count=6", "identities.samples_per_identity=3", "writer.samples_per_shard=5",
+                                 "resources.identities_per_unit=2", "sampler.steps=2"],
+                          output=tmp_path_factory.mktemp("v") / "out")
+        build(m)
+    finally:
+        generate.load_model = real
+    return m.output
+
+
+@pytest.mark.parametrize("edit", sorted(VERIFY_EDITS))
+def test_verify_names_each_kind_of_damage(verified_build, tmp_path, edit):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(verified_build, out)
+    assert verify(out) == []
+    change, expected = VERIFY_EDITS[edit]
+    change(out)
+    problems = verify(out)
+    assert any(expected in p for p in problems), problems
+
+
+# ---------------------------------------------------------------------------------- output folders
 def test_completed_build_is_not_redone_and_another_manifest_is_refused(small_manifest, fake_model):
     m = small_manifest()
     build(m)
@@ -112,6 +204,20 @@ def test_completed_build_is_not_redone_and_another_manifest_is_refused(small_man
     assert digests(m.output) == before and (m.output / "manifest.json").read_bytes() == manifest_bytes
     rebuilt = build(other, fresh=True)
     assert rebuilt.state == "built" and digests(m.output) != before
+
+
+def test_an_output_of_the_earlier_layout_is_refused_with_a_clear_message(small_manifest, tmp_path):
+    out = tmp_path / "old"
+    (out / "_work" / "units" / "unit-0000000-0000002").mkdir(parents=True)
+    (out / "manifest.json").write_text(json.dumps({"schema_version": 1, "fingerprint": "abc"}))
+    with pytest.raises(BuildError, match="earlier mifa layout"):
+        prepare(small_manifest(out=out))
+    from mifa_pipeline.refilter import prepare_refilter
+
+    with pytest.raises(BuildError, match="earlier mifa layout"):
+        prepare_refilter(out, [])
+    with pytest.raises(ValueError, match="earlier mifa layout"):
+        verify(out)
 
 
 def test_editing_a_model_card_keeps_the_build_while_a_changed_weight_does_not(small_manifest, fake_model, tmp_path):
@@ -155,6 +261,71 @@ def test_a_failing_first_run_leaves_no_folder(small_manifest, monkeypatch, tmp_p
     assert not m.output.exists()
 
 
+def test_a_failing_run_removes_only_what_it_wrote(small_manifest, fake_model, monkeypatch, tmp_path):
+    """A run that fails mid-way keeps its finished shards (resumable) and leaves no lock or temporary file."""
+    from mifa_pipeline import work
+
+    m = small_manifest(out=tmp_path / "o")
+    real, calls = work.BuildWorker.make_shard, []
+
+    def dies_on_the_third(self, shard):
+        calls.append(shard.name)
+        if len(calls) == 3:
+            raise RuntimeError("GPU fell off the bus")
+        return real(self, shard)
+
+    monkeypatch.setattr(work.BuildWorker, "make_shard", dies_on_the_third)
+    with pytest.raises(RuntimeError, match="GPU fell off"):
+        build(m)
+    left = sorted(p.name for p in m.output.iterdir())
+    assert left == ["_work", "identities.parquet", "scores", "train-000000.parquet", "train-000000.tar",
+                    "train-000001.parquet", "train-000001.tar"]
+    monkeypatch.setattr(work.BuildWorker, "make_shard", real)
+    assert build(m).units_run == 2
+
+
+# ---------------------------------------------------------------------------------- resume adopts only what it can prove
+DAMAGE = {
+    "tar flipped": lambda o: _flip(o / "train-000001.tar"),
+    "tar truncated": lambda o: (o / "train-000001.tar").write_bytes((o / "train-000001.tar").read_bytes()[:1000]),
+    "tar deleted": lambda o: (o / "train-000001.tar").unlink(),
+    "sidecar flipped": lambda o: _flip(o / "train-000001.parquet", 200),
+    "sidecar deleted": lambda o: (o / "train-000001.parquet").unlink(),
+    "scores flipped": lambda o: _flip(o / "scores" / "train-000001.parquet", 200),
+    "scores deleted": lambda o: (o / "scores" / "train-000001.parquet").unlink(),
+    "done record deleted": lambda o: (o / "_work" / "done" / "train-000001.json").unlink(),
+    "done record emptied": lambda o: (o / "_work" / "done" / "train-000001.json").write_text(""),
+    "done record of another build": lambda o: _edit_json(o / "_work" / "done" / "train-000001.json",
+                                                         lambda d: d.update(fingerprint="f" * 64)),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_resume_redoes_exactly_the_damaged_shard(small_manifest, fake_model, tmp_path, damage):
+    m = small_manifest(out=tmp_path / "o")
+    build(m)
+    reference = digests(m.output)
+    (m.output / "manifest.json").unlink()  # as if killed before the end
+    DAMAGE[damage](m.output)
+    result = build(m)
+    assert result.state == "resumed" and result.units_run == 1
+    if damage != "done record deleted":  # a missing record is simply work not done yet
+        assert [n.split(":")[0] for n in result.notes] == ["train-000001"]
+    assert digests(m.output) == reference and verify(m.output) == []
+
+
+def test_a_damaged_identity_table_is_redone_before_any_shard_uses_it(small_manifest, fake_model, tmp_path):
+    m = small_manifest(out=tmp_path / "o")
+    build(m)
+    reference = digests(m.output)
+    (m.output / "manifest.json").unlink()
+    (m.output / "train-000003.tar").unlink()
+    _flip(m.output / "identities.parquet", 300)
+    result = build(m)
+    assert any(n.startswith("identities.parquet: redone") for n in result.notes)
+    assert digests(m.output) == reference
+
+
 KILLABLE = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
@@ -167,81 +338,76 @@ KILLABLE = textwrap.dedent("""
         return slow(*a, **k)
     model.sample = sample
     generate.load_model = lambda *a, **k: model
-    from mifa_pipeline.config import load_manifest
-    from mifa_pipeline.runner import LocalRunner, prepare
-    m = load_manifest(None, {overrides!r}, output={out!r})
-    LocalRunner(prepare(m), progress=False).run()
+    sys.argv = ["mifa", "build", "--out", {out!r}, "--runner", "local", "--no-progress",
+                *[x for o in {overrides!r} for x in ("--set", o)]]
+    from mifa_pipeline.cli import app
+    app()
 """)
+OVERRIDES = ["identities.count=6", "identities.samples_per_identity=3", "resources.identities_per_unit=1",
+             "writer.samples_per_shard=2", "sampler.steps=2", "sampler.batch_size=2",
+             "filter.face.detector=none", "filter.identity.embedder=none", "filter.au.estimator=none"]
 
 
-def test_resume_after_sigkill_is_byte_identical(small_manifest, fake_model, tmp_path):
-    overrides = ["identities.count=6", "identities.samples_per_identity=3", "resources.identities_per_unit=1",
-                 "writer.samples_per_shard=5", "sampler.steps=2", "sampler.batch_size=2"]
-    reference = small_manifest(*overrides[2:], out=tmp_path / "ref")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_stopped_mid_build_then_resumed_is_byte_identical(small_manifest, fake_model, tmp_path, sig):
+    reference = small_manifest(*OVERRIDES[2:], out=tmp_path / "ref")
     build(reference)
-    out = tmp_path / "killed"
-    script = KILLABLE.format(root=str(Path(__file__).parent.parent), overrides=overrides, out=str(out))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    units = out / "_work" / "units"
+    out = tmp_path / "stopped"
+    script = KILLABLE.format(root=str(ROOT), overrides=OVERRIDES, out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = out / "_work" / "done"
     deadline = time.time() + 300   # the child imports torch first: minutes on a loaded 2-core machine
-    committed = 0
+    finished = 0
     while time.time() < deadline and proc.poll() is None:
-        committed = len([p for p in units.iterdir() if not p.name.startswith(".")]) if units.is_dir() else 0
-        if committed >= 3:
+        finished = len(list(done.glob("train-*.json"))) if done.is_dir() else 0
+        if finished >= 2:
             break
         time.sleep(0.02)
-    assert proc.poll() is None, proc.stderr.read().decode()
-    assert committed >= 3, "the build to kill committed no unit in time; the test did not get to kill it mid-build"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert proc.poll() is None, proc.stderr.read()
+    assert finished >= 2, "the build to stop finished no shard in time; the test did not get to stop it mid-build"
+    os.kill(proc.pid, sig)
+    _, stderr = proc.communicate(timeout=60)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130 and "interrupted" in stderr and "run the same command again" in stderr, stderr
+        assert not (out / ".mifa-lock.json").exists()   # a clean stop releases the output
     assert not (out / "manifest.json").exists()
-    resumed = build(small_manifest(*overrides[2:], out=out))
-    assert resumed.state == "resumed" and resumed.units_run < 6
+    resumed = build(small_manifest(*OVERRIDES[2:], out=out))
+    assert resumed.state == "resumed" and resumed.units_run < 9
     assert digests(out) == digests(reference.output)
     assert verify(out) == []
 
 
-def test_resume_reads_images_only_for_shards_still_to_write(small_manifest, fake_model, monkeypatch):
-    """A resume replays the committed units in order; those whose shards exist are recounted from their
-    metadata, so a 90%-written data set is not read back from disk image by image. A first run reads each
-    unit once."""
-    import mifa_pipeline.pool as pool
+# ---------------------------------------------------------------------------------- one build per output
+def test_a_second_build_into_a_held_output_is_refused_and_the_first_is_intact(small_manifest, fake_model, tmp_path):
+    from mifa_pipeline.lock import OutputLock
 
-    reads = []  # unit index of every read of samples.parquet (with or without images)
-    real_samples, real_metadata = pool.read_samples, pool.read_sample_metadata
-
-    def read_samples(out, unit, columns=None):
-        reads.append((unit.index, "image" if columns is None or "image" in columns else "metadata"))
-        return real_samples(out, unit, columns)
-
-    def read_sample_metadata(out, unit):
-        reads.append((unit.index, "metadata"))
-        return real_metadata(out, unit)
-
-    monkeypatch.setattr(pool, "read_samples", read_samples)
-    monkeypatch.setattr(pool, "read_sample_metadata", read_sample_metadata)
-    m = small_manifest("identities.count=6", "identities.samples_per_identity=3", "resources.identities_per_unit=1",
-                       "writer.samples_per_shard=5")
-    build(m)
-    assert sorted(reads) == [(u, "image") for u in range(6)]
-    reference = digests(m.output)
-    # as if killed after writing shards 0 and 1 (units 0-2 and part of 3) and before committing unit 5
-    for name in ("manifest.json", "shardindex.json"):
-        (m.output / name).unlink()
-    for shard in ("train-000002", "train-000003"):
-        for path in [*m.output.glob(shard + ".*"), *(m.output / "_work" / "shards").glob(shard + ".*")]:
-            path.unlink()
-    units = sorted(p for p in (m.output / "_work" / "units").iterdir())
-    shutil.rmtree(units[-1])
-
-    reads.clear()
-    result = build(m)
-    assert result.state == "resumed" and result.units_run == 1
-    assert sorted({u for u, what in reads if what == "image"}) == [3, 4, 5]
-    assert digests(m.output) == reference
-    assert verify(m.output) == []
+    m = small_manifest(out=tmp_path / "o")
+    other = small_manifest("seed=1", out=tmp_path / "o")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from pathlib import Path
+        from mifa_pipeline.lock import OutputLock
+        OutputLock(Path({str(m.output)!r})).acquire()
+        print("held", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for manifest, fresh in ((m, False), (other, True)):
+            with pytest.raises(BuildError, match=f"in use by another run: .*pid {holder.pid}"):
+                build(manifest, fresh=fresh)
+        assert sorted(p.name for p in m.output.iterdir()) == [".mifa-lock.json"]
+    finally:
+        holder.kill()
+        holder.wait()
+    result = build(m)   # the holder died: its lock is taken over, with a message
+    assert result.state == "built" and any("took over the lock of a dead run" in n for n in result.notes)
+    assert not (m.output / ".mifa-lock.json").exists() and verify(m.output) == []
+    assert OutputLock(m.output).acquire() is None
 
 
+# ---------------------------------------------------------------------------------- judges and identities
 def test_face_check_with_the_real_yunet_detector(small_manifest, fake_model):
     """The fake draws no faces: with YuNet on, every sample is dropped as no_face and the judge is recorded."""
     from mifa_pipeline.faces import models_available
@@ -255,22 +421,56 @@ def test_face_check_with_the_real_yunet_detector(small_manifest, fake_model):
     assert judge and len(judge[0]["sha256"]) == 64
 
 
-def test_missing_face_model_is_a_clear_error(small_manifest, tmp_path):
-    m = small_manifest("filter.face.detector=yunet", f"filter.models_dir={tmp_path}", out=tmp_path / "o")
-    with pytest.raises(BuildError, match="filter.face.detector: yunet needs .*missing"):
-        prepare(m)
-    assert not (tmp_path / "o").exists()
+def test_duplicate_identities_are_dropped_before_any_of_their_samples_is_generated(small_manifest, fake_model, tmp_path):
+    """Identity 1's reference is identity 0's: it is found in the identity phase and costs no generation."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from mifa_pipeline.faces import models_available
+
+    if not models_available():
+        pytest.skip("run scripts/install-face-models.sh (make setup does)")
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    astronaut = Image.fromarray(skimage.data.astronaut()).crop((130, 0, 330, 200))
+    astronaut.save(folder / "a.png")
+    astronaut.save(folder / "b.png")
+    Image.fromarray(np.ascontiguousarray(np.asarray(astronaut)[:, ::-1])).save(folder / "c.png")  # mirrored: close too
+    m = small_manifest("identities.count=3", "identities.source=folder", f"identities.folder={folder}",
+                       "sampler.resolution=64", "filter.face.detector=yunet", "filter.face.min_fraction=0",
+                       "filter.identity.embedder=sface", "filter.identity.duplicate_cosine=0.99", out=tmp_path / "o")
+    c = build(m).manifest
+    people = pq.read_table(m.output / "identities.parquet").to_pylist()
+    assert [p["duplicate"] for p in people] == [False, True, False]
+    assert people[1]["nearest_earlier_cosine"] > 0.99 and people[0]["nearest_earlier_cosine"] is None
+    assert c["counts"]["duplicate_identities"] == 1
+    assert c["stages"]["duplicates"]["dropped"] == {"duplicate_identity": 3}
+    assert c["stages"]["generate"]["in"] == 6 and sum(fake_model.calls) == 6  # identity 1's 3 samples never ran
+    assert verify(m.output) == []
 
 
-def test_unknown_au_estimator_is_a_clear_error(small_manifest, tmp_path):
-    from mifa_pipeline.faces import MODEL_FILES
+def test_teacher_rendered_identities_feed_the_generator(small_manifest, fake_model):
+    """identities.source=teacher: references are procedural faces, prompts describe them."""
+    m = small_manifest("identities.source=teacher")
+    build(m)
+    people = pq.read_table(m.output / "identities.parquet").to_pylist()
+    assert {p["source"] for p in people} == {"teacher"}
+    rows = pq.read_table(m.output / "scores" / "train-000000.parquet").to_pylist()
+    demographics = json.loads(rows[0]["demographics"])
+    assert set(demographics) == {"skin", "eyes", "hair", "clothing"} and demographics["hair"] in rows[0]["prompt"]
+    # a re-filter may tighten the duplicate threshold (identity 2, the mirrored face, goes too) but never loosen it
+    from mifa_pipeline.refilter import prepare_refilter, run_refilter
 
-    (tmp_path / MODEL_FILES["yunet"].filename).write_bytes(b"a detector file")  # prepare only hashes it
-    m = small_manifest("filter.face.detector=yunet", "filter.au.estimator=openface", f"filter.models_dir={tmp_path}",
-                       out=tmp_path / "o")
-    with pytest.raises(BuildError, match="filter.au.estimator: 'openface' is not an AU estimator"):
-        prepare(m)
-    assert not (tmp_path / "o").exists()
+    with pytest.raises(BuildError, match="can only tighten it"):
+        prepare_refilter(m.output, ["filter.identity.duplicate_cosine=0.999"], tmp_path / "loose")
+    tight = run_refilter(prepare_refilter(m.output, ["filter.identity.duplicate_cosine=0.5"], tmp_path / "tight"),
+                         "local", progress=False).manifest
+    assert tight["counts"]["duplicate_identities"] == 2 and tight["counts"]["kept_samples"] == 0
+    rows = pq.read_table(tmp_path / "tight" / "scores" / "train-000001.parquet").to_pylist()
+    mirrored = [r for r in rows if r["identity"] == 2]
+    assert mirrored and all(r["drop_reason"] == "duplicate_identity" and r["image"] for r in mirrored)
+    assert verify(tmp_path / "tight") == []
 
 
 def test_interrupted_refilter_resumes_to_the_same_bytes(small_manifest, fake_model, tmp_path, monkeypatch):
@@ -279,36 +479,23 @@ def test_interrupted_refilter_resumes_to_the_same_bytes(small_manifest, fake_mod
     parent = small_manifest(out=tmp_path / "v1")
     build(parent)
     sets = ["filter.min_pixel_std=46"]
-    rf.LocalRefilterRunner(rf.prepare_refilter(parent.output, sets, tmp_path / "whole"), progress=False).run()
-    real, calls = rf.refilter_unit, []
+    rf.run_refilter(rf.prepare_refilter(parent.output, sets, tmp_path / "whole"), "local", progress=False)
+    real, calls = rf.RefilterWorker.make_shard, []
 
-    def dies_on_the_second_unit(*args):
-        calls.append(args[-1].name)
-        if len(calls) == 2:
+    def dies_on_the_third_shard(self, shard):
+        calls.append(shard.name)
+        if len(calls) == 3:
             raise KeyboardInterrupt  # as if the process were stopped mid-way
-        return real(*args)
+        return real(self, shard)
 
-    monkeypatch.setattr(rf, "refilter_unit", dies_on_the_second_unit)
+    monkeypatch.setattr(rf.RefilterWorker, "make_shard", dies_on_the_third_shard)
     with pytest.raises(KeyboardInterrupt):
-        rf.LocalRefilterRunner(rf.prepare_refilter(parent.output, sets, tmp_path / "cut"), progress=False).run()
+        rf.run_refilter(rf.prepare_refilter(parent.output, sets, tmp_path / "cut"), "local", progress=False)
     assert not (tmp_path / "cut" / "manifest.json").exists()
-    monkeypatch.setattr(rf, "refilter_unit", real)
+    monkeypatch.setattr(rf.RefilterWorker, "make_shard", real)
     again = rf.prepare_refilter(parent.output, sets, tmp_path / "cut")
     assert again.state == "resume"
-    result = rf.LocalRefilterRunner(again, progress=False).run()
+    result = rf.run_refilter(again, "local", progress=False)
     assert result.state == "resumed" and result.units_run == 2
     assert digests(tmp_path / "cut") == digests(tmp_path / "whole")
-
-
-def test_teacher_rendered_identities_feed_the_generator(small_manifest, fake_model):
-    """identities.source=teacher: references are procedural faces, prompts describe them."""
-    from mifa_pipeline import pool
-
-    m = small_manifest("identities.source=teacher")
-    build(m)
-    unit = prepare(m).plan.units[0]
-    people = pool.read_identities(m.output, unit)
-    assert {p["source"] for p in people} == {"teacher"}
-    rows = pool.read_samples(m.output, unit)
-    demographics = json.loads(rows[0]["demographics"])
-    assert set(demographics) == {"skin", "eyes", "hair", "clothing"} and demographics["hair"] in rows[0]["prompt"]
+    assert verify(tmp_path / "cut") == []

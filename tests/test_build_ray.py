@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from mifa_pipeline.inspect import verify
-from mifa_pipeline.runner import BuildError, LocalRunner, prepare
+from mifa_pipeline.runner import BuildError, build_data, prepare
+from mifa_pipeline.verify import verify
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -23,19 +23,18 @@ def ray_fake_cluster():
 
 
 def digests(folder: Path) -> dict[str, str]:
-    names = sorted(p.name for p in folder.iterdir() if p.suffix in (".tar", ".parquet") or p.name == "shardindex.json")
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                   if p.is_file() and not str(p.relative_to(folder)).startswith(("_work", "manifest.json")))
     return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names}
 
 
 def ray_build(manifest):
-    from mifa_pipeline.ray_runner import RayRunner
-
-    return RayRunner(prepare(manifest), progress=False).run()
+    return build_data(prepare(manifest), "ray", progress=False)
 
 
 def test_ray_build_equals_local_build_for_any_worker_count(ray_fake_cluster, small_manifest, fake_model, tmp_path):
     local = small_manifest("resources.identities_per_unit=1", out=tmp_path / "local")
-    LocalRunner(prepare(local), progress=False).run()
+    build_data(prepare(local), "local", progress=False)
     one = small_manifest("resources.cpus_per_worker=1", out=tmp_path / "one")
     two = small_manifest("resources.generation_workers=2", "resources.cpus_per_worker=0.5", "sampler.batch_size=1",
                          out=tmp_path / "two")
@@ -70,21 +69,20 @@ def test_unschedulable_pool_is_refused_instead_of_hanging(ray_fake_cluster, smal
 
 
 def test_refilter_on_ray_equals_local_and_keeps_the_parent(ray_fake_cluster, small_manifest, fake_model, tmp_path):
-    from mifa_pipeline.ray_runner import RayRefilterRunner
-    from mifa_pipeline.refilter import LocalRefilterRunner, prepare_refilter
-
-    parent = small_manifest(out=tmp_path / "v1")
-    ray_build(parent)
-    before = digests(parent.output)
     import json
 
     import pyarrow.parquet as pq
 
-    stds = sorted(json.loads(r["scores"])["pixel_std"] for f in sorted((parent.output / "_work" / "units").glob("*/samples.parquet"))
+    from mifa_pipeline.refilter import prepare_refilter, run_refilter
+
+    parent = small_manifest(out=tmp_path / "v1")
+    ray_build(parent)
+    before = digests(parent.output)
+    stds = sorted(json.loads(r["scores"])["pixel_std"] for f in sorted((parent.output / "scores").glob("*.parquet"))
                   for r in pq.read_table(f, columns=["scores"]).to_pylist())
     sets = [f"filter.min_pixel_std={stds[len(stds) // 2]}"]  # the median contrast: about half kept
-    on_ray = RayRefilterRunner(prepare_refilter(parent.output, sets, tmp_path / "ray"), progress=False).run()
-    local = LocalRefilterRunner(prepare_refilter(parent.output, sets, tmp_path / "local"), progress=False).run()
+    on_ray = run_refilter(prepare_refilter(parent.output, sets, tmp_path / "ray"), "ray", progress=False)
+    local = run_refilter(prepare_refilter(parent.output, sets, tmp_path / "local"), "local", progress=False)
     assert on_ray.manifest["parent"]["fingerprint"] == local.manifest["parent"]["fingerprint"]
     assert 0 < on_ray.manifest["counts"]["kept_samples"] < 18
     assert digests(tmp_path / "ray") == digests(tmp_path / "local")

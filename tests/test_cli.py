@@ -25,8 +25,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     result = runner.invoke(app, ["build", "manifests/demo.yaml", "--out", str(out), "--dry-run", *SMALL])
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
-    assert plan["planned_samples"] == 8 and plan["max_shards"] == 3 and plan["work_units"] == 2
-    assert plan["stages"] == ["prompts", "identities", "generate", "filter", "write"]
+    assert plan["planned_samples"] == 8 and plan["shards"] == 3 and plan["identity_blocks"] == 2
+    assert plan["stages"] == ["prompts", "identities", "duplicates", "generate", "filter", "write"]
     assert not out.exists()
 
 
@@ -59,7 +59,7 @@ def test_build_inspect_verify_with_local_runner(tmp_path, fake_model):
     assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
     (out / "train-000000.parquet").unlink()
     broken = runner.invoke(app, ["verify", str(out)])
-    assert broken.exit_code == 1 and "missing sidecar" in broken.output
+    assert broken.exit_code == 1 and "train-000000.parquet: missing" in broken.output
 
 
 def test_verify_and_inspect_on_a_non_build_exit_2(tmp_path):
@@ -87,8 +87,8 @@ def test_teacher_command_writes_a_verified_labelled_data_set(tmp_path):
     from mifa_pipeline.stages.teacher import SHAPE_ATTRIBUTES, identity_params
 
     attributes = pq.read_table(out / "identity_attributes.parquet").to_pylist()
-    seeds = {r["identity"]: r["seed"] for t in out.glob("_work/units/*/identities.parquet")
-             for r in pq.read_table(t, columns=["identity", "seed"]).to_pylist()}
+    seeds = {r["identity"]: r["seed"]
+             for r in pq.read_table(out / "identities.parquet", columns=["identity", "seed"]).to_pylist()}
     assert sorted(r["identity"] for r in attributes) == sorted(seeds) and len(seeds) == 3
     for row in attributes:
         params = identity_params(seeds[row["identity"]])

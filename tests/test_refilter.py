@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from mifa_pipeline.faces import MODEL_FILES, default_model_dir, models_available
-from mifa_pipeline.inspect import verify
-from mifa_pipeline.refilter import LocalRefilterRunner, prepare_refilter
-from mifa_pipeline.runner import BuildError, LocalRunner, prepare
+from mifa_pipeline.refilter import prepare_refilter, run_refilter
+from mifa_pipeline.runner import BuildError, build_data, prepare
+from mifa_pipeline.verify import verify
 
 pytestmark = pytest.mark.skipif(not models_available(), reason="run scripts/install-face-models.sh (make setup does)")
 JUDGED = ["model.checkpoint=teacher", "sampler.resolution=128", "filter.face.detector=yunet",
@@ -29,12 +29,12 @@ def judged_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("b") / "v1"
     m = load_manifest(None, [*JUDGED, "identities.count=4", "identities.samples_per_identity=3",
                              "resources.identities_per_unit=2", "writer.samples_per_shard=5"], output=out)
-    LocalRunner(prepare(m), progress=False).run()
+    build_data(prepare(m), "local", progress=False)
     return out
 
 
 def refilter(parent, *sets, out=None):
-    return LocalRefilterRunner(prepare_refilter(parent, list(sets), out), progress=False).run().manifest
+    return run_refilter(prepare_refilter(parent, list(sets), out), "local", progress=False).manifest
 
 
 def test_build_stores_every_judge_score(judged_build):
@@ -59,6 +59,7 @@ def test_threshold_only_refilter_runs_no_model_and_leaves_the_parent_intact(judg
         raise AssertionError("a threshold-only re-filter must not load a face model")
 
     monkeypatch.setattr("mifa_pipeline.refilter.Judges", no_model)
+    monkeypatch.setattr("mifa_pipeline.refilter.decode_png", no_model)  # no image is decoded either
     c = refilter(judged_build, "filter.identity.min_cosine=0.999", out=tmp_path / "v2")
     parent = json.loads((judged_build / "manifest.json").read_text())
     assert c["kind"] == "mifa-filter" and c["dataset"]["version"] == "1.1.0"
@@ -70,6 +71,13 @@ def test_threshold_only_refilter_runs_no_model_and_leaves_the_parent_intact(judg
     assert c["stages"]["generate"] == parent["stages"]["generate"]
     assert verify(tmp_path / "v2") == [] and verify(judged_build) == []
     assert tree_digest(judged_build) == before
+    # kept images are the parent's tar members, byte for byte (nothing re-encoded)
+    import webdataset as wds
+
+    parent_images = {s["__key__"]: s["png"] for s in wds.WebDataset(str(judged_build / "train-*.tar").replace("*", "{000000..000002}"), shardshuffle=False)}
+    for tar in sorted((tmp_path / "v2").glob("*.tar")):
+        for sample in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
+            assert sample["png"] == parent_images[sample["__key__"]]
     # the same command again: already complete, nothing rewritten
     assert prepare_refilter(judged_build, ["filter.identity.min_cosine=0.999"], tmp_path / "v2").state == "complete"
 
@@ -98,7 +106,7 @@ def test_refilter_refuses_non_filter_changes_and_its_parent_folder(judged_build)
         prepare_refilter(judged_build, ["sampler.steps=3"])
     with pytest.raises(BuildError, match="needs its own folder"):
         prepare_refilter(judged_build, ["filter.min_pixel_std=3"], judged_build)
-    with pytest.raises(BuildError, match="no manifest.json"):
+    with pytest.raises(BuildError, match="nowhere: does not exist"):
         prepare_refilter(judged_build / "nowhere", [])
 
 

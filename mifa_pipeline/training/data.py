@@ -2,10 +2,12 @@
 
 A data folder is what ``mifa build`` / ``mifa teacher`` write: ``*.tar`` WebDataset shards (``KEY.png``,
 ``KEY.json`` with ``prompt``, ``identity``, ``intensity``, ``demographics``; ``KEY.cls``), ``manifest.json``
-(``au_names``) and ``_work/units/*/identities.parquet`` (per identity: ``reference_png``, ``mask_png``,
-``prompt``). A folder without the identity tables (e.g. a user's own data converted to the shard format)
-still works: each identity's least expressive sample stands in as its reference, with the default ellipse
-mask. Several folders are concatenated; identities are numbered globally (folder, identity) -> 0..I-1.
+(``au_names``) and ``identities.parquet``, the identity table a build publishes beside its shards (one row
+per identity: ``reference_png``, ``mask_png`` 255 = region to generate, ``prompt``; only those columns and
+``identity`` are read). The table is required (a folder without it raises FileNotFoundError: a data set built
+before the shard redesign kept it in its private ``_work/``, which nothing here reads; rebuild it). Every
+identity of the shards needs a row; extra rows (e.g. duplicate identities, which have no samples) are ignored.
+Several folders are concatenated; identities are numbered globally (folder, identity) -> 0..I-1.
 A folder may also hold ``identity_attributes.parquet`` (``identity`` plus float columns, e.g. the teacher's
 face-shape parameters or a user's 3DMM shape coefficients): numbers each identity's ``<ID>`` words are
 trained to predict (``--identity-attribute-weight``).
@@ -26,6 +28,7 @@ import torch
 from PIL import Image
 
 ATTRIBUTES_FILE = "identity_attributes.parquet"
+IDENTITIES_FILE = "identities.parquet"   # the identity table a build publishes beside its shards
 
 # The build manifest's default inpainting ellipse (mifa_pipeline.config.EllipseMask), as fractions.
 DEFAULT_ELLIPSE = (0.5, 0.45, 0.3, 0.4)
@@ -121,16 +124,24 @@ def _read_shards(folder: Path):
             yield key, groups[key]
 
 
-def _identity_tables(folder: Path) -> dict[int, dict]:
-    tables = sorted(folder.glob("_work/units/*/identities.parquet"))
-    out: dict[int, dict] = {}
-    if not tables:
-        return out
+def _identity_table(folder: Path, idents: set[int]) -> dict[int, dict]:
+    """Reference face, mask and prompt of each identity in ``idents``, from ``folder/identities.parquet``."""
+    path = folder / IDENTITIES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {IDENTITIES_FILE} (a data set built by mifa before the shard "
+                                "redesign? rebuild it)")
     import pyarrow.parquet as pq
 
-    for table in tables:
-        for row in pq.read_table(table).to_pylist():
-            out[int(row["identity"])] = row
+    columns = ["identity", "reference_png", "mask_png", "prompt"]
+    available = set(pq.read_schema(path).names)
+    missing_columns = [c for c in columns if c not in available]
+    if missing_columns:
+        raise ValueError(f"{path}: no column(s) {missing_columns} (columns: {sorted(available)})")
+    out = {int(row["identity"]): row for row in pq.read_table(path, columns=columns).to_pylist()
+           if int(row["identity"]) in idents}
+    missing = sorted(idents - set(out))
+    if missing:
+        raise ValueError(f"{path}: identities {missing[:5]} of the shards have no row ({len(missing)} in all)")
     return out
 
 
@@ -180,22 +191,15 @@ def load_folder(folder: str | Path, resolution: int) -> FaceData:
         demo_of.setdefault(ident, meta.get("demographics") or {})
     if not images:
         raise ValueError(f"{folder}: the shards hold no images")
-    tables = _identity_tables(folder)
     order = sorted(set(idents))
+    tables = _identity_table(folder, set(order))
     intensity = torch.tensor(intens, dtype=torch.float32)
     ref_images, ref_masks, ref_prompts = [], [], []
     for ident in order:
-        row = tables.get(ident)
-        if row is not None:
-            ref_images.append(_decode_rgb(row["reference_png"], resolution))
-            ref_masks.append(_decode_mask(row["mask_png"], resolution))
-            ref_prompts.append(row.get("prompt") or identity_prompt(demo_of[ident]))
-        else:  # no identity table: the least expressive sample of the identity is its reference
-            rows = [i for i, x in enumerate(idents) if x == ident]
-            best = min(rows, key=lambda i: float(intensity[i].sum()))
-            ref_images.append(images[best])
-            ref_masks.append(ellipse_mask(resolution))
-            ref_prompts.append(identity_prompt(demo_of[ident]))
+        row = tables[ident]
+        ref_images.append(_decode_rgb(row["reference_png"], resolution))
+        ref_masks.append(_decode_mask(row["mask_png"], resolution))
+        ref_prompts.append(row["prompt"] or identity_prompt(demo_of[ident]))
     index = {ident: k for k, ident in enumerate(order)}
     attribute_names, attributes = _attributes(folder, order)
     return FaceData(

@@ -25,6 +25,7 @@ def write_teacher_data(folder: Path, identities: int, per_identity: int, size: i
     writer = ShardFileWriter(folder, "train-000000.tar")
     rows = {"identity": [], "seed": [], "prompt": [], "reference_png": [], "mask_png": []}
     mask = ellipse_mask(size)
+    demographics = {"skin": "light skin"}
     for i in range(identities):
         params = identity_params(seed * 1000 + i)
         who = "a person with light skin, brown eyes and short black hair, wearing a blue top"
@@ -43,18 +44,25 @@ def write_teacher_data(folder: Path, identities: int, per_identity: int, size: i
                 "key": f"id{i:07d}-s{j:04d}", "identity": i, "sample": j,
                 "prompt": f"a close-up portrait photo of <ID> <ID2>, {who}, the face shows {words}",
                 "requested_aus": aus, "intensity": {a: float(v) for a, v in aus.items()},
-                "occurrence": {a: int(v >= 1) for a, v in aus.items()}, "demographics": {"skin": "light skin"},
+                "occurrence": {a: int(v >= 1) for a, v in aus.items()}, "demographics": demographics,
             }
             image = render_face(params, aus, size=size).image
             writer.write(ShardSample(meta["key"], encode_image(image, "png"), "png", meta, i))
     writer.close()
     (folder / "manifest.json").write_text(json.dumps({"au_names": list(DISFA12)}))
-    unit = folder / "_work" / "units" / "unit-0"
-    unit.mkdir(parents=True)
-    pq.write_table(pa.table({"identity": pa.array(rows["identity"], pa.int64()), "seed": pa.array(rows["seed"], pa.int64()),
-                             "prompt": rows["prompt"],
-                             "reference_png": pa.array(rows["reference_png"], pa.binary()),
-                             "mask_png": pa.array(rows["mask_png"], pa.binary())}), unit / "identities.parquet")
+    # the identity table a build publishes beside its shards (every column; no judge ran, nothing duplicate)
+    n = len(rows["identity"])
+    pq.write_table(pa.table({
+        "identity": pa.array(rows["identity"], pa.int64()), "seed": pa.array(rows["seed"], pa.int64()),
+        "prompt": pa.array(rows["prompt"], pa.string()),
+        "demographics": pa.array([json.dumps(demographics, sort_keys=True)] * n, pa.string()),
+        "source": pa.array(["teacher"] * n, pa.string()),
+        "reference_png": pa.array(rows["reference_png"], pa.binary()),
+        "mask_png": pa.array(rows["mask_png"], pa.binary()),
+        "embedding": pa.array([None] * n, pa.list_(pa.float32())),
+        "nearest_earlier_cosine": pa.array([None] * n, pa.float64()),
+        "duplicate": pa.array([False] * n, pa.bool_()),
+    }), folder / "identities.parquet")
     if attributes:
         write_identity_attributes(folder)
     return folder

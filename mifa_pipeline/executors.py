@@ -1,0 +1,71 @@
+"""Executors decide where work runs; nothing else. The local one runs everything in this process.
+
+Two kinds of work: `map(fn, items, *args)` for plain CPU steps (checking a done record, publishing the
+identity table), and `workers(spec)` for a pool of long-lived workers that hold models (one per process, so
+models and judges load once) and run a method per item with a bounded number in flight. Results are the
+small records the work returns; they arrive in any order. `ray_executor.py` is the Ray one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How to make a worker (`cls(*args)`), how many, and what each asks of a cluster."""
+
+    cls: type
+    args: tuple
+    count: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+class WorkerPool(Protocol):
+    def run(self, method: str, items: list[Any]) -> Iterator[tuple[Any, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+class Executor(Protocol):
+    name: str
+
+    def map(self, fn: Callable[..., Any], items: list[Any], *args: Any) -> Iterator[tuple[Any, Any]]: ...
+
+    def workers(self, spec: WorkerSpec) -> WorkerPool: ...
+
+    def close(self) -> None: ...
+
+
+class LocalPool:
+    def __init__(self, spec: WorkerSpec):
+        self.worker = spec.cls(*spec.args)
+
+    def run(self, method: str, items: list[Any]) -> Iterator[tuple[Any, Any]]:
+        call = getattr(self.worker, method)
+        for item in items:
+            yield item, call(item)
+
+    def close(self) -> None:
+        close = getattr(self.worker, "close", None)
+        if close is not None:
+            close()
+
+
+class LocalExecutor:
+    """Everything in this process, one item after another: no Ray; the reference for the Ray executor."""
+
+    name = "local"
+
+    def map(self, fn: Callable[..., Any], items: list[Any], *args: Any) -> Iterator[tuple[Any, Any]]:
+        for item in items:
+            yield item, fn(*args, item)
+
+    def workers(self, spec: WorkerSpec) -> LocalPool:
+        return LocalPool(spec)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,105 @@
+"""The identity table: every identity's reference face, mask and embedding, published as `identities.parquet`.
+
+Identities come first. Identity blocks (reference faces painted, rendered or read, then embedded by the
+identity judge) are written by workers under `_work/identities/`; then one pass in global order finds each
+identity's nearest *earlier* identity (`duplicates.nearest_earlier`, near-linear) and publishes the table,
+with `duplicate` marking those at or above `filter.identity.duplicate_cosine`. Shard tasks read the rows of
+their identities from it, and skip the samples of a duplicate: a duplicate identity costs no generation.
+`mifa train` and the teacher's attribute file read this table, never `_work/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mifa_pipeline.records import IdentityRecord
+from mifa_pipeline.shards import _fsync_replace, encode_image, temporary_path
+
+IDENTITIES_FILE = "identities.parquet"
+BLOCKS_DIR = "_work/identities"
+ROW_GROUP = 256  # identities per row group: a shard task reads the groups of its identities only
+
+IDENTITY_SCHEMA = pa.schema([
+    ("identity", pa.int64()), ("seed", pa.int64()), ("prompt", pa.string()), ("demographics", pa.string()),
+    ("source", pa.string()), ("reference_png", pa.binary()), ("mask_png", pa.binary()),
+    ("embedding", pa.list_(pa.float32())), ("nearest_earlier_cosine", pa.float64()), ("duplicate", pa.bool_()),
+])
+
+
+def block_path(name: str) -> str:
+    return f"{BLOCKS_DIR}/{name}.parquet"
+
+
+def block_table(people: list[IdentityRecord]) -> pa.Table:
+    """An identity block's rows (duplicates not yet known: that needs every earlier identity)."""
+    return pa.Table.from_pylist([{
+        "identity": p.identity, "seed": p.seed, "prompt": p.prompt,
+        "demographics": json.dumps(p.demographics, separators=(",", ":")), "source": p.source,
+        "reference_png": encode_image(p.reference, "png"), "mask_png": encode_image(p.mask, "png"),
+        "embedding": p.embedding, "nearest_earlier_cosine": None, "duplicate": False,
+    } for p in people], schema=IDENTITY_SCHEMA)
+
+
+def _embedding_matrix(parts: list[Path]) -> np.ndarray:
+    rows = [e for part in parts for e in pq.read_table(part, columns=["embedding"]).column("embedding").to_pylist()]
+    dim = next((len(e) for e in rows if e is not None), 1)
+    matrix = np.full((len(rows), dim), np.nan, dtype=np.float32)
+    for i, e in enumerate(rows):
+        if e is not None:
+            matrix[i] = e
+    return matrix
+
+
+def publish(out: Path, parts: list[Path], duplicate_cosine: float | None) -> dict[str, int]:
+    """Stream `parts` (in global order) into OUT/identities.parquet with nearest-earlier cosines and duplicates."""
+    from mifa_pipeline.duplicates import nearest_earlier
+
+    nearest = nearest_earlier(_embedding_matrix(parts))
+    values = [None if math.isnan(v) else round(float(v), 5) for v in nearest]
+    duplicate = [duplicate_cosine is not None and v is not None and v >= duplicate_cosine for v in values]
+    final = out / IDENTITIES_FILE
+    tmp = temporary_path(final)
+    start = 0
+    pending: list[pa.Table] = []  # rows not yet written: row groups hold ROW_GROUP rows whatever the block size
+    try:
+        with pq.ParquetWriter(tmp, IDENTITY_SCHEMA, compression="zstd") as writer:
+            for part in parts:
+                table = pq.read_table(part, schema=IDENTITY_SCHEMA)
+                end = start + table.num_rows
+                forced = table.column("duplicate").to_pylist()  # a parent's duplicates were never generated
+                duplicate[start:end] = [a or bool(b) for a, b in zip(duplicate[start:end], forced)]
+                table = table.set_column(8, "nearest_earlier_cosine", pa.array(values[start:end], pa.float64()))
+                table = table.set_column(9, "duplicate", pa.array(duplicate[start:end], pa.bool_()))
+                pending.append(table)
+                start = end
+                buffered = pa.concat_tables(pending)
+                full = buffered.num_rows // ROW_GROUP * ROW_GROUP
+                if full:
+                    writer.write_table(buffered.slice(0, full), row_group_size=ROW_GROUP)
+                pending = [buffered.slice(full)]
+            rest = pa.concat_tables(pending) if pending else None
+            if rest is not None and rest.num_rows:
+                writer.write_table(rest, row_group_size=ROW_GROUP)
+        _fsync_replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"identities": start, "duplicates": int(sum(duplicate))}
+
+
+def read_rows(out: Path, identities: range, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """The table's rows for a contiguous range of identities (only the row groups that hold them are read)."""
+    if columns is not None and "identity" not in columns:
+        columns = ["identity", *columns]
+    table = pq.read_table(out / IDENTITIES_FILE, columns=columns,
+                          filters=[("identity", ">=", identities.start), ("identity", "<", identities.stop)])
+    rows = table.to_pylist()
+    if [r["identity"] for r in rows] != list(identities):
+        raise RuntimeError(f"{out / IDENTITIES_FILE}: identities {identities.start}..{identities.stop - 1} are not all there")
+    return rows

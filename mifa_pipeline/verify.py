@@ -1,0 +1,190 @@
+"""`mifa verify`: whether a finished data set is exactly what its run manifest says, byte for byte.
+
+Every file is re-hashed (tars by sha256 and md5, sidecars, scores tables, the identity table, the index);
+the fingerprint is recomputed from the resolved build manifest; counts and per-stage sums are checked
+against the scores tables; each sidecar row must agree with its tar member's `.json` and image; a file
+the manifest does not list is reported. Every problem is named; an empty list means the data set is whole.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from mifa_pipeline.identity_table import IDENTITIES_FILE
+from mifa_pipeline.lock import LOCK_NAME
+from mifa_pipeline.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_run_manifest
+from mifa_pipeline.records import sample_key
+from mifa_pipeline.shards import KEY_PATTERN, ShardSample, file_digests, shard_name, sidecar_row
+from mifa_pipeline.stages.write import SCORES_DIR
+
+DROP_STAGES = ("duplicates", "filter")
+COMPANIONS = {"identity_attributes.parquet"}  # written beside a finished data set by `mifa teacher`
+
+
+def _tar_members(path: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {extension: bytes}, in tar order (webdataset's rule: the key ends at the first dot)."""
+    members: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            members.setdefault(key, {})[ext] = tar.extractfile(info).read() if info.isfile() else b""
+    return members
+
+
+def _check_file(folder: Path, entry: dict[str, Any], problems: list[str], md5: bool = False) -> bool:
+    path = folder / entry["path"]
+    if not path.is_file():
+        problems.append(f"{entry['path']}: missing")
+        return False
+    sha, digest_md5, size = file_digests(path)
+    if (sha, size) != (entry.get("sha256"), entry.get("bytes")):
+        problems.append(f"{entry['path']}: sha256/size {sha[:12]}/{size} != manifest {str(entry.get('sha256'))[:12]}/{entry.get('bytes')}")
+        return False
+    if md5 and digest_md5 != entry.get("md5"):
+        problems.append(f"{entry['path']}: md5 {digest_md5} != manifest {entry.get('md5')}")
+    return True
+
+
+def recomputed_fingerprint(manifest: dict[str, Any]) -> str:
+    """The fingerprint the resolved build manifest, recorded models and judges give."""
+    from mifa_pipeline.config import BuildManifest
+    from mifa_pipeline.manifest import chain_fingerprints, model_hash, stage_configs
+
+    m = BuildManifest.model_validate(manifest["build_manifest"])
+    judges = manifest.get("judges", {})
+    if manifest.get("kind") == "mifa-filter":
+        from mifa_pipeline.refilter import REFILTER_STAGES
+
+        return chain_fingerprints(manifest["parent"]["fingerprint"], stage_configs(m, "", judges), REFILTER_STAGES)[-1]["fingerprint"]
+    files = [f for f in manifest["models"] if f["role"] == "generator"]
+    configs = stage_configs(m, model_hash(files, m.model.checkpoint), judges)
+    return chain_fingerprints("", configs)[-1]["fingerprint"]
+
+
+def _check_shard(folder: Path, shard: dict[str, Any], planned: range, spi: int, problems: list[str],
+                 reasons: Counter, keys_seen: set[str]) -> int:
+    """One shard's tar, sidecar and scores table; returns the number of planned rows found."""
+    name = shard["path"]
+    tar_ok = _check_file(folder, shard, problems, md5=True)
+    members: dict[str, dict[str, bytes]] = {}
+    try:
+        members = _tar_members(folder / name) if (folder / name).is_file() else {}
+    except (tarfile.TarError, OSError) as exc:
+        problems.append(f"{name}: not a readable tar ({exc})")
+    if tar_ok and len(members) != shard["nsamples"]:
+        problems.append(f"{name}: {len(members)} samples, manifest says {shard['nsamples']}")
+    for key, exts in members.items():
+        if not KEY_PATTERN.match(key):
+            problems.append(f"{name}: key {key!r} is not dot-free [A-Za-z0-9_-]+")
+        if key in keys_seen:
+            problems.append(f"{name}: key {key} appears twice in the data set")
+        keys_seen.add(key)
+        if not {"json", "cls"} <= set(exts) or not set(exts) & {"png", "jpg", "webp"}:
+            problems.append(f"{name}: sample {key} has members {sorted(exts)}, expected image + json + cls")
+    if _check_file(folder, shard["sidecar"], problems):
+        rows = pq.read_table(folder / shard["sidecar"]["path"]).to_pylist()
+        if [r["key"] for r in rows] != list(members):
+            problems.append(f"{shard['sidecar']['path']}: keys differ from {name}")
+        for row in rows:
+            exts = members.get(row["key"])
+            if not exts or "json" not in exts:
+                continue
+            image_ext = row.get("image_ext")
+            try:
+                expected = sidecar_row(ShardSample(row["key"], exts.get(image_ext, b""), image_ext,
+                                                   json.loads(exts["json"]), int(exts.get("cls", b"-1"))), name)
+            except (ValueError, TypeError) as exc:
+                problems.append(f"{name}: sample {row['key']}: unreadable .json/.cls ({exc})")
+                continue
+            differ = sorted(k for k in set(row) | set(expected) if row.get(k) != expected.get(k))
+            if differ:
+                problems.append(f"{shard['sidecar']['path']}: row {row['key']} disagrees with its tar member in {differ[:5]}")
+    found = 0
+    if _check_file(folder, shard["scores"], problems):
+        table = pq.read_table(folder / shard["scores"]["path"], columns=["key", "keep", "drop_reason"]).to_pylist()
+        found = len(table)
+        want = [sample_key(slot // spi, slot % spi) for slot in planned]
+        if [r["key"] for r in table] != want:
+            problems.append(f"{shard['scores']['path']}: rows are not the shard's planned samples {want[0]}..{want[-1]}")
+        if [r["key"] for r in table if r["keep"]] != list(members):
+            problems.append(f"{shard['scores']['path']}: kept rows differ from {name}")
+        reasons.update(r["drop_reason"] for r in table if not r["keep"])
+    return found
+
+
+def verify(folder: Path) -> list[str]:
+    """Every problem found; an empty list means the data set matches its run manifest byte for byte."""
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: does not exist")
+    manifest = read_run_manifest(folder)
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{folder}: a data set of an earlier mifa layout (schema {manifest.get('schema_version')}); "
+                         "this version cannot verify it: rebuild it")
+    problems: list[str] = []
+    try:
+        if recomputed_fingerprint(manifest) != manifest["fingerprint"]:
+            problems.append("manifest.json: the fingerprint does not follow from its build_manifest, models and judges "
+                            "(the run manifest was edited)")
+    except Exception as exc:  # noqa: BLE001  (an edited manifest may not even validate)
+        problems.append(f"manifest.json: its build_manifest cannot be re-checked ({type(exc).__name__}: {str(exc)[:200]})")
+    build = manifest["build_manifest"]
+    spi = build["identities"]["samples_per_identity"]
+    per = build["writer"]["samples_per_shard"]
+    split = manifest["dataset"]["split"]
+    counts = manifest["counts"]
+    listed = [s["path"] for s in manifest["shards"]]
+    n_shards = -(-counts["planned_samples"] // per)
+    if listed != [shard_name(split, i) for i in range(n_shards)]:
+        problems.append(f"shards: the manifest lists {len(listed)}, the plan has {n_shards} ({split}-000000.tar on)")
+    reasons: Counter = Counter()
+    keys_seen: set[str] = set()
+    planned_found = 0
+    for i, shard in enumerate(manifest["shards"]):
+        slots = range(i * per, min((i + 1) * per, counts["planned_samples"]))
+        planned_found += _check_shard(folder, shard, slots, spi, problems, reasons, keys_seen)
+    if manifest.get("identities"):
+        _check_file(folder, manifest["identities"], problems)
+    else:
+        problems.append(f"manifest.json: no record of {IDENTITIES_FILE}")
+    index_path = folder / manifest.get("shard_index", "shardindex.json")
+    if not index_path.is_file():
+        problems.append(f"{index_path.name}: missing")
+    else:
+        try:
+            index = json.loads(index_path.read_text())
+        except ValueError:
+            index = {}
+        want = [{"url": s["path"], "nsamples": s["nsamples"], "filesize": s["bytes"], "md5sum": s["md5"]}
+                for s in manifest["shards"]]
+        if index.get("__kind__") != "wids-shard-index-v1" or index.get("shardlist") != want:
+            problems.append(f"{index_path.name}: does not match the run manifest's shards")
+    kept = sum(s["nsamples"] for s in manifest["shards"])
+    if kept != counts["kept_samples"]:
+        problems.append(f"counts: shards hold {kept} samples, manifest counts {counts['kept_samples']}")
+    if planned_found != counts["planned_samples"]:
+        problems.append(f"counts: scores tables hold {planned_found} planned samples, manifest counts {counts['planned_samples']}")
+    stages = manifest["stages"]
+    for name, s in stages.items():
+        if s["in"] - s["out"] != sum(s["dropped"].values()):
+            problems.append(f"stages.{name}: in {s['in']} - out {s['out']} != {sum(s['dropped'].values())} dropped")
+    recorded = Counter()
+    for name in DROP_STAGES:
+        recorded.update(stages.get(name, {}).get("dropped", {}))
+    if +recorded != +reasons:
+        problems.append(f"stages: drops by reason {dict(recorded)} differ from the scores tables' {dict(reasons)}")
+    if stages.get("write", {}).get("out") != kept:
+        problems.append(f"stages.write: out {stages.get('write', {}).get('out')} != {kept} samples in the shards")
+    expected = {MANIFEST_NAME, index_path.name, IDENTITIES_FILE, LOCK_NAME, *COMPANIONS}
+    for s in manifest["shards"]:
+        expected |= {s["path"], s["sidecar"]["path"], s["scores"]["path"]}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_file() and not relative.startswith("_work/") and relative not in expected:
+            problems.append(f"{relative}: a file the run manifest does not list")
+    return problems
