@@ -276,7 +276,7 @@ class ResourceSection(_Section):
     gpus_per_worker: float = Field(0.0, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     filter_cpus: float = Field(0.5, gt=0, description="CPUs each filter task asks Ray for")
-    identities_per_unit: int = Field(4, ge=1, description="identities committed together (the resume granularity)")
+    identities_per_unit: int = Field(4, ge=1, description="identities whose reference faces one task makes (identity phase)")
     torch_threads: int = Field(0, ge=0, description="torch threads per generation worker; 0 = ceil(cpus_per_worker)")
 
 

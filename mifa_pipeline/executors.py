@@ -3,11 +3,14 @@
 Two kinds of work: `map(fn, items, *args)` for plain CPU steps (checking a done record, publishing the
 identity table), and `workers(spec)` for a pool of long-lived workers that hold models (one per process, so
 models and judges load once) and run a method per item with a bounded number in flight. Results are the
-small records the work returns; they arrive in any order. `ray_executor.py` is the Ray one.
+small records the work returns; they arrive in any order. `ray_executor.py` is the Ray one. Each executor
+counts the bytes of the results its caller received (`received_bytes`, pickled size): the driver's share of
+the data path, which must stay a few hundred bytes per shard whatever the images weigh.
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,6 +35,7 @@ class WorkerPool(Protocol):
 
 class Executor(Protocol):
     name: str
+    received_bytes: int
 
     def map(self, fn: Callable[..., Any], items: list[Any], *args: Any) -> Iterator[tuple[Any, Any]]: ...
 
@@ -40,14 +44,21 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+def pickled_size(value: Any) -> int:
+    return len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 class LocalPool:
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec: WorkerSpec, executor: "LocalExecutor"):
         self.worker = spec.cls(*spec.args)
+        self.executor = executor
 
     def run(self, method: str, items: list[Any]) -> Iterator[tuple[Any, Any]]:
         call = getattr(self.worker, method)
         for item in items:
-            yield item, call(item)
+            result = call(item)
+            self.executor.received_bytes += pickled_size(result)
+            yield item, result
 
     def close(self) -> None:
         close = getattr(self.worker, "close", None)
@@ -60,12 +71,17 @@ class LocalExecutor:
 
     name = "local"
 
+    def __init__(self):
+        self.received_bytes = 0
+
     def map(self, fn: Callable[..., Any], items: list[Any], *args: Any) -> Iterator[tuple[Any, Any]]:
         for item in items:
-            yield item, fn(*args, item)
+            result = fn(*args, item)
+            self.received_bytes += pickled_size(result)
+            yield item, result
 
     def workers(self, spec: WorkerSpec) -> LocalPool:
-        return LocalPool(spec)
+        return LocalPool(spec, self)
 
     def close(self) -> None:
         pass

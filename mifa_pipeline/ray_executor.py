@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from mifa_pipeline.executors import WorkerSpec
+from mifa_pipeline.executors import WorkerSpec, pickled_size
 
 IN_FLIGHT = 2  # items queued per actor: one running, one ready
 
@@ -47,10 +47,11 @@ def start_ray(address: str | None) -> bool:
 
 
 class RayPool:
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec: WorkerSpec, executor: "RayExecutor"):
         import ray
 
         self.ray = ray
+        self.executor = executor
         remote = ray.remote(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=2, max_task_retries=2)
         self.actors = [remote(spec.cls).remote(*spec.args) for _ in range(spec.count)]
 
@@ -72,6 +73,7 @@ class RayPool:
                 result = ray.get(ready[0])
             except ray.exceptions.RayError as exc:
                 raise TaskFailed(f"{_name(item)} failed: {_unwrap(exc)}") from None
+            self.executor.received_bytes += pickled_size(result)
             yield item, result
 
     def close(self) -> None:
@@ -91,6 +93,7 @@ class RayExecutor:
         self.check = check
         self.started = False
         self.ready = False
+        self.received_bytes = 0
 
     def cluster(self) -> dict[str, float]:
         """Ray's resources; joins or starts Ray on first use (so a refused build never starts it)."""
@@ -120,13 +123,15 @@ class RayExecutor:
             ready, _ = ray.wait(list(running), num_returns=1)
             item = running.pop(ready[0])
             try:
-                yield item, ray.get(ready[0])
+                result = ray.get(ready[0])
             except ray.exceptions.RayError as exc:
                 raise TaskFailed(f"{_name(item)} failed: {_unwrap(exc)}") from None
+            self.received_bytes += pickled_size(result)
+            yield item, result
 
     def workers(self, spec: WorkerSpec) -> RayPool:
         self.cluster()
-        return RayPool(spec)
+        return RayPool(spec, self)
 
     def close(self) -> None:
         if self.started:

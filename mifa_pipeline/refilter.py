@@ -30,7 +30,7 @@ from mifa_pipeline.plan import BuildPlan, IdentityBlock, ShardSlots
 from mifa_pipeline.records import StageStats
 from mifa_pipeline.runner import (IDENTITIES_TASK, BuildError, BuildResult, PreparedBuild, Runner, _sum_stats,
                                   check_output, make_executor, publish_identities, remove_blocks)
-from mifa_pipeline.shards import write_parquet_atomic
+from mifa_pipeline.shards import tar_segments, write_parquet_atomic
 from mifa_pipeline.stages.filter import Filtering, redecide
 from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.stages.write import SCORES_SCHEMA, ShardWriting, scores_path
@@ -154,58 +154,75 @@ class RefilterWorker:
         return write_done(self.out, block.name, self.fingerprint, [relative], stats={})
 
     def make_shard(self, shard: ShardSlots) -> dict[str, Any]:
+        """Re-decide one shard of the parent from its scores table; kept samples whose scores did not change
+        are copied as raw tar bytes with their sidecar rows, so a threshold-only change decodes nothing."""
         forget(self.out, shard.name)
         start = time.perf_counter()
         m, cfg = self.manifest, self.manifest.filter
-        rows = pq.read_table(self.parent / scores_path(shard.name), columns=METADATA).to_pylist()
+        scores_file = self.parent / scores_path(shard.name)
+        rows = pq.read_table(scores_file, columns=METADATA).to_pylist()
         people = {r["identity"]: r for r in identity_table.read_rows(
             self.out, shard.identities, ["embedding", "nearest_earlier_cosine", "duplicate"])}
         parent_kept = {r["key"] for r in rows if r["keep"]}
-        members = _tar_members(self.parent / f"{shard.name}.tar") if parent_kept else {}
+        segments = tar_segments(self.parent / f"{shard.name}.tar") if parent_kept else {}
         stored: dict[str, bytes] | None = None
+        members: dict[str, dict[str, bytes]] | None = None
 
         def image(row: dict[str, Any]) -> bytes | None:
-            nonlocal stored
+            """The encoded image, byte for byte: from the parent's tar if it kept it, else its scores table."""
+            nonlocal stored, members
             if row["key"] in parent_kept:
+                if members is None:
+                    members = _tar_members(self.parent / f"{shard.name}.tar")
                 return members[row["key"]][row["image_ext"]]
             if stored is None:  # dropped images are read only when some are needed
-                table = pq.read_table(self.parent / scores_path(shard.name), columns=["key", "image"])
+                table = pq.read_table(scores_file, columns=["key", "image"])
                 stored = dict(zip(table.column("key").to_pylist(), table.column("image").to_pylist()))
             return stored[row["key"]]
 
         filt = StageStats(Filtering.name, Filtering.version)
         dup = StageStats(DUPLICATE_STAGE, "2", n_in=len(rows))
+        unchanged: list[str] = []
         for row in rows:
-            raw = json.loads(row["scores"])
+            before = row["scores"]
+            raw = json.loads(before)
+            raw.pop("identity_nearest_earlier_cosine", None)
             person = people[row["identity"]]
-            raw["identity_nearest_earlier_cosine"] = person["nearest_earlier_cosine"]
-            generated = "image_valid" in raw
-            if not generated:  # its identity was a duplicate in the parent: never generated, stays dropped
-                row.update(scores=json.dumps(raw, separators=(",", ":")), keep=False, drop_reason="duplicate_identity",
-                           image=None)
-                dup.drop("duplicate_identity")
-                continue
-            for judge in self.removed | self.rescore:
-                for key in raw_keys(judge, raw):
-                    del raw[key]
-            if self.rescore and raw.get("image_valid"):
-                raw.update(self._judges().score(decode_png(image(row)), person["embedding"]))
-            scores, reason = redecide(raw, json.loads(row["requested"]), json.loads(row["occurrence_prob"]), cfg)
-            if person["duplicate"]:
-                reason = "duplicate_identity"
+            if "image_valid" not in raw:  # its identity was a duplicate in the parent: never generated, stays dropped
+                scores, reason = raw, "duplicate_identity"
                 dup.drop(reason)
             else:
-                dup.n_out += 1
-                filt.n_in += 1
-                if reason is None:
-                    filt.n_out += 1
+                for judge in self.removed | self.rescore:
+                    for key in raw_keys(judge, raw):
+                        del raw[key]
+                if self.rescore and raw.get("image_valid"):
+                    raw.update(self._judges().score(decode_png(image(row)), person["embedding"]))
+                scores, reason = redecide(raw, json.loads(row["requested"]), json.loads(row["occurrence_prob"]), cfg)
+                if person["duplicate"]:
+                    reason = "duplicate_identity"
+                    dup.drop(reason)
                 else:
-                    filt.drop(reason)
-            row.update(scores=json.dumps(scores, separators=(",", ":")), keep=reason is None, drop_reason=reason)
-            row["image"] = image(row) if (reason is None or raw.get("image_valid")) else None
+                    dup.n_out += 1
+                    filt.n_in += 1
+                    if reason is None:
+                        filt.n_out += 1
+                    else:
+                        filt.drop(reason)
+            scores["identity_nearest_earlier_cosine"] = person["nearest_earlier_cosine"]
+            after = json.dumps(scores, separators=(",", ":"))
+            row.update(scores=after, keep=reason is None, drop_reason=reason, image=None)
+            if reason is None and row["key"] in parent_kept and after == before:
+                unchanged.append(row["key"])  # same members as in the parent: copied, not rebuilt
+            elif reason is None or scores.get("image_valid"):
+                row["image"] = image(row)
         filt.seconds = time.perf_counter() - start
-        writing = ShardWriting(self.out, {"name": m.dataset.name, "version": m.dataset.version}, model_description(m.model))
-        info, files, write_stats = writing.run(shard.name, rows)
+        copies = {}
+        if unchanged:
+            sidecar = pq.read_table(self.parent / f"{shard.name}.parquet").to_pylist()
+            by_key = {r["key"]: r for r in sidecar}
+            copies = {key: (segments[key], by_key[key]) for key in unchanged}
+        writing = ShardWriting(self.out, {"name": m.dataset.name}, model_description(m.model))
+        info, files, write_stats = writing.run(shard.name, rows, copies)
         stats = {s.name: s.to_json() for s in (dup, filt, write_stats)}
         stats[Filtering.name]["rescored"] = sorted(self.rescore)
         return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, nsamples=info.nsamples,

@@ -459,6 +459,7 @@ class Runner:
             "finished": now_iso(),
             "wall_seconds_last_run": round(wall, 2),
             "shards_run_last": shards_run,
+            "driver_received_bytes_last_run": self.executor.received_bytes,
         }
 
 

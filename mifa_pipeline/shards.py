@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import tarfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,22 +117,61 @@ def _column_type(values: list[Any]) -> pa.DataType:
     return pa.string()
 
 
+def _column(values: list[Any]) -> pa.Array:
+    """Arrow's own inference where it agrees with `_column_type` (fast), that rule otherwise."""
+    try:
+        array = pa.array(values)
+        if array.type in (pa.int64(), pa.float64(), pa.bool_(), pa.string()):
+            return array
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    kind = _column_type(values)
+    if kind == pa.string():
+        values = [None if v is None else str(v) for v in values]
+    return pa.array(values, type=kind)
+
+
 def sidecar_table(rows: list[dict[str, Any]]) -> pa.Table:
     if not rows:  # a shard whose samples were all dropped: the columns every sidecar has
         return pa.table({"key": pa.array([], pa.string()), "shard": pa.array([], pa.string()),
                          "label": pa.array([], pa.int64()), "image_ext": pa.array([], pa.string()),
                          "image_sha256": pa.array([], pa.string())})
-    names: list[str] = []
-    for row in rows:
-        names += [n for n in row if n not in names]
-    columns = {}
-    for name in names:
-        values = [row.get(name) for row in rows]
-        kind = _column_type(values)
-        if kind == pa.string():
-            values = [None if v is None else str(v) for v in values]
-        columns[name] = pa.array(values, type=kind)
-    return pa.table(columns)
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    return pa.table({name: _column([row.get(name) for row in rows]) for name in names})
+
+
+def _member_spans(data: bytes) -> list[tuple[str, int, int]] | None:
+    """(name, start, end) of each member of a plain ustar archive (what TarWriter writes for short names),
+    read from the name and size fields alone; None when any header needs tarfile's full parser (PAX, GNU)."""
+    spans, at = [], 0
+    while at + tarfile.BLOCKSIZE <= len(data):
+        header = data[at:at + tarfile.BLOCKSIZE]
+        if not header.strip(b"\0"):
+            return spans  # the end-of-archive blocks
+        if header[156:157] not in (b"0", b"\0") or header[257:262] != b"ustar" or header[345:346] != b"\0":
+            return None  # another member type, or a name prefix: let tarfile read it
+        size = int(header[124:136].split(b"\0")[0].strip() or b"0", 8)
+        end = at + tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        spans.append((header[:100].split(b"\0")[0].decode("utf-8"), at, end))
+        at = end
+    return spans
+
+
+def tar_segments(path: Path) -> dict[str, bytes]:
+    """key -> the raw bytes of its members (headers, data, padding) in a tar mifa wrote: copyable as they are."""
+    data = path.read_bytes()
+    spans = _member_spans(data)
+    if spans is None:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            spans = [(info.name, info.offset, info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
+                     for info in tar]
+    keys: dict[str, list[int]] = {}
+    for name, start, end in spans:
+        span = keys.setdefault(name.partition(".")[0], [start, start])
+        if start != span[1]:
+            raise ValueError(f"{path}: the members of {name.partition('.')[0]} are not contiguous")
+        span[1] = end
+    return {key: data[a:b] for key, (a, b) in keys.items()}
 
 
 TMP_MARK = ".tmp-"
@@ -181,11 +221,24 @@ class ShardFileWriter:
         self.keys: list[str] = []
 
     def write(self, sample: ShardSample) -> None:
-        if self.keys and sample.key <= self.keys[-1]:
-            raise ValueError(f"shard {self.name}: key {sample.key!r} is not after {self.keys[-1]!r}")
+        self._check_order(sample.key)
         self._writer.write(to_wds(sample))
         self.rows.append(sidecar_row(sample, self.name))
         self.keys.append(sample.key)
+
+    def copy(self, key: str, segment: bytes, row: dict[str, Any]) -> None:
+        """Append a sample as the raw tar bytes another mifa shard holds for it (see `tar_segments`), with its
+        sidecar row: the same bytes `write` would produce for the same members, without re-encoding anything."""
+        self._check_order(key)
+        stream = self._writer.tarstream
+        stream.fileobj.write(segment)
+        stream.offset += len(segment)  # tarfile pads the archive's end from its offset
+        self.rows.append(row)
+        self.keys.append(key)
+
+    def _check_order(self, key: str) -> None:
+        if self.keys and key <= self.keys[-1]:
+            raise ValueError(f"shard {self.name}: key {key!r} is not after {self.keys[-1]!r}")
 
     def close(self) -> ShardInfo:
         self._writer.close()  # closes the tar stream (and our file)

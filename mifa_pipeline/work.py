@@ -167,12 +167,14 @@ class BuildWorker:
         generate, gen_stats = self.generation.run(generate, by_id)
         generate, filter_stats = Filtering(m.filter, self.generation.resolution, self.judges).run(generate, by_id)
         w = m.writer
+        encoding = time.perf_counter()
         for s in generate:
             s.scores["identity_nearest_earlier_cosine"] = people[s.identity][1]["nearest_earlier_cosine"]
             s.image_bytes = encode_image(s.image, w.image_format, w.quality) if s.scores.get("image_valid") else None
             s.image = None
+        filter_stats.seconds += time.perf_counter() - encoding  # the filter stage encodes, off the generator
         rows = [sample_row(s, by_id[s.identity], w.image_format) for s in samples]
-        writing = ShardWriting(self.out, {"name": m.dataset.name, "version": m.dataset.version}, model_description(m.model))
+        writing = ShardWriting(self.out, {"name": m.dataset.name}, model_description(m.model))
         info, files, write_stats = writing.run(shard.name, rows)
         stats = [prompt_stats, dup_stats, gen_stats, filter_stats, write_stats]
         return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, nsamples=info.nsamples,

@@ -85,13 +85,21 @@ class ShardWriting:
         self.dataset = dataset
         self.model = model
 
-    def run(self, name: str, rows: list[dict[str, Any]]) -> tuple[ShardInfo, list[str], StageStats]:
-        """Write shard `name` from its rows in slot order; returns its tar info, its files, its stats."""
+    def run(self, name: str, rows: list[dict[str, Any]],
+            copies: dict[str, tuple[bytes, dict[str, Any]]] | None = None) -> tuple[ShardInfo, list[str], StageStats]:
+        """Write shard `name` from its rows in slot order; returns its tar info, its files, its stats.
+
+        `copies` (a re-filter's): key -> (the raw tar bytes and the sidecar row another shard holds for a kept
+        sample whose members are unchanged); those samples are copied as they are, nothing re-encoded."""
         start = time.perf_counter()
         kept = [r for r in rows if r["keep"]]
+        copies = copies or {}
         writer = ShardFileWriter(self.out, f"{name}.tar")
         try:
             for row in kept:
+                if row["key"] in copies:
+                    writer.copy(row["key"], *copies[row["key"]])
+                    continue
                 writer.write(ShardSample(key=row["key"], image=row["image"], image_ext=row["image_ext"],
                                          metadata=sample_metadata(row, self.dataset, self.model), label=row["identity"]))
             info = writer.close()

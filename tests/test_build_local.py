@@ -448,17 +448,6 @@ def test_duplicate_identities_are_dropped_before_any_of_their_samples_is_generat
     assert c["stages"]["duplicates"]["dropped"] == {"duplicate_identity": 3}
     assert c["stages"]["generate"]["in"] == 6 and sum(fake_model.calls) == 6  # identity 1's 3 samples never ran
     assert verify(m.output) == []
-
-
-def test_teacher_rendered_identities_feed_the_generator(small_manifest, fake_model):
-    """identities.source=teacher: references are procedural faces, prompts describe them."""
-    m = small_manifest("identities.source=teacher")
-    build(m)
-    people = pq.read_table(m.output / "identities.parquet").to_pylist()
-    assert {p["source"] for p in people} == {"teacher"}
-    rows = pq.read_table(m.output / "scores" / "train-000000.parquet").to_pylist()
-    demographics = json.loads(rows[0]["demographics"])
-    assert set(demographics) == {"skin", "eyes", "hair", "clothing"} and demographics["hair"] in rows[0]["prompt"]
     # a re-filter may tighten the duplicate threshold (identity 2, the mirrored face, goes too) but never loosen it
     from mifa_pipeline.refilter import prepare_refilter, run_refilter
 
@@ -471,6 +460,17 @@ def test_teacher_rendered_identities_feed_the_generator(small_manifest, fake_mod
     mirrored = [r for r in rows if r["identity"] == 2]
     assert mirrored and all(r["drop_reason"] == "duplicate_identity" and r["image"] for r in mirrored)
     assert verify(tmp_path / "tight") == []
+
+
+def test_teacher_rendered_identities_feed_the_generator(small_manifest, fake_model):
+    """identities.source=teacher: references are procedural faces, prompts describe them."""
+    m = small_manifest("identities.source=teacher")
+    build(m)
+    people = pq.read_table(m.output / "identities.parquet").to_pylist()
+    assert {p["source"] for p in people} == {"teacher"}
+    rows = pq.read_table(m.output / "scores" / "train-000000.parquet").to_pylist()
+    demographics = json.loads(rows[0]["demographics"])
+    assert set(demographics) == {"skin", "eyes", "hair", "clothing"} and demographics["hair"] in rows[0]["prompt"]
 
 
 def test_interrupted_refilter_resumes_to_the_same_bytes(small_manifest, fake_model, tmp_path, monkeypatch):
@@ -499,3 +499,21 @@ def test_interrupted_refilter_resumes_to_the_same_bytes(small_manifest, fake_mod
     assert result.state == "resumed" and result.units_run == 2
     assert digests(tmp_path / "cut") == digests(tmp_path / "whole")
     assert verify(tmp_path / "cut") == []
+
+
+def test_a_threshold_only_refilter_writes_the_bytes_a_build_with_that_threshold_writes(small_manifest, fake_model, tmp_path):
+    """Kept samples are copied as raw tar bytes (and sidecar rows) from the parent, the others rebuilt: the
+    shards equal those of a build made with the new threshold from the start."""
+    from mifa_pipeline.refilter import prepare_refilter, run_refilter
+
+    parent = small_manifest(out=tmp_path / "v1")
+    build(parent)
+    direct = small_manifest("filter.min_pixel_std=46", out=tmp_path / "direct")
+    build(direct)
+    run_refilter(prepare_refilter(parent.output, ["filter.min_pixel_std=46"], tmp_path / "v2"), "local", progress=False)
+    again = run_refilter(prepare_refilter(tmp_path / "v2", ["filter.min_pixel_std=2"], tmp_path / "v3"), "local",
+                         progress=False).manifest
+    tars = [f"train-{i:06d}.{ext}" for i in range(4) for ext in ("tar", "parquet")]
+    assert {t: digests(tmp_path / "v2")[t] for t in tars} == {t: digests(direct.output)[t] for t in tars}
+    assert {t: digests(tmp_path / "v3")[t] for t in tars} == {t: digests(parent.output)[t] for t in tars}
+    assert again["counts"]["kept_samples"] == 18   # the samples v2 dropped come back from its scores tables

@@ -128,8 +128,9 @@ def _identity_table(folder: Path, idents: set[int]) -> dict[int, dict]:
     """Reference face, mask and prompt of each identity in ``idents``, from ``folder/identities.parquet``."""
     path = folder / IDENTITIES_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {IDENTITIES_FILE} (a data set built by mifa before the shard "
-                                "redesign? rebuild it)")
+        if (folder / "_work" / "units").is_dir():
+            raise FileNotFoundError(f"{folder}: no {IDENTITIES_FILE}: a data set of mifa's earlier layout; rebuild it")
+        return {}  # not a mifa build: references are chosen from the samples (see load_folder)
     import pyarrow.parquet as pq
 
     columns = ["identity", "reference_png", "mask_png", "prompt"]
@@ -196,10 +197,17 @@ def load_folder(folder: str | Path, resolution: int) -> FaceData:
     intensity = torch.tensor(intens, dtype=torch.float32)
     ref_images, ref_masks, ref_prompts = [], [], []
     for ident in order:
-        row = tables[ident]
-        ref_images.append(_decode_rgb(row["reference_png"], resolution))
-        ref_masks.append(_decode_mask(row["mask_png"], resolution))
-        ref_prompts.append(row["prompt"] or identity_prompt(demo_of[ident]))
+        row = tables.get(ident)
+        if row is not None:
+            ref_images.append(_decode_rgb(row["reference_png"], resolution))
+            ref_masks.append(_decode_mask(row["mask_png"], resolution))
+            ref_prompts.append(row["prompt"] or identity_prompt(demo_of[ident]))
+        else:  # no identity table: the least expressive sample of the identity is its reference
+            rows = [i for i, x in enumerate(idents) if x == ident]
+            best = min(rows, key=lambda i: float(intensity[i].sum()))
+            ref_images.append(images[best])
+            ref_masks.append(ellipse_mask(resolution))
+            ref_prompts.append(identity_prompt(demo_of[ident]))
     index = {ident: k for k, ident in enumerate(order)}
     attribute_names, attributes = _attributes(folder, order)
     return FaceData(

@@ -505,3 +505,22 @@ def test_identity_image_term_reaches_the_unet(tmp_path):
         train(TrainConfig(out=str(tmp_path / "refused"), identity_image_weight=1.0,
                           **{**cfg, "identity_attribute_weight": 0.0}), echo=None)
     assert not (tmp_path / "refused").exists()
+
+
+def test_training_reads_the_published_identity_table_or_picks_references_without_one(teacher_data, tmp_path):
+    """A build's identities.parquet gives the references; a user's own shards without it still load (the least
+    expressive sample stands in); a build of mifa's earlier layout (tables under _work/units) is refused."""
+    import shutil
+
+    from mifa_pipeline.training.data import load_folder
+
+    with_table = load_folder(teacher_data, 32)
+    own = tmp_path / "own"
+    shutil.copytree(teacher_data, own)
+    (own / "identities.parquet").unlink()
+    without = load_folder(own, 32)
+    assert without.ref_images.shape == with_table.ref_images.shape
+    assert not torch.equal(without.ref_images, with_table.ref_images)
+    (own / "_work" / "units").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="earlier layout"):
+        load_folder(own, 32)

@@ -1,0 +1,228 @@
+"""The data path at scale: what the driver carries, how its memory grows, and what the plumbing costs.
+
+    python benchmarks/scale.py                      # N = 1,024 / 8,192 / 32,768, local and Ray, then the re-filter
+    python benchmarks/scale.py --n 1024 --executors local --no-refilter --no-duplicates
+    python benchmarks/scale.py --demo-before f6d39d6  # also the demo build (judges on), that commit vs this checkout
+    python benchmarks/scale.py --n --no-duplicates --demo-before f6d39d6   # the demo comparison alone
+
+Each build runs in a fresh child process (so its peak RSS is the driver's own: with the local executor the
+driver is also the worker) with the teacher renderer as a fast generator at 64 px and the judges off. Per N
+it prints ms/sample, the driver's peak RSS and CPU time per sample (with Ray: its scheduling alone; local: all
+the work), the bytes the driver received per sample (pickled results), and
+the plumbing (wall time less the generator's and the filter's own seconds: scheduling, writing tars, sidecars,
+scores tables and done records, hashing) against a floor measured in the same child: the same member bytes
+written by one `webdataset.TarWriter`. Then a threshold-only `mifa filter` of the largest build against `cp`
+of its tars, its decision pass alone, and the duplicate search over 1M random 128-d identities.
+Every figure is printed; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GENERATOR_STAGES = ("prompts", "identities", "duplicates", "generate", "filter")
+
+
+def _members(tar: Path):
+    with tarfile.open(tar) as t:
+        for info in t:
+            yield info.name, t.extractfile(info).read()
+
+
+def floor_seconds(out: Path) -> float:
+    """One process writing the build's member bytes with webdataset.TarWriter (reading them is not timed)."""
+    import webdataset as wds
+
+    spent = 0.0
+    with open(os.devnull, "wb") as sink, tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        target = Path(tmp) / "floor.tar"
+        with open(target, "wb") as stream:
+            writer = wds.TarWriter(stream, encoder=False, mtime=946684800)
+            for tar in sorted(out.glob("*.tar")):
+                samples: dict[str, dict[str, bytes]] = {}
+                for name, data in _members(tar):
+                    key, _, ext = name.partition(".")
+                    samples.setdefault(key, {"__key__": key})[ext] = data
+                start = time.perf_counter()
+                for sample in samples.values():
+                    writer.write(sample)
+                stream.flush()
+                os.fsync(stream.fileno())
+                spent += time.perf_counter() - start
+            writer.close()
+        del sink
+    return spent
+
+
+def child(args: argparse.Namespace) -> None:
+    """One build (as a user's driver process runs it), then its floor; prints one JSON line."""
+    from mifa_pipeline.config import load_manifest
+    from mifa_pipeline.runner import build_data, prepare
+
+    n = args.n
+    per = 8
+    sets = ["model.checkpoint=teacher", f"sampler.resolution={args.resolution}", f"identities.count={n // per}",
+            f"identities.samples_per_identity={per}", "writer.samples_per_shard=1024", "resources.identities_per_unit=64",
+            "filter.face.detector=none", "filter.identity.embedder=none", "filter.au.estimator=none",
+            "resources.cpus_per_worker=1", "resources.filter_cpus=0.5"]
+    m = load_manifest(None, sets, output=Path(args.out))
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    result = build_data(prepare(m), args.executor, progress=False)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    driver_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    c = result.manifest
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    generator = sum(c["stages"][s]["seconds"] for s in GENERATOR_STAGES if s in c["stages"])
+    workers = m.resources.generation_workers
+    plumbing = wall - generator / workers
+    floor = floor_seconds(Path(args.out))
+    print(json.dumps({
+        "executor": args.executor, "n": n, "kept": c["counts"]["kept_samples"], "wall_s": round(wall, 2),
+        "ms_per_sample": round(1000 * wall / n, 3), "driver_peak_rss_mb": round(peak_mb, 1),
+        "driver_bytes_per_sample": round(c["driver_received_bytes_last_run"] / n, 2),
+        "driver_cpu_ms_per_sample": round(1000 * driver_cpu / n, 4),
+        "generator_and_filter_s": round(generator, 2), "write_stage_s": c["stages"]["write"]["seconds"],
+        "plumbing_ms_per_sample": round(1000 * plumbing / n, 3), "floor_ms_per_sample": round(1000 * floor / n, 3),
+        "plumbing_over_floor": round(plumbing / floor, 2) if floor else None,
+        "write_stage_over_floor": round(c["stages"]["write"]["seconds"] / floor, 2) if floor else None,
+        "tar_bytes": sum(s["bytes"] for s in c["shards"]),
+    }))
+
+
+def run_child(n: int, executor: str, out: Path, resolution: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", "--n", str(n), "--executor", executor, "--out", str(out),
+                           "--resolution", str(resolution)], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"child build failed ({executor}, N={n}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def refilter_figures(parent: Path, work: Path) -> dict:
+    """A threshold-only re-filter of `parent` against cp of its tars; its decision pass alone."""
+    import pyarrow.parquet as pq
+
+    from mifa_pipeline.refilter import METADATA, prepare_refilter, run_refilter
+    from mifa_pipeline.stages.filter import redecide
+
+    copy = work / "cp"
+    copy.mkdir()
+    start = time.perf_counter()
+    subprocess.run(["cp", *[str(p) for p in sorted(parent.glob("*.tar"))], str(copy)], check=True)
+    subprocess.run(["sync"], check=True)
+    cp_s = time.perf_counter() - start
+    start = time.perf_counter()
+    result = run_refilter(prepare_refilter(parent, ["filter.min_pixel_std=20"], work / "v2"), "local", progress=False)
+    subprocess.run(["sync"], check=True)
+    refilter_s = time.perf_counter() - start
+    manifest = json.loads((parent / "manifest.json").read_text())
+    cfg = prepare_refilter(parent, ["filter.min_pixel_std=20"], work / "v3").manifest.filter
+    rows = 0
+    start = time.perf_counter()
+    for shard in manifest["shards"]:
+        for row in pq.read_table(parent / shard["scores"]["path"], columns=METADATA).to_pylist():
+            redecide(json.loads(row["scores"]), json.loads(row["requested"]), json.loads(row["occurrence_prob"]), cfg)
+            rows += 1
+    decide_s = time.perf_counter() - start
+    return {"refilter_s": round(refilter_s, 2), "cp_tars_s": round(cp_s, 2), "refilter_over_cp": round(refilter_s / cp_s, 2),
+            "refilter_kept": result.manifest["counts"]["kept_samples"], "decision_rows": rows,
+            "decision_s_per_100k": round(decide_s * 100_000 / rows, 2)}
+
+
+def duplicate_figures(n: int = 1_000_000, dim: int = 128) -> dict:
+    import numpy as np
+
+    from mifa_pipeline.duplicates import nearest_earlier
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    start = time.perf_counter()
+    nearest = nearest_earlier(x)
+    seconds = time.perf_counter() - start
+    return {"duplicates_n": n, "duplicates_s": round(seconds, 2), "duplicates_max_cosine": round(float(np.nanmax(nearest)), 3)}
+
+
+def demo_figures(before: str, work: Path) -> dict:
+    """The demo build (judges on), commit `before` vs this checkout, each with the local and the Ray executor."""
+    tree = work / "before"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), before], check=True, capture_output=True)
+    figures = {}
+    try:
+        for label, cwd in (("before", tree), ("after", ROOT)):
+            for runner in ("local", "ray"):
+                out = work / f"demo-{label}-{runner}"
+                start = time.perf_counter()
+                proc = subprocess.run([sys.executable, "-m", "mifa_pipeline.cli", "build", str(ROOT / "manifests/demo.yaml"),
+                                       "--out", str(out), "--runner", runner, "--no-progress"],
+                                      cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(cwd)})
+                if proc.returncode:
+                    raise SystemExit(f"demo build failed ({label}, {runner}):\n{proc.stderr[-3000:]}")
+                figures[f"demo_{label}_{runner}_s"] = round(time.perf_counter() - start, 1)
+                print(f"demo build {label} ({runner}): {figures[f'demo_{label}_{runner}_s']} s", flush=True)
+            figures[f"demo_{label}_ray_over_local"] = round(figures[f"demo_{label}_ray_s"] / figures[f"demo_{label}_local_s"], 2)
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="*", default=[1024, 8192, 32768], help="sample counts; none: skip the builds")
+    parser.add_argument("--executors", nargs="+", default=["local", "ray"])
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--no-refilter", action="store_true")
+    parser.add_argument("--no-duplicates", action="store_true")
+    parser.add_argument("--demo-before", metavar="REV", help="also time the demo build at commit REV against this checkout")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--executor", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.n = args.n[0]
+        child(args)
+        return
+    figures: dict = {"builds": []}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("MIFA_BENCH_DIR")) as tmp:
+        work = Path(tmp)
+        for n in args.n:
+            for executor in args.executors:
+                row = run_child(n, executor, work / f"{executor}-{n}", args.resolution)
+                figures["builds"].append(row)
+                print(f"{executor:5s} N={n:6d}: {row['ms_per_sample']:.3f} ms/sample, driver peak RSS "
+                      f"{row['driver_peak_rss_mb']:.0f} MB, {row['driver_bytes_per_sample']:.1f} B/sample to the driver, "
+                      f"driver CPU {row['driver_cpu_ms_per_sample']:.4f} ms/sample, "
+                      f"plumbing {row['plumbing_ms_per_sample']:.3f} ms/sample = {row['plumbing_over_floor']}x the floor "
+                      f"({row['floor_ms_per_sample']:.3f} ms/sample); write stage {row['write_stage_over_floor']}x", flush=True)
+                if not (n == max(args.n) and executor == args.executors[0]):
+                    shutil.rmtree(work / f"{executor}-{n}")
+        if not args.no_refilter and args.n:
+            parent = work / f"{args.executors[0]}-{max(args.n)}"
+            figures["refilter"] = refilter_figures(parent, work)
+            r = figures["refilter"]
+            print(f"threshold-only re-filter of N={max(args.n)}: {r['refilter_s']} s vs cp of its tars {r['cp_tars_s']} s "
+                  f"= {r['refilter_over_cp']}x; decision pass {r['decision_s_per_100k']} s per 100k samples", flush=True)
+        if not args.no_duplicates:
+            figures["duplicates"] = duplicate_figures()
+            d = figures["duplicates"]
+            print(f"duplicate search over {d['duplicates_n']:,} random 128-d identities: {d['duplicates_s']} s", flush=True)
+        if args.demo_before:
+            figures["demo"] = demo_figures(args.demo_before, work)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
