@@ -3,9 +3,9 @@
     python benchmarks/duplicates.py [--n 1000000] [--dim 128] [--cosine 0.9]
 
 N seeded random unit vectors (spread-out embeddings: the hard case for any index) with ~0.1% planted near
-duplicates: a later row = an earlier row + random noise of fixed norm, renormalised, cosine ~--cosine. Times nearest_earlier and
-prints one JSON line: seconds, peak RSS, planted, found at 0.8, false positives at 0.8, and the agreement of the first
-20k rows with the exact path (their values depend only on earlier rows, so they are comparable).
+duplicates: a later row = an earlier row + random noise of fixed norm, renormalised, cosine ~--cosine. Times
+nearest_earlier and prints one JSON line: seconds, peak RSS, planted, found at 0.8, false positives at 0.8, and the
+agreement of the first 20k rows with the exact path (their values depend only on earlier rows, so they compare).
 """
 
 from __future__ import annotations

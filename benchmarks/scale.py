@@ -19,7 +19,6 @@ Every figure is printed; the last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
@@ -156,26 +155,38 @@ def duplicate_figures(n: int = 1_000_000, dim: int = 128) -> dict:
     return {"duplicates_n": n, "duplicates_s": round(seconds, 2), "duplicates_max_cosine": round(float(np.nanmax(nearest)), 3)}
 
 
-def demo_figures(before: str, work: Path) -> dict:
-    """The demo build (judges on), commit `before` vs this checkout, each with the local and the Ray executor."""
-    tree = work / "before"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), before], check=True, capture_output=True)
-    figures = {}
+def _python_for(rev: str, work: Path) -> Path:
+    """A Python that imports mifa as of commit `rev`: a venv with that commit installed (not editable) and this
+    one's packages visible through a .pth file, so nothing is downloaded and this checkout is not touched."""
+    tree, venv = work / "before-src", work / "before-venv"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True, capture_output=True)
     try:
-        for label, cwd in (("before", tree), ("after", ROOT)):
-            for runner in ("local", "ray"):
-                out = work / f"demo-{label}-{runner}"
-                start = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-m", "mifa_pipeline.cli", "build", str(ROOT / "manifests/demo.yaml"),
-                                       "--out", str(out), "--runner", runner, "--no-progress"],
-                                      cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(cwd)})
-                if proc.returncode:
-                    raise SystemExit(f"demo build failed ({label}, {runner}):\n{proc.stderr[-3000:]}")
-                figures[f"demo_{label}_{runner}_s"] = round(time.perf_counter() - start, 1)
-                print(f"demo build {label} ({runner}): {figures[f'demo_{label}_{runner}_s']} s", flush=True)
-            figures[f"demo_{label}_ray_over_local"] = round(figures[f"demo_{label}_ray_s"] / figures[f"demo_{label}_local_s"], 2)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        site = next(venv.glob("lib/python*/site-packages"))
+        here = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "torch").is_dir())
+        (site / "mifa-bench-deps.pth").write_text(f"{here}\n")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(site), str(tree)], check=True, capture_output=True)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    return venv / "bin" / "python"
+
+
+def demo_figures(before: str, work: Path) -> dict:
+    """The demo build (judges on), commit `before` vs this checkout, each with the local and the Ray executor."""
+    figures = {}
+    for label, python in (("before", _python_for(before, work)), ("after", Path(sys.executable))):
+        for runner in ("local", "ray"):
+            out = work / f"demo-{label}-{runner}"
+            start = time.perf_counter()
+            proc = subprocess.run([str(python), "-m", "mifa_pipeline.cli", "build", str(ROOT / "manifests/demo.yaml"),
+                                   "--out", str(out), "--runner", runner, "--no-progress"],
+                                  cwd=work, capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(f"demo build failed ({label}, {runner}):\n{proc.stderr[-3000:]}")
+            figures[f"demo_{label}_{runner}_s"] = round(time.perf_counter() - start, 1)
+            print(f"demo build {label} ({runner}): {figures[f'demo_{label}_{runner}_s']} s", flush=True)
+        figures[f"demo_{label}_ray_over_local"] = round(figures[f"demo_{label}_ray_s"] / figures[f"demo_{label}_local_s"], 2)
     return figures
 
 

@@ -7,7 +7,6 @@ User errors end in one red message and exit code 2, never a traceback.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 

@@ -25,6 +25,7 @@ class WorkerSpec:
     count: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    concurrency: int = 1  # calls one worker may run at once (threads), where the worker allows it
 
 
 class WorkerPool(Protocol):

@@ -16,7 +16,7 @@ from typing import Any
 
 from mifa_pipeline.executors import WorkerSpec, pickled_size
 
-IN_FLIGHT = 2  # items queued per actor: one running, one ready
+IN_FLIGHT = 2  # items queued per actor: one generating, one being judged and written (or waiting)
 
 
 class TaskFailed(RuntimeError):
@@ -52,7 +52,8 @@ class RayPool:
 
         self.ray = ray
         self.executor = executor
-        remote = ray.remote(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=2, max_task_retries=2)
+        remote = ray.remote(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=2, max_task_retries=2,
+                            max_concurrency=spec.concurrency)
         self.actors = [remote(spec.cls).remote(*spec.args) for _ in range(spec.count)]
 
     def run(self, method: str, items: list[Any]) -> Iterator[tuple[Any, Any]]:

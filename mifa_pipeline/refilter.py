@@ -28,7 +28,7 @@ from mifa_pipeline.judging import JudgeFileError, Judges, judge_specs, raw_keys
 from mifa_pipeline.manifest import SCHEMA_VERSION, STAGES, chain_fingerprints, read_run_manifest, stage_configs
 from mifa_pipeline.plan import BuildPlan, IdentityBlock, ShardSlots
 from mifa_pipeline.records import StageStats
-from mifa_pipeline.runner import (IDENTITIES_TASK, BuildError, BuildResult, PreparedBuild, Runner, _sum_stats,
+from mifa_pipeline.runner import (IDENTITIES_TASK, BuildError, BuildResult, PreparedBuild, Runner,
                                   check_output, make_executor, publish_identities, remove_blocks)
 from mifa_pipeline.shards import tar_segments, write_parquet_atomic
 from mifa_pipeline.stages.filter import Filtering, redecide
@@ -253,7 +253,7 @@ class RefilterJob:
         parts = [str(build.parent_dir / identity_table.IDENTITIES_FILE)]
         if "identity" in build.rescore:
             blocks = build.plan.blocks
-            adopted = runner.adopt([b.name for b in blocks], what="identity block")
+            adopted = runner.adopt([b.name for b in blocks])
             pending = [b for b in blocks if b.name not in adopted]
             for _ in pool.run("reembed_identities", pending):
                 pass

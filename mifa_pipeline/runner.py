@@ -21,7 +21,7 @@ from typing import Any
 
 from mifa_pipeline import identity_table
 from mifa_pipeline.config import BuildManifest, canonical_json, checkpoint_dir, sha256_text
-from mifa_pipeline.done import WORK_DIR, check_done, done_path, forget, read_done, write_done
+from mifa_pipeline.done import WORK_DIR, done_path, forget, write_done
 from mifa_pipeline.executors import Executor, WorkerSpec
 from mifa_pipeline.judging import JudgeFileError, judge_specs
 from mifa_pipeline.lock import LOCK_NAME, OutputLock, OutputLockError
@@ -38,6 +38,7 @@ from mifa_pipeline.work import BuildWorker, check_task
 
 BUILD_STATE = "build.json"  # _work/build.json: which build this folder holds (written before any task)
 IDENTITIES_TASK = "identities"  # the done record of the published identity table
+REDO_LABELS = {IDENTITIES_TASK: identity_table.IDENTITIES_FILE}
 STAGE_ORDER = ("prompts", "identities", "duplicates", "generate", "filter", "write")
 
 
@@ -219,13 +220,13 @@ class BuildJob:
     def worker_spec(self, executor: Executor) -> WorkerSpec:
         r = self.build.manifest.resources
         return WorkerSpec(BuildWorker, (self.build.manifest, str(self.build.out), self.build.fingerprint),
-                          r.generation_workers, r.cpus_per_worker, r.gpus_per_worker)
+                          r.generation_workers, r.cpus_per_worker, r.gpus_per_worker, concurrency=2)
 
     def identity_phase(self, runner: "Runner", pool) -> dict[str, Any]:
         """Make every identity block (adopting proven ones), then publish the identity table."""
         out, fp = runner.out, self.build.fingerprint
         blocks = self.build.plan.blocks
-        adopted = runner.adopt([b.name for b in blocks], what="identity block")
+        adopted = runner.adopt([b.name for b in blocks])
         pending = [b for b in blocks if b.name not in adopted]
         records = dict(adopted)
         for block, record in pool.run("make_identity_block", pending):
@@ -308,8 +309,9 @@ class Runner:
         if self.progress is not None:
             self.progress.note(message)
 
-    def adopt(self, names: list[str], what: str) -> dict[str, dict[str, Any]]:
-        """The tasks among `names` whose done records prove their files; says why each other one is redone."""
+    def adopt(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """The tasks among `names` whose done records prove their files (checked where the executor runs CPU
+        steps: the driver reads no data file); says why each other recorded one is redone."""
         fp = self.build.fingerprint
         recorded = [n for n in names if done_path(self.out, n).is_file()]
         adopted = {}
@@ -317,7 +319,7 @@ class Runner:
             if record is not None:
                 adopted[name] = record
             else:
-                self.note(f"{name}: redone ({why})")
+                self.note(f"{REDO_LABELS.get(name, name)}: redone ({why})")
         return adopted
 
     # ------------------------------------------------------------------ the run
@@ -388,21 +390,17 @@ class Runner:
             for message in self.notes:
                 self.progress.note(message)
             try:
-                adopted = self.adopt([s.name for s in shards], what="shard")
+                adopted = self.adopt([s.name for s in shards])
                 pending = [s for s in shards if s.name not in adopted]
                 records = dict(adopted)
                 self.advance("shards", len(adopted))
                 self.advance("samples", sum(r["planned"] for r in adopted.values()))
                 pool = None
                 try:
-                    identities, why = check_done(self.out, IDENTITIES_TASK, self.build.fingerprint) if pending else (None, "")
-                    if pending and identities is None:
-                        if why != "not done yet":
-                            self.note(f"identities.parquet: redone ({why})")
+                    identities = self.adopt([IDENTITIES_TASK]).get(IDENTITIES_TASK)
+                    if identities is None:  # (even when every shard is proven: a damaged table is never shipped)
                         pool = self.executor.workers(job.worker_spec(self.executor))
                         identities = job.identity_phase(self, pool)
-                    else:
-                        identities = identities or read_done(self.out, IDENTITIES_TASK)[0]
                     self.advance("identities", plan.identities)
                     if pending:
                         pool = pool or self.executor.workers(job.worker_spec(self.executor))

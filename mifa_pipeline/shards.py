@@ -251,13 +251,14 @@ class ShardFileWriter:
         return ShardInfo(self.name, len(self.keys), size, sha, md5, first, last)
 
     def abort(self) -> None:
-        """Drop the half-written shard; closes the tar stream first so nothing writes to it later."""
-        try:
-            self._writer.close()
-        finally:
-            if not self._file.closed:
-                self._file.close()
-            self.tmp_path.unlink(missing_ok=True)
+        """Drop the half-written shard. Errors while closing (a full disk again) are swallowed: the file is
+        discarded anyway, and the error that made us abort is the one the user must see."""
+        for close in (self._writer.close, self._file.close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                pass
+        self.tmp_path.unlink(missing_ok=True)
 
 
 def write_shard_index(folder: Path, name: str, shards: list[ShardInfo]) -> Path:

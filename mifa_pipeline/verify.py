@@ -21,7 +21,6 @@ from mifa_pipeline.lock import LOCK_NAME
 from mifa_pipeline.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_run_manifest
 from mifa_pipeline.records import sample_key
 from mifa_pipeline.shards import KEY_PATTERN, ShardSample, file_digests, shard_name, sidecar_row
-from mifa_pipeline.stages.write import SCORES_DIR
 
 DROP_STAGES = ("duplicates", "filter")
 COMPANIONS = {"identity_attributes.parquet"}  # written beside a finished data set by `mifa teacher`

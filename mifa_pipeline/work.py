@@ -12,8 +12,8 @@ the driver never sees an image. Executors decide where workers run; this module 
 from __future__ import annotations
 
 import io
-import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -75,9 +75,21 @@ class BuildWorker:
         self.identities = None
         self.judges = None
         self.prompts = prompt_stage(manifest)
+        self._setup, self._generating, self._finishing = threading.Lock(), threading.Lock(), threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # locks do not pickle; a copy gets its own
+        return {k: v for k, v in self.__dict__.items() if k not in ("_setup", "_generating", "_finishing")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._setup, self._generating, self._finishing = threading.Lock(), threading.Lock(), threading.Lock()
 
     def setup(self) -> int:
-        """Load the generator and the judges; returns the image resolution."""
+        """Load the generator and the judges (once, whichever thread asks first); returns the resolution."""
+        with self._setup:
+            return self._load()
+
+    def _load(self) -> int:
         if self.generation is not None:
             return self.generation.resolution
         import torch
@@ -113,12 +125,13 @@ class BuildWorker:
         self.setup()
         forget(self.out, block.name)
         start = time.perf_counter()
-        people = [self.prompts.identity(i) for i in block.identities]
-        people, stats = self.identities.run(people)
-        if self.judges is not None and "identity" in self.judges.run:
-            embeddings = self.judges.reference_embeddings({p.identity: p.reference for p in people})
-            for p in people:
-                p.embedding = embeddings[p.identity]
+        with self._generating:  # the painter may be the generator
+            people, stats = self.identities.run([self.prompts.identity(i) for i in block.identities])
+        with self._finishing:
+            if self.judges is not None and "identity" in self.judges.run:
+                embeddings = self.judges.reference_embeddings({p.identity: p.reference for p in people})
+                for p in people:
+                    p.embedding = embeddings[p.identity]
         stats.seconds = time.perf_counter() - start
         relative = identity_table.block_path(block.name)
         (self.out / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -141,9 +154,19 @@ class BuildWorker:
         return people
 
     def make_shard(self, shard: ShardSlots) -> dict[str, Any]:
-        """Generate, judge and write one shard; returns its done record."""
+        """Generate, judge and write one shard; returns its done record.
+
+        Two calls may run at once (the Ray executor gives this worker two threads): one generates while the
+        other judges and writes the shard before, so the generator does not wait for CPU work. Each half is
+        one at a time (the model and the judges are not shared between threads)."""
         self.setup()
         forget(self.out, shard.name)
+        with self._generating:
+            made = self._generate(shard)
+        with self._finishing:
+            return self._finish(shard, *made)
+
+    def _generate(self, shard: ShardSlots):
         m = self.manifest
         start = time.perf_counter()
         people = self._people(shard)
@@ -165,6 +188,11 @@ class BuildWorker:
         dup_stats.n_out = len(generate)
         by_id = {i: p for i, (p, _) in people.items()}
         generate, gen_stats = self.generation.run(generate, by_id)
+        return people, samples, generate, [prompt_stats, dup_stats, gen_stats]
+
+    def _finish(self, shard: ShardSlots, people, samples, generate, stats) -> dict[str, Any]:
+        m = self.manifest
+        by_id = {i: p for i, (p, _) in people.items()}
         generate, filter_stats = Filtering(m.filter, self.generation.resolution, self.judges).run(generate, by_id)
         w = m.writer
         encoding = time.perf_counter()
@@ -176,7 +204,7 @@ class BuildWorker:
         rows = [sample_row(s, by_id[s.identity], w.image_format) for s in samples]
         writing = ShardWriting(self.out, {"name": m.dataset.name}, model_description(m.model))
         info, files, write_stats = writing.run(shard.name, rows)
-        stats = [prompt_stats, dup_stats, gen_stats, filter_stats, write_stats]
+        stats = [*stats, filter_stats, write_stats]
         return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, nsamples=info.nsamples,
                           first_key=info.first_key, last_key=info.last_key,
                           stats={s.name: s.to_json() for s in stats})

@@ -314,12 +314,14 @@ def test_resume_redoes_exactly_the_damaged_shard(small_manifest, fake_model, tmp
     assert digests(m.output) == reference and verify(m.output) == []
 
 
-def test_a_damaged_identity_table_is_redone_before_any_shard_uses_it(small_manifest, fake_model, tmp_path):
+@pytest.mark.parametrize("shard_missing", [True, False], ids=["a shard to redo", "every shard proven"])
+def test_a_damaged_identity_table_is_redone_and_never_shipped(small_manifest, fake_model, tmp_path, shard_missing):
     m = small_manifest(out=tmp_path / "o")
     build(m)
     reference = digests(m.output)
     (m.output / "manifest.json").unlink()
-    (m.output / "train-000003.tar").unlink()
+    if shard_missing:
+        (m.output / "train-000003.tar").unlink()
     _flip(m.output / "identities.parquet", 300)
     result = build(m)
     assert any(n.startswith("identities.parquet: redone") for n in result.notes)
