@@ -7,12 +7,13 @@
 
 Each build runs in a fresh child process (so its peak RSS is the driver's own: with the local executor the
 driver is also the worker) with the teacher renderer as a fast generator at 64 px and the judges off. Per N
-it prints ms/sample, the driver's peak RSS and CPU time per sample (with Ray: its scheduling alone; local: all
-the work), the bytes the driver received per sample (pickled results), and
-the plumbing (wall time less the generator's and the filter's own seconds: scheduling, writing tars, sidecars,
-scores tables and done records, hashing) against a floor measured in the same child: the same member bytes
-written by one `webdataset.TarWriter`. Then a threshold-only `mifa filter` of the largest build against `cp`
-of its tars, its decision pass alone, and the duplicate search over 1M random 128-d identities.
+it prints ms/sample, the driver's peak RSS and CPU time per sample (with Ray: its scheduling alone; local:
+all the work), the bytes the driver received per sample (pickled results), and the plumbing (local only:
+wall time less the generator's and the filter's own seconds, i.e. scheduling, writing tars, sidecars, scores
+tables and done records, hashing) and the write stage alone against a floor measured in the same child: the
+same member bytes written by one `webdataset.TarWriter`. Then a threshold-only `mifa filter` of the largest
+build against `cp` of its tars, its decision pass alone, and the duplicate search over 1M random 128-d
+identities.
 Every figure is printed; the last line is one JSON object.
 """
 
@@ -87,7 +88,9 @@ def child(args: argparse.Namespace) -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     generator = sum(c["stages"][s]["seconds"] for s in GENERATOR_STAGES if s in c["stages"])
     workers = m.resources.generation_workers
-    plumbing = wall - generator / workers
+    # Local: one thread does everything, so the wall time less the stages' own seconds is the plumbing. Ray
+    # overlaps a worker's generation with its judging and writing, so that difference means nothing there.
+    plumbing = wall - generator / workers if args.executor == "local" else None
     floor = floor_seconds(Path(args.out))
     print(json.dumps({
         "executor": args.executor, "n": n, "kept": c["counts"]["kept_samples"], "wall_s": round(wall, 2),
@@ -95,8 +98,9 @@ def child(args: argparse.Namespace) -> None:
         "driver_bytes_per_sample": round(c["driver_received_bytes_last_run"] / n, 2),
         "driver_cpu_ms_per_sample": round(1000 * driver_cpu / n, 4),
         "generator_and_filter_s": round(generator, 2), "write_stage_s": c["stages"]["write"]["seconds"],
-        "plumbing_ms_per_sample": round(1000 * plumbing / n, 3), "floor_ms_per_sample": round(1000 * floor / n, 3),
-        "plumbing_over_floor": round(plumbing / floor, 2) if floor else None,
+        "plumbing_ms_per_sample": None if plumbing is None else round(1000 * plumbing / n, 3),
+        "floor_ms_per_sample": round(1000 * floor / n, 3),
+        "plumbing_over_floor": None if plumbing is None or not floor else round(plumbing / floor, 2),
         "write_stage_over_floor": round(c["stages"]["write"]["seconds"] / floor, 2) if floor else None,
         "tar_bytes": sum(s["bytes"] for s in c["shards"]),
     }))
@@ -215,8 +219,8 @@ def main() -> None:
                 figures["builds"].append(row)
                 print(f"{executor:5s} N={n:6d}: {row['ms_per_sample']:.3f} ms/sample, driver peak RSS "
                       f"{row['driver_peak_rss_mb']:.0f} MB, {row['driver_bytes_per_sample']:.1f} B/sample to the driver, "
-                      f"driver CPU {row['driver_cpu_ms_per_sample']:.4f} ms/sample, "
-                      f"plumbing {row['plumbing_ms_per_sample']:.3f} ms/sample = {row['plumbing_over_floor']}x the floor "
+                      f"driver CPU {row['driver_cpu_ms_per_sample']:.4f} ms/sample, plumbing "
+                      f"{row['plumbing_ms_per_sample']} ms/sample = {row['plumbing_over_floor']}x the floor "
                       f"({row['floor_ms_per_sample']:.3f} ms/sample); write stage {row['write_stage_over_floor']}x", flush=True)
                 if not (n == max(args.n) and executor == args.executors[0]):
                     shutil.rmtree(work / f"{executor}-{n}")

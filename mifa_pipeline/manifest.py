@@ -27,6 +27,7 @@ from mifa_pipeline.stages.write import ShardWriting
 SCHEMA_VERSION = 2  # 2: shards planned by slot, identities.parquet, scores/, done records
 MANIFEST_NAME = "manifest.json"
 STAGES = (PromptExpansion, IdentitySampling, Generation, Filtering, ShardWriting)
+REFILTER_STAGES = (Filtering, ShardWriting)  # what `mifa filter` chains onto its parent's fingerprint
 PACKAGES = ("torch", "diffusers", "transformers", "ray", "pyarrow", "webdataset", "insightface",
             "onnxruntime", "pydantic", "numpy", "pillow", "opencv-python")
 

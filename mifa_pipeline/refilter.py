@@ -25,7 +25,7 @@ from mifa_pipeline.config import BuildManifest, ManifestError, _format_validatio
 from mifa_pipeline.done import forget, write_done
 from mifa_pipeline.executors import WorkerSpec
 from mifa_pipeline.judging import JudgeFileError, Judges, judge_specs, raw_keys
-from mifa_pipeline.manifest import SCHEMA_VERSION, STAGES, chain_fingerprints, read_run_manifest, stage_configs
+from mifa_pipeline.manifest import REFILTER_STAGES, SCHEMA_VERSION, chain_fingerprints, read_run_manifest, stage_configs
 from mifa_pipeline.plan import BuildPlan, IdentityBlock, ShardSlots
 from mifa_pipeline.records import StageStats
 from mifa_pipeline.runner import (IDENTITIES_TASK, BuildError, BuildResult, PreparedBuild, Runner,
@@ -36,7 +36,6 @@ from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.stages.write import SCORES_SCHEMA, ShardWriting, scores_path
 from mifa_pipeline.work import DUPLICATE_STAGE, decode_png
 
-REFILTER_STAGES = tuple(s for s in STAGES if s.name in (Filtering.name, ShardWriting.name))
 METADATA = [n for n in SCORES_SCHEMA.names if n != "image"]
 
 

@@ -53,13 +53,11 @@ def _check_file(folder: Path, entry: dict[str, Any], problems: list[str], md5: b
 def recomputed_fingerprint(manifest: dict[str, Any]) -> str:
     """The fingerprint the resolved build manifest, recorded models and judges give."""
     from mifa_pipeline.config import BuildManifest
-    from mifa_pipeline.manifest import chain_fingerprints, model_hash, stage_configs
+    from mifa_pipeline.manifest import REFILTER_STAGES, chain_fingerprints, model_hash, stage_configs
 
     m = BuildManifest.model_validate(manifest["build_manifest"])
     judges = manifest.get("judges", {})
     if manifest.get("kind") == "mifa-filter":
-        from mifa_pipeline.refilter import REFILTER_STAGES
-
         return chain_fingerprints(manifest["parent"]["fingerprint"], stage_configs(m, "", judges), REFILTER_STAGES)[-1]["fingerprint"]
     files = [f for f in manifest["models"] if f["role"] == "generator"]
     configs = stage_configs(m, model_hash(files, m.model.checkpoint), judges)
