@@ -11,6 +11,8 @@ without one, a local Ray is started and stopped.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,10 +41,14 @@ def start_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    if main:  # ray.init makes SIGTERM exit the driver at once; keep the caller's handling (stop, keep finished work)
+        signal.signal(signal.SIGTERM, handler)
     return True
 
 

@@ -87,3 +87,34 @@ def test_refilter_on_ray_equals_local_and_keeps_the_parent(ray_fake_cluster, sma
     assert 0 < on_ray.manifest["counts"]["kept_samples"] < 18
     assert digests(tmp_path / "ray") == digests(tmp_path / "local")
     assert digests(parent.output) == before and verify(tmp_path / "ray") == []
+
+
+def test_sigterm_stops_a_ray_build_cleanly_and_it_resumes(tmp_path):
+    """ray.init makes SIGTERM exit the driver at once; mifa keeps its own handling: exit 130, one message,
+    finished shards kept and the lock released, then the same command resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "o"
+    args = [sys.executable, "-m", "mifa_pipeline.cli", "build", "--out", str(out), "--no-progress",
+            *[x for s in ("model.checkpoint=teacher", "sampler.resolution=64", "identities.count=48",
+                          "identities.samples_per_identity=8", "writer.samples_per_shard=32",
+                          "filter.face.detector=none", "filter.identity.embedder=none", "filter.au.estimator=none")
+              for x in ("--set", s)]]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list(out.glob("_work/done/train-*.json"))) < 2:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted; finished work" in stderr, stderr[-2000:]
+    assert not (out / ".mifa-lock.json").exists() and not (out / "manifest.json").exists()
+    again = subprocess.run([*args, "--runner", "local"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "resumed" in again.stdout, again.stderr[-2000:]
+    assert verify(out) == []
