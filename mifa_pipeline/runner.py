@@ -21,7 +21,7 @@ from typing import Any
 
 from mifa_pipeline import identity_table
 from mifa_pipeline.config import BuildManifest, canonical_json, checkpoint_dir, sha256_text
-from mifa_pipeline.done import WORK_DIR, done_path, forget, write_done
+from mifa_pipeline.done import DONE_DIR, WORK_DIR, done_path, forget, write_done
 from mifa_pipeline.executors import Executor, WorkerSpec
 from mifa_pipeline.judging import JudgeFileError, judge_specs
 from mifa_pipeline.lock import LOCK_NAME, OutputLock, OutputLockError
@@ -70,6 +70,8 @@ OLD_LAYOUT = "an earlier mifa layout (work units under _work/units, schema 1) th
 
 
 def _existing_fingerprint(out: Path) -> str | None:
+    """The fingerprint of the build `out` holds: its run manifest's, else its build record's, else that of any
+    done record (a lost or emptied build record does not make finished work unresumable); None if none."""
     if (out / WORK_DIR / "units").is_dir():
         raise BuildError(f"output {out}: holds a build of {OLD_LAYOUT}; rebuild it with --fresh or into a new folder")
     for path in (out / MANIFEST_NAME, out / WORK_DIR / BUILD_STATE):
@@ -78,11 +80,27 @@ def _existing_fingerprint(out: Path) -> str | None:
                 data = json.loads(path.read_text())
                 fingerprint, schema = data["fingerprint"], data.get("schema_version", 1)
             except (ValueError, KeyError, TypeError):
-                raise BuildError(f"{path}: unreadable build record; rebuild with --fresh") from None
+                if path.name == MANIFEST_NAME:
+                    raise BuildError(f"{path}: unreadable run manifest (damaged?); `mifa verify` says more; remove "
+                                     "it to have the next run re-prove every file and write it again") from None
+                continue
             if schema != SCHEMA_VERSION:
                 raise BuildError(f"output {out}: holds a build of {OLD_LAYOUT}; rebuild it with --fresh or into a new folder")
             return fingerprint
+    for record in sorted((out / DONE_DIR).glob("*.json")) if (out / DONE_DIR).is_dir() else []:
+        try:
+            return json.loads(record.read_text())["fingerprint"]
+        except (ValueError, KeyError, TypeError):
+            continue
     return None
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _check_writable(out: Path) -> None:
@@ -358,7 +376,7 @@ class Runner:
             remove_build(out)
         (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
         state = out / WORK_DIR / BUILD_STATE
-        if not state.is_file():
+        if not _readable_json(state):
             atomic_write_text(state, json.dumps({
                 "schema_version": SCHEMA_VERSION, "fingerprint": self.build.fingerprint, "created": now_iso(),
                 "build_manifest": self.manifest.model_dump(mode="json"),

@@ -297,6 +297,9 @@ DAMAGE = {
     "done record emptied": lambda o: (o / "_work" / "done" / "train-000001.json").write_text(""),
     "done record of another build": lambda o: _edit_json(o / "_work" / "done" / "train-000001.json",
                                                          lambda d: d.update(fingerprint="f" * 64)),
+    "build record deleted too": lambda o: [(o / "_work" / "build.json").unlink(), (o / "train-000001.tar").unlink()],
+    "build record emptied too": lambda o: [(o / "_work" / "build.json").write_text(""),
+                                           (o / "train-000001.parquet").unlink()],
 }
 
 
@@ -407,6 +410,26 @@ def test_a_second_build_into_a_held_output_is_refused_and_the_first_is_intact(sm
     assert result.state == "built" and any("took over the lock of a dead run" in n for n in result.notes)
     assert not (m.output / ".mifa-lock.json").exists() and verify(m.output) == []
     assert OutputLock(m.output).acquire() is None
+
+
+def test_two_concurrent_builds_one_is_refused_and_the_running_one_finishes_intact(small_manifest, fake_model, tmp_path):
+    """A real build is running; a second one (same manifest, or another with --fresh) is refused naming it,
+    deletes nothing, and the first finishes as if alone."""
+    reference = small_manifest(*OVERRIDES[2:], out=tmp_path / "ref")
+    build(reference)
+    out = tmp_path / "shared"
+    script = KILLABLE.format(root=str(ROOT), overrides=OVERRIDES, out=str(out))
+    first = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and not list(out.glob("_work/done/train-*.json")):
+        time.sleep(0.02)
+    assert first.poll() is None, first.stderr.read()
+    for manifest, fresh in ((small_manifest(*OVERRIDES[2:], out=out), False), (small_manifest("seed=1", out=out), True)):
+        with pytest.raises(BuildError, match=f"in use by another run: .*pid {first.pid}"):
+            build(manifest, fresh=fresh)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert digests(out) == digests(reference.output) and verify(out) == []
 
 
 # ---------------------------------------------------------------------------------- judges and identities
