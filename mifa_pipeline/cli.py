@@ -83,10 +83,9 @@ def build(
 
 def _resume_hint(folder: Path) -> str:
     """What is kept after a failure: finished tasks (if any), and how to go on."""
-    from mifa_pipeline.done import DONE_DIR
+    from mifa_pipeline.done import any_done
 
-    done = folder / DONE_DIR
-    if done.is_dir() and any(done.iterdir()):
+    if any_done(folder):
         return f"finished work in {folder} is kept; run the same command again to resume"
     return "nothing was finished; run the same command again to start over"
 

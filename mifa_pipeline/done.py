@@ -37,6 +37,28 @@ def write_done(out: Path, name: str, fingerprint: str, files: list[str], **extra
     return record
 
 
+def any_done(out: Path) -> bool:
+    """Whether some task of the build in `out` has finished (so a failure keeps something to resume from)."""
+    folder = out / DONE_DIR
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def file_mismatch(out: Path, relative: str, want: dict[str, Any]) -> str | None:
+    """Why `out/relative` is not the file `want` ({sha256, md5, bytes}) describes, or None when it is."""
+    path = out / relative
+    if not path.is_file():
+        return f"{relative}: missing"
+    size = path.stat().st_size
+    if size != want.get("bytes"):
+        return f"{relative}: {size} bytes, recorded {want.get('bytes')} (truncated or changed)"
+    sha, md5, _ = file_digests(path)
+    if sha != want.get("sha256"):
+        return f"{relative}: sha256 {sha[:12]} != recorded {str(want.get('sha256'))[:12]} (changed or damaged)"
+    if md5 != want.get("md5"):
+        return f"{relative}: md5 {md5} != recorded {want.get('md5')}"
+    return None
+
+
 def read_done(out: Path, name: str) -> tuple[dict[str, Any] | None, str]:
     """(record, "") or (None, why not): the record alone, files unchecked."""
     path = done_path(out, name)
@@ -60,15 +82,9 @@ def check_done(out: Path, name: str, fingerprint: str) -> tuple[dict[str, Any] |
     if record.get("fingerprint") != fingerprint:
         return None, f"made by another build (fingerprint {str(record.get('fingerprint'))[:12]})"
     for relative, want in record["files"].items():
-        path = out / relative
-        if not path.is_file():
-            return None, f"{relative} is missing"
-        size = path.stat().st_size
-        if size != want.get("bytes"):
-            return None, f"{relative} has {size} bytes, its done record says {want.get('bytes')}"
-        sha, md5, _ = file_digests(path)
-        if (sha, md5) != (want.get("sha256"), want.get("md5")):
-            return None, f"{relative} does not hash to its done record (changed or damaged)"
+        why = file_mismatch(out, relative, want)
+        if why is not None:
+            return None, why
     return record, ""
 
 

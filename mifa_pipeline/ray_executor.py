@@ -34,6 +34,16 @@ def _unwrap(error: Exception) -> str:
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(error).splitlines()[0]
 
 
+def _fetch(ray, ref, item, executor: "RayExecutor") -> Any:
+    """A finished task's result (counted as bytes the driver received), or TaskFailed naming the item."""
+    try:
+        result = ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        raise TaskFailed(f"{_name(item)} failed: {_unwrap(exc)}") from None
+    executor.received_bytes += pickled_size(result)
+    return result
+
+
 def start_ray(address: str | None) -> bool:
     """Join `address`, or start a local Ray sized to this machine. Returns True if we started it."""
     import ray
@@ -76,12 +86,7 @@ class RayPool:
             ready, _ = ray.wait(list(running), num_returns=1)
             i, item = running.pop(ready[0])
             load[i] -= 1
-            try:
-                result = ray.get(ready[0])
-            except ray.exceptions.RayError as exc:
-                raise TaskFailed(f"{_name(item)} failed: {_unwrap(exc)}") from None
-            self.executor.received_bytes += pickled_size(result)
-            yield item, result
+            yield item, _fetch(ray, ready[0], item, self.executor)
 
     def close(self) -> None:
         for actor in self.actors:
@@ -129,12 +134,7 @@ class RayExecutor:
                 running[task.remote(*arg_refs, item)] = item
             ready, _ = ray.wait(list(running), num_returns=1)
             item = running.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except ray.exceptions.RayError as exc:
-                raise TaskFailed(f"{_name(item)} failed: {_unwrap(exc)}") from None
-            self.received_bytes += pickled_size(result)
-            yield item, result
+            yield item, _fetch(ray, ready[0], item, self)
 
     def workers(self, spec: WorkerSpec) -> RayPool:
         self.cluster()

@@ -11,12 +11,12 @@ its own folder, identity table, shards and run manifest (`parent` names the old 
 from __future__ import annotations
 
 import json
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
@@ -28,13 +28,13 @@ from mifa_pipeline.judging import JudgeFileError, Judges, judge_specs, raw_keys
 from mifa_pipeline.manifest import REFILTER_STAGES, SCHEMA_VERSION, chain_fingerprints, read_run_manifest, stage_configs
 from mifa_pipeline.plan import BuildPlan, IdentityBlock, ShardSlots
 from mifa_pipeline.records import StageStats
-from mifa_pipeline.runner import (IDENTITIES_TASK, BuildError, BuildResult, PreparedBuild, Runner,
-                                  check_output, make_executor, publish_identities, remove_blocks)
-from mifa_pipeline.shards import tar_segments, write_parquet_atomic
+from mifa_pipeline.runner import (BuildError, BuildResult, PreparedBuild, Runner, check_output, make_executor,
+                                  make_identity_table)
+from mifa_pipeline.shards import decode_image, tar_members, tar_segments, write_parquet_atomic
 from mifa_pipeline.stages.filter import Filtering, redecide
 from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.stages.write import SCORES_SCHEMA, ShardWriting, scores_path
-from mifa_pipeline.work import DUPLICATE_STAGE, decode_png
+from mifa_pipeline.work import duplicate_stats
 
 METADATA = [n for n in SCORES_SCHEMA.names if n != "image"]
 
@@ -105,17 +105,6 @@ def prepare_refilter(parent: Path, overrides: list[str], out: Path | None = None
     return check_output(build)
 
 
-def _tar_members(path: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {extension: member bytes}, read as stored (nothing decoded)."""
-    members: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            if info.isfile():
-                key, _, ext = info.name.partition(".")
-                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
-    return members
-
-
 class RefilterWorker:
     """Re-decides the parent's shards; loads a judge (once per worker) only when its fingerprint changed."""
 
@@ -141,10 +130,8 @@ class RefilterWorker:
         """The parent's reference faces embedded by a changed identity judge (their duplicates kept)."""
         forget(self.out, block.name)
         rows = identity_table.read_rows(self.parent, block.identities)
-        images = {r["identity"]: decode_png(r["reference_png"]) for r in rows}
+        images = {r["identity"]: decode_image(r["reference_png"]) for r in rows}
         embeddings = self._judges().reference_embeddings(images)
-        import pyarrow as pa
-
         table = pa.Table.from_pylist([{**r, "embedding": embeddings[r["identity"]]} for r in rows],
                                      schema=identity_table.IDENTITY_SCHEMA)
         relative = identity_table.block_path(block.name)
@@ -163,7 +150,6 @@ class RefilterWorker:
         people = {r["identity"]: r for r in identity_table.read_rows(
             self.out, shard.identities, ["embedding", "nearest_earlier_cosine", "duplicate"])}
         parent_kept = {r["key"] for r in rows if r["keep"]}
-        segments = tar_segments(self.parent / f"{shard.name}.tar") if parent_kept else {}
         stored: dict[str, bytes] | None = None
         members: dict[str, dict[str, bytes]] | None = None
 
@@ -172,7 +158,7 @@ class RefilterWorker:
             nonlocal stored, members
             if row["key"] in parent_kept:
                 if members is None:
-                    members = _tar_members(self.parent / f"{shard.name}.tar")
+                    members = tar_members(self.parent / f"{shard.name}.tar")
                 return members[row["key"]][row["image_ext"]]
             if stored is None:  # dropped images are read only when some are needed
                 table = pq.read_table(scores_file, columns=["key", "image"])
@@ -180,7 +166,7 @@ class RefilterWorker:
             return stored[row["key"]]
 
         filt = StageStats(Filtering.name, Filtering.version)
-        dup = StageStats(DUPLICATE_STAGE, "2", n_in=len(rows))
+        dup = duplicate_stats(len(rows))
         unchanged: list[str] = []
         for row in rows:
             before = row["scores"]
@@ -195,7 +181,7 @@ class RefilterWorker:
                     for key in raw_keys(judge, raw):
                         del raw[key]
                 if self.rescore and raw.get("image_valid"):
-                    raw.update(self._judges().score(decode_png(image(row)), person["embedding"]))
+                    raw.update(self._judges().score(decode_image(image(row)), person["embedding"]))
                 scores, reason = redecide(raw, json.loads(row["requested"]), json.loads(row["occurrence_prob"]), cfg)
                 if person["duplicate"]:
                     reason = "duplicate_identity"
@@ -216,23 +202,20 @@ class RefilterWorker:
                 row["image"] = image(row)
         filt.seconds = time.perf_counter() - start
         copies = {}
-        if unchanged:
-            sidecar = pq.read_table(self.parent / f"{shard.name}.parquet").to_pylist()
-            by_key = {r["key"]: r for r in sidecar}
-            copies = {key: (segments[key], by_key[key]) for key in unchanged}
+        if unchanged:  # the parent's tar and sidecar are read only when something is copied from them
+            segments = tar_segments(self.parent / f"{shard.name}.tar")
+            sidecar = {r["key"]: r for r in pq.read_table(self.parent / f"{shard.name}.parquet").to_pylist()}
+            copies = {key: (segments[key], sidecar[key]) for key in unchanged}
         writing = ShardWriting(self.out, {"name": m.dataset.name}, model_description(m.model))
-        info, files, write_stats = writing.run(shard.name, rows, copies)
-        stats = {s.name: s.to_json() for s in (dup, filt, write_stats)}
-        stats[Filtering.name]["rescored"] = sorted(self.rescore)
-        return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, nsamples=info.nsamples,
-                          first_key=info.first_key, last_key=info.last_key, stats=stats)
+        contents, files, write_stats = writing.run(shard.name, rows, copies)
+        return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, **contents,
+                          stats={s.name: s.to_json() for s in (dup, filt, write_stats)})
 
 
 class RefilterJob:
     """The re-filter's work: the parent's identity table (re-embedded where that judge changed), then shards."""
 
     kind = "mifa-filter"
-    title = "mifa filter summary"
     progress_stages = ("samples", "shards")
 
     def __init__(self, build: PreparedRefilter):
@@ -247,20 +230,10 @@ class RefilterJob:
         return WorkerSpec(RefilterWorker, (self.build, self.build.fingerprint), count, share, 0.0)
 
     def identity_phase(self, runner: Runner, pool) -> dict[str, Any]:
-        out, build = runner.out, self.build
-        threshold = build.manifest.filter.identity.duplicate_cosine
-        parts = [str(build.parent_dir / identity_table.IDENTITIES_FILE)]
-        if "identity" in build.rescore:
-            blocks = build.plan.blocks
-            adopted = runner.adopt([b.name for b in blocks])
-            pending = [b for b in blocks if b.name not in adopted]
-            for _ in pool.run("reembed_identities", pending):
-                pass
-            parts = [str(out / identity_table.block_path(b.name)) for b in blocks]
-        _, counts = next(runner.executor.map(publish_identities, [str(out)], parts, threshold))
-        record = write_done(out, IDENTITIES_TASK, build.fingerprint, [identity_table.IDENTITIES_FILE], **counts, stats={})
-        remove_blocks(out, build.plan.blocks)
-        return record
+        """The parent's identity table, re-embedded when the identity judge changed, duplicates re-decided."""
+        if "identity" in self.build.rescore:
+            return make_identity_table(runner, pool, "reembed_identities")
+        return make_identity_table(runner, pool, None, [self.build.parent_dir / identity_table.IDENTITIES_FILE])
 
     def lineage(self) -> dict[str, Any]:
         parent = self.build.parent_manifest

@@ -21,7 +21,7 @@ from typing import Any
 
 from mifa_pipeline import identity_table
 from mifa_pipeline.config import BuildManifest, canonical_json, checkpoint_dir, sha256_text
-from mifa_pipeline.done import DONE_DIR, WORK_DIR, done_path, forget, write_done
+from mifa_pipeline.done import DONE_DIR, WORK_DIR, any_done, done_path, forget, write_done
 from mifa_pipeline.executors import Executor, WorkerSpec
 from mifa_pipeline.judging import JudgeFileError, judge_specs
 from mifa_pipeline.lock import LOCK_NAME, OutputLock, OutputLockError
@@ -229,7 +229,6 @@ class BuildJob:
     """A build's work: identity blocks, the identity table, then shards, all by `BuildWorker`s."""
 
     kind = "mifa-build"
-    title = "mifa build summary"
     progress_stages = ("identities", "samples", "shards")
 
     def __init__(self, build: PreparedBuild):
@@ -241,23 +240,8 @@ class BuildJob:
                           r.generation_workers, r.cpus_per_worker, r.gpus_per_worker, concurrency=2)
 
     def identity_phase(self, runner: "Runner", pool) -> dict[str, Any]:
-        """Make every identity block (adopting proven ones), then publish the identity table."""
-        out, fp = runner.out, self.build.fingerprint
-        blocks = self.build.plan.blocks
-        adopted = runner.adopt([b.name for b in blocks])
-        pending = [b for b in blocks if b.name not in adopted]
-        records = dict(adopted)
-        for block, record in pool.run("make_identity_block", pending):
-            records[block.name] = record
-            runner.advance("identities", len(block.identities))
-        parts = [out / identity_table.block_path(b.name) for b in blocks]
-        threshold = self.build.manifest.filter.identity.duplicate_cosine
-        _, counts = next(runner.executor.map(publish_identities, [str(out)], [str(p) for p in parts], threshold))
-        stats = _sum_stats(r["stats"] for r in records.values())
-        record = write_done(out, IDENTITIES_TASK, fp, [identity_table.IDENTITIES_FILE], **counts,
-                            stats={k: v.to_json() for k, v in stats.items()})
-        remove_blocks(out, blocks)
-        return record
+        """Make every identity block not yet proven, then publish the identity table."""
+        return make_identity_table(runner, pool, "make_identity_block")
 
     def lineage(self) -> dict[str, Any]:
         return {"kind": self.kind, "parent": None}
@@ -269,15 +253,30 @@ class BuildJob:
         """Anything a job adds to the run manifest (a build adds nothing)."""
 
 
-def remove_blocks(out: Path, blocks) -> None:
-    """Once published, the blocks' reference faces live in identities.parquet alone."""
-    for b in blocks:
+def make_identity_table(runner: "Runner", pool, method: str | None, parts: list[Path] | None = None) -> dict[str, Any]:
+    """identities.parquet, recorded: from identity blocks the workers' `method` makes (those not yet proven),
+    or, with no method, from existing tables `parts` (a re-filter's parent); the blocks are removed after."""
+    out, build = runner.out, runner.build
+    blocks = build.plan.blocks
+    stats: dict[str, Any] = {}
+    if method is not None:
+        records = runner.adopt([b.name for b in blocks])
+        for block, record in pool.run(method, [b for b in blocks if b.name not in records]):
+            records[block.name] = record
+            runner.advance("identities", len(block.identities))
+        parts = [out / identity_table.block_path(b.name) for b in blocks]
+        stats = {k: v.to_json() for k, v in _sum_stats(r["stats"] for r in records.values()).items()}
+    threshold = build.manifest.filter.identity.duplicate_cosine
+    _, counts = next(runner.executor.map(publish_identities, [str(out)], [str(p) for p in parts], threshold))
+    record = write_done(out, IDENTITIES_TASK, build.fingerprint, [identity_table.IDENTITIES_FILE], **counts, stats=stats)
+    for b in blocks:  # published: the blocks' reference faces live in identities.parquet alone
         forget(out, b.name)
         (out / identity_table.block_path(b.name)).unlink(missing_ok=True)
     try:
         (out / identity_table.BLOCKS_DIR).rmdir()
     except OSError:
         pass
+    return record
 
 
 def publish_identities(parts: list[str], threshold: float | None, out: str) -> dict[str, int]:
@@ -348,27 +347,24 @@ class Runner:
             taken = lock.acquire()
         except OutputLockError as exc:
             raise BuildError(str(exc)) from None
-        wrote_nothing = True
+        failed = True
         try:
             with sigterm_as_interrupt():
                 self.build = check_output(replace(self.build))  # again, now that the output is ours
                 if self.build.state == "complete":
-                    return BuildResult("complete", json.loads((self.out / MANIFEST_NAME).read_text()), 0.0)
-                resumed = self.build.state == "resume"
-                if taken:
-                    self.notes.append(taken)
-                self._start_folder()
-                result = self._run(start, resumed)
-                wrote_nothing = False
-                return result
-        except BaseException:
-            if lock.created_folder and not self._anything_done():
-                self._remove_own_start()
-            raise
+                    result = BuildResult("complete", json.loads((self.out / MANIFEST_NAME).read_text()), 0.0)
+                else:
+                    if taken:
+                        self.notes.append(taken)
+                    resumed = self.build.state == "resume"
+                    self._start_folder()
+                    result = self._run(start, resumed)
+            failed = False
+            return result
         finally:
             lock.release()
-            if lock.created_folder and wrote_nothing and self.out.is_dir() and not any(self.out.iterdir()):
-                self.out.rmdir()
+            if failed and lock.created_folder and not any_done(self.out):
+                self._remove_own_start()
 
     def _start_folder(self) -> None:
         out = self.out
@@ -381,20 +377,16 @@ class Runner:
                 "schema_version": SCHEMA_VERSION, "fingerprint": self.build.fingerprint, "created": now_iso(),
                 "build_manifest": self.manifest.model_dump(mode="json"),
             }, indent=2) + "\n")
-        for folder in (out, out / SCORES_DIR, out / WORK_DIR / "done", out / identity_table.BLOCKS_DIR):
+        for folder in (out, out / SCORES_DIR, out / DONE_DIR, out / identity_table.BLOCKS_DIR):
             if folder.is_dir():  # ours alone now (we hold the lock): a crashed writer's temporary files
                 for tmp in folder.glob(f".*{TMP_MARK}*"):
                     tmp.unlink()
 
-    def _anything_done(self) -> bool:
-        done = self.out / WORK_DIR / "done"
-        return done.is_dir() and any(done.iterdir())
-
     def _remove_own_start(self) -> None:
         """A first run that failed before finishing any task removes what it wrote, and only that."""
         (self.out / WORK_DIR / BUILD_STATE).unlink(missing_ok=True)
-        for folder in (self.out / WORK_DIR / "done", self.out / identity_table.BLOCKS_DIR, self.out / SCORES_DIR,
-                       self.out / WORK_DIR):
+        for folder in (self.out / DONE_DIR, self.out / identity_table.BLOCKS_DIR, self.out / SCORES_DIR,
+                       self.out / WORK_DIR, self.out):
             try:
                 folder.rmdir()
             except OSError:
@@ -441,13 +433,11 @@ class Runner:
         write_run_manifest(self.out, content)
         return BuildResult("resumed" if resumed else "built", content, wall, len(pending), self.notes)
 
-    def _run_manifest(self, records: list[dict[str, Any]], identities: dict[str, Any] | None, index: Path,
+    def _run_manifest(self, records: list[dict[str, Any]], identities: dict[str, Any], index: Path,
                       wall: float, shards_run: int) -> dict[str, Any]:
         m = self.manifest
-        stats = _sum_stats([identities["stats"]] if identities else [])
-        stats = {**stats, **{k: v for k, v in _sum_stats(r["stats"] for r in records).items()}}
-        stages = {**self.job.inherited_stages(),
-                  **{k: stats[k].to_json() for k in STAGE_ORDER if k in stats}}
+        stats = _sum_stats([identities["stats"], *(r["stats"] for r in records)])
+        stages = {**self.job.inherited_stages(), **{k: stats[k].to_json() for k in STAGE_ORDER if k in stats}}
         kept = sum(r["nsamples"] for r in records)
         return {
             "schema_version": SCHEMA_VERSION,
@@ -467,7 +457,7 @@ class Runner:
             "au_names": list(m.prompts.au_names),
             "counts": {"identities": m.identities.count, "planned_samples": self.build.plan.total_samples,
                        "kept_samples": kept,
-                       "duplicate_identities": identities.get("duplicates", 0) if identities else 0},
+                       "duplicate_identities": identities["duplicates"]},
             "identities": _file_record(identity_table.IDENTITIES_FILE, identities),
             "stages": stages,
             "shards": [_shard_json(r) for r in records],
@@ -479,10 +469,8 @@ class Runner:
         }
 
 
-def _file_record(path: str, record: dict[str, Any] | None) -> dict[str, Any] | None:
-    if record is None:
-        return None
-    return {"path": path, **record["files"][path], "rows": record.get("identities")}
+def _file_record(path: str, record: dict[str, Any]) -> dict[str, Any]:
+    return {"path": path, **record["files"][path], "rows": record["identities"]}
 
 
 def _shard_info(record: dict[str, Any]) -> ShardInfo:

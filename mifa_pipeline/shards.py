@@ -72,6 +72,12 @@ def encode_image(image: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+def decode_image(data: bytes, mode: str = "RGB") -> np.ndarray:
+    """The inverse of `encode_image` (an RGB array, or "L" for a mask)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert(mode), dtype=np.uint8).copy()
+
+
 def metadata_json(metadata: dict[str, Any]) -> bytes:
     return json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
@@ -157,6 +163,18 @@ def _member_spans(data: bytes) -> list[tuple[str, int, int]] | None:
     return spans
 
 
+def tar_members(path: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {extension: member bytes}, in tar order, nothing decoded (webdataset's rule: the key ends at the
+    first dot)."""
+    members: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            if info.isfile():
+                key, _, ext = info.name.partition(".")
+                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    return members
+
+
 def tar_segments(path: Path) -> dict[str, bytes]:
     """key -> the raw bytes of its members (headers, data, padding) in a tar mifa wrote: copyable as they are."""
     data = path.read_bytes()
@@ -240,15 +258,13 @@ class ShardFileWriter:
         if self.keys and key <= self.keys[-1]:
             raise ValueError(f"shard {self.name}: key {key!r} is not after {self.keys[-1]!r}")
 
-    def close(self) -> ShardInfo:
+    def close(self) -> None:
+        """Commit the tar and its sidecar (by rename). Hashes are the done record's business (`done.py`)."""
         self._writer.close()  # closes the tar stream (and our file)
         if not self._file.closed:
             self._file.close()
         write_parquet_atomic(sidecar_table(self.rows), self.tar_path.with_suffix(".parquet"))
         _fsync_replace(self.tmp_path, self.tar_path)
-        sha, md5, size = file_digests(self.tar_path)
-        first, last = (self.keys[0], self.keys[-1]) if self.keys else (None, None)
-        return ShardInfo(self.name, len(self.keys), size, sha, md5, first, last)
 
     def abort(self) -> None:
         """Drop the half-written shard. Errors while closing (a full disk again) are swallowed: the file is

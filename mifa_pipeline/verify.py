@@ -16,38 +16,23 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from mifa_pipeline.done import file_mismatch
 from mifa_pipeline.identity_table import IDENTITIES_FILE
 from mifa_pipeline.lock import LOCK_NAME
 from mifa_pipeline.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_run_manifest
 from mifa_pipeline.records import sample_key
-from mifa_pipeline.shards import KEY_PATTERN, ShardSample, file_digests, shard_name, sidecar_row
+from mifa_pipeline.shards import KEY_PATTERN, ShardSample, shard_name, sidecar_row, tar_members
 
 DROP_STAGES = ("duplicates", "filter")
 COMPANIONS = {"identity_attributes.parquet"}  # written beside a finished data set by `mifa teacher`
 
 
-def _tar_members(path: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {extension: bytes}, in tar order (webdataset's rule: the key ends at the first dot)."""
-    members: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            key, _, ext = info.name.partition(".")
-            members.setdefault(key, {})[ext] = tar.extractfile(info).read() if info.isfile() else b""
-    return members
-
-
-def _check_file(folder: Path, entry: dict[str, Any], problems: list[str], md5: bool = False) -> bool:
-    path = folder / entry["path"]
-    if not path.is_file():
-        problems.append(f"{entry['path']}: missing")
-        return False
-    sha, digest_md5, size = file_digests(path)
-    if (sha, size) != (entry.get("sha256"), entry.get("bytes")):
-        problems.append(f"{entry['path']}: sha256/size {sha[:12]}/{size} != manifest {str(entry.get('sha256'))[:12]}/{entry.get('bytes')}")
-        return False
-    if md5 and digest_md5 != entry.get("md5"):
-        problems.append(f"{entry['path']}: md5 {digest_md5} != manifest {entry.get('md5')}")
-    return True
+def _check_file(folder: Path, entry: dict[str, Any], problems: list[str]) -> bool:
+    """Whether the file the manifest entry describes is there, byte for byte; records why not."""
+    why = file_mismatch(folder, entry["path"], entry)
+    if why is not None:
+        problems.append(why)
+    return why is None
 
 
 def recomputed_fingerprint(manifest: dict[str, Any]) -> str:
@@ -68,10 +53,10 @@ def _check_shard(folder: Path, shard: dict[str, Any], planned: range, spi: int, 
                  reasons: Counter, keys_seen: set[str]) -> int:
     """One shard's tar, sidecar and scores table; returns the number of planned rows found."""
     name = shard["path"]
-    tar_ok = _check_file(folder, shard, problems, md5=True)
+    tar_ok = _check_file(folder, shard, problems)
     members: dict[str, dict[str, bytes]] = {}
     try:
-        members = _tar_members(folder / name) if (folder / name).is_file() else {}
+        members = tar_members(folder / name) if (folder / name).is_file() else {}
     except (tarfile.TarError, OSError) as exc:
         problems.append(f"{name}: not a readable tar ({exc})")
     if tar_ok and len(members) != shard["nsamples"]:

@@ -11,15 +11,11 @@ the driver never sees an image. Executors decide where workers run; this module 
 
 from __future__ import annotations
 
-import io
 import math
 import threading
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-from PIL import Image
 
 from mifa_pipeline import identity_table
 from mifa_pipeline.config import BuildManifest
@@ -27,7 +23,7 @@ from mifa_pipeline.done import check_done, forget, write_done
 from mifa_pipeline.judging import Judges, judge_specs
 from mifa_pipeline.plan import IdentityBlock, ShardSlots
 from mifa_pipeline.records import IdentityRecord, StageStats
-from mifa_pipeline.shards import encode_image
+from mifa_pipeline.shards import decode_image, encode_image, write_parquet_atomic
 from mifa_pipeline.stages.filter import Filtering
 from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.stages.identities import IdentitySampling, make_canvas
@@ -35,7 +31,11 @@ from mifa_pipeline.stages.prompts import PromptExpansion
 from mifa_pipeline.stages.write import ShardWriting, sample_row
 
 TEACHER_RESOLUTION = 128
-DUPLICATE_STAGE = "duplicates"
+
+
+def duplicate_stats(n_in: int) -> StageStats:
+    """The `duplicates` stage of a shard: samples of duplicate identities, dropped before generation."""
+    return StageStats("duplicates", "2", n_in=n_in)
 
 
 def uses_teacher(manifest: BuildManifest) -> bool:
@@ -52,11 +52,6 @@ def prompt_stage(manifest: BuildManifest) -> PromptExpansion:
     if teacher_identities(manifest):
         from mifa_pipeline.stages.teacher import describe
     return PromptExpansion(manifest.prompts, manifest.seed, manifest.identities.samples_per_identity, describe)
-
-
-def decode_png(data: bytes, mode: str = "RGB") -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert(mode), dtype=np.uint8).copy()
 
 
 def check_task(out: str, fingerprint: str, name: str) -> tuple[dict[str, Any] | None, str]:
@@ -135,23 +130,22 @@ class BuildWorker:
         stats.seconds = time.perf_counter() - start
         relative = identity_table.block_path(block.name)
         (self.out / relative).parent.mkdir(parents=True, exist_ok=True)
-        from mifa_pipeline.shards import write_parquet_atomic
-
         write_parquet_atomic(identity_table.block_table(people), self.out / relative)
         return write_done(self.out, block.name, self.fingerprint, [relative], stats={stats.name: stats.to_json()})
 
     # ------------------------------------------------------------------ sample phase
-    def _people(self, shard: ShardSlots) -> dict[int, tuple[IdentityRecord, dict[str, Any]]]:
-        rows = identity_table.read_rows(self.out, shard.identities,
-                                        ["reference_png", "mask_png", "embedding", "nearest_earlier_cosine", "duplicate"])
+    def _people(self, shard: ShardSlots) -> tuple[dict[int, IdentityRecord], dict[int, dict[str, Any]]]:
+        """The shard's identities (reference, mask, canvas, embedding) and their identity-table rows."""
+        rows = {r["identity"]: r for r in identity_table.read_rows(
+            self.out, shard.identities, ["reference_png", "mask_png", "embedding", "nearest_earlier_cosine", "duplicate"])}
         people = {}
-        for row in rows:
-            person = self.prompts.identity(row["identity"])
-            person.reference, person.mask = decode_png(row["reference_png"]), decode_png(row["mask_png"], "L")
+        for i, row in rows.items():
+            person = self.prompts.identity(i)
+            person.reference, person.mask = decode_image(row["reference_png"]), decode_image(row["mask_png"], "L")
             person.canvas = make_canvas(person.reference, person.mask)
-            person.embedding = row["embedding"]
-            people[person.identity] = (person, row)
-        return people
+            person.embedding = row["embedding"]  # embedded in the identity phase: judged again by no shard
+            people[i] = person
+        return people, rows
 
     def make_shard(self, shard: ShardSlots) -> dict[str, Any]:
         """Generate, judge and write one shard; returns its done record.
@@ -167,44 +161,38 @@ class BuildWorker:
             return self._finish(shard, *made)
 
     def _generate(self, shard: ShardSlots):
-        m = self.manifest
         start = time.perf_counter()
-        people = self._people(shard)
-        spi = m.identities.samples_per_identity
-        samples = [s for i in shard.identities for s in self.prompts.samples(people[i][0])
+        people, rows = self._people(shard)
+        spi = self.manifest.identities.samples_per_identity
+        samples = [s for i in shard.identities for s in self.prompts.samples(people[i])
                    if shard.first_slot <= i * spi + s.sample < shard.end_slot]
         prompt_stats = StageStats(PromptExpansion.name, PromptExpansion.version, len(samples), len(samples),
                                   seconds=time.perf_counter() - start)
-        dup_stats = StageStats(DUPLICATE_STAGE, "2", n_in=len(samples))
+        dup_stats = duplicate_stats(len(samples))
         generate = []
         for s in samples:
-            row = people[s.identity][1]
-            if row["duplicate"]:
+            if rows[s.identity]["duplicate"]:
                 s.keep, s.drop_reason = False, "duplicate_identity"
-                s.scores = {"identity_nearest_earlier_cosine": row["nearest_earlier_cosine"]}
-                dup_stats.drop("duplicate_identity")
+                dup_stats.drop(s.drop_reason)
             else:
                 generate.append(s)
         dup_stats.n_out = len(generate)
-        by_id = {i: p for i, (p, _) in people.items()}
-        generate, gen_stats = self.generation.run(generate, by_id)
-        return people, samples, generate, [prompt_stats, dup_stats, gen_stats]
+        generate, gen_stats = self.generation.run(generate, people)
+        return people, rows, samples, generate, [prompt_stats, dup_stats, gen_stats]
 
-    def _finish(self, shard: ShardSlots, people, samples, generate, stats) -> dict[str, Any]:
-        m = self.manifest
-        by_id = {i: p for i, (p, _) in people.items()}
-        generate, filter_stats = Filtering(m.filter, self.generation.resolution, self.judges).run(generate, by_id)
-        w = m.writer
+    def _finish(self, shard: ShardSlots, people, rows, samples, generate, stats) -> dict[str, Any]:
+        m, w = self.manifest, self.manifest.writer
+        generate, filter_stats = Filtering(m.filter, self.generation.resolution, self.judges).run(generate, people)
         encoding = time.perf_counter()
         for s in generate:
-            s.scores["identity_nearest_earlier_cosine"] = people[s.identity][1]["nearest_earlier_cosine"]
             s.image_bytes = encode_image(s.image, w.image_format, w.quality) if s.scores.get("image_valid") else None
             s.image = None
         filter_stats.seconds += time.perf_counter() - encoding  # the filter stage encodes, off the generator
-        rows = [sample_row(s, by_id[s.identity], w.image_format) for s in samples]
+        for s in samples:  # every planned sample, generated or not, says how close its identity is to an earlier one
+            s.scores["identity_nearest_earlier_cosine"] = rows[s.identity]["nearest_earlier_cosine"]
         writing = ShardWriting(self.out, {"name": m.dataset.name}, model_description(m.model))
-        info, files, write_stats = writing.run(shard.name, rows)
+        contents, files, write_stats = writing.run(shard.name, [sample_row(s, people[s.identity], w.image_format)
+                                                                for s in samples])
         stats = [*stats, filter_stats, write_stats]
-        return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, nsamples=info.nsamples,
-                          first_key=info.first_key, last_key=info.last_key,
+        return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, **contents,
                           stats={s.name: s.to_json() for s in stats})

@@ -124,10 +124,10 @@ class Filtering:
     def run(self, samples: list[SampleRecord], people: dict[int, IdentityRecord]) -> tuple[list[SampleRecord], StageStats]:
         start = time.perf_counter()
         stats = StageStats(self.name, self.version, n_in=len(samples))
-        if self.judges is not None and "identity" in self.judges.run:
-            embeddings = self.judges.reference_embeddings({i: p.reference for i, p in people.items()})
-            for i, p in people.items():
-                p.embedding = embeddings[i]
+        if self.judges is not None and "identity" in self.judges.run:  # references not embedded before
+            missing = {i: p.reference for i, p in people.items() if p.embedding is None}
+            for i, embedding in (self.judges.reference_embeddings(missing) if missing else {}).items():
+                people[i].embedding = embedding
         for sample in samples:
             raw = image_scores(sample.image, self.resolution)
             raw.update(label_scores(sample))
@@ -141,36 +141,3 @@ class Filtering:
                 stats.drop(sample.drop_reason)
         stats.seconds = time.perf_counter() - start
         return samples, stats
-
-
-class DuplicateIdentities:
-    """Flags an identity whose reference face is too close to an *earlier* identity's (global order).
-
-    Comparing only with earlier identities keeps the decision streamable and deterministic: when a unit's
-    turn comes in the ordered shard pass, every identity before it is known.
-    """
-
-    version = "1"
-
-    def __init__(self, threshold: float | None):
-        self.threshold = threshold
-        self._seen = np.zeros((0, 0))  # one row per earlier identity, grown by doubling
-        self._count = 0
-
-    def nearest(self, embedding: list[float] | None) -> float | None:
-        """Cosine to the nearest earlier identity (then remembers this one): one matrix-vector product."""
-        if embedding is None:
-            return None
-        e = np.asarray(embedding, dtype=np.float64)
-        best = float(np.max(self._seen[:self._count] @ e)) if self._count else None
-        if self._count == len(self._seen):
-            grown = np.zeros((max(16, 2 * len(self._seen)), e.size))
-            if self._count:
-                grown[:self._count] = self._seen[:self._count]
-            self._seen = grown
-        self._seen[self._count] = e
-        self._count += 1
-        return None if best is None else round(best, 5)
-
-    def is_duplicate(self, nearest: float | None) -> bool:
-        return self.threshold is not None and nearest is not None and nearest >= self.threshold

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
-from mifa_pipeline.shards import ShardFileWriter, ShardInfo, ShardSample, write_parquet_atomic
+from mifa_pipeline.shards import ShardFileWriter, ShardSample, write_parquet_atomic
 
 ROUND = 5  # decimals of the float labels and scores in .json: stable, readable, far below label noise
 SCORES_DIR = "scores"
@@ -86,8 +86,10 @@ class ShardWriting:
         self.model = model
 
     def run(self, name: str, rows: list[dict[str, Any]],
-            copies: dict[str, tuple[bytes, dict[str, Any]]] | None = None) -> tuple[ShardInfo, list[str], StageStats]:
-        """Write shard `name` from its rows in slot order; returns its tar info, its files, its stats.
+            copies: dict[str, tuple[bytes, dict[str, Any]]] | None = None
+            ) -> tuple[dict[str, Any], list[str], StageStats]:
+        """Write shard `name` from its rows in slot order; returns what it holds (nsamples, first and last
+        key: for its done record), its files, its stats.
 
         `copies` (a re-filter's): key -> (the raw tar bytes and the sidecar row another shard holds for a kept
         sample whose members are unchanged); those samples are copied as they are, nothing re-encoded."""
@@ -102,7 +104,7 @@ class ShardWriting:
                     continue
                 writer.write(ShardSample(key=row["key"], image=row["image"], image_ext=row["image_ext"],
                                          metadata=sample_metadata(row, self.dataset, self.model), label=row["identity"]))
-            info = writer.close()
+            writer.close()
         except BaseException:
             writer.abort()
             raise
@@ -112,4 +114,6 @@ class ShardWriting:
         write_parquet_atomic(table, self.out / scores_path(name))
         stats = StageStats(self.name, self.version, n_in=len(kept), n_out=len(kept),
                            seconds=time.perf_counter() - start)
-        return info, [f"{name}.tar", f"{name}.parquet", scores_path(name)], stats
+        keys = writer.keys
+        contents = {"nsamples": len(keys), "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None}
+        return contents, [f"{name}.tar", f"{name}.parquet", scores_path(name)], stats

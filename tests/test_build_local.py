@@ -141,14 +141,12 @@ VERIFY_EDITS = {
 
 
 def _rewrite_sidecar(out, change):
-    import pyarrow as pa
-
+    """Edit the sidecar and record its new hashes in the run manifest, as a careful forger would."""
     path = out / "train-000000.parquet"
-    table = change(pq.read_table(path))
-    pq.write_table(table, path)
+    pq.write_table(change(pq.read_table(path)), path)
+    data = path.read_bytes()
     _edit_json(out / "manifest.json", lambda d: d["shards"][0]["sidecar"].update(
-        sha256=hashlib.sha256(path.read_bytes()).hexdigest(), bytes=path.stat().st_size))
-    return pa
+        sha256=hashlib.sha256(data).hexdigest(), md5=hashlib.md5(data).hexdigest(), bytes=len(data)))
 
 
 VERIFY_EDITS["sidecar row edited (hashes updated)"] = (
@@ -446,7 +444,8 @@ def test_face_check_with_the_real_yunet_detector(small_manifest, fake_model):
     assert judge and len(judge[0]["sha256"]) == 64
 
 
-def test_duplicate_identities_are_dropped_before_any_of_their_samples_is_generated(small_manifest, fake_model, tmp_path):
+def test_duplicate_identities_are_dropped_before_any_of_their_samples_is_generated(small_manifest, fake_model, tmp_path,
+                                                                                   monkeypatch):
     """Identity 1's reference is identity 0's: it is found in the identity phase and costs no generation."""
     import numpy as np
     import skimage.data
@@ -462,10 +461,21 @@ def test_duplicate_identities_are_dropped_before_any_of_their_samples_is_generat
     astronaut.save(folder / "a.png")
     astronaut.save(folder / "b.png")
     Image.fromarray(np.ascontiguousarray(np.asarray(astronaut)[:, ::-1])).save(folder / "c.png")  # mirrored: close too
+    from mifa_pipeline.judging import Judges
+
+    embedded = []  # identities whose reference face went through the identity judge
+    real = Judges.reference_embeddings
+
+    def counted(self, references):
+        embedded.extend(references)
+        return real(self, references)
+
+    monkeypatch.setattr(Judges, "reference_embeddings", counted)
     m = small_manifest("identities.count=3", "identities.source=folder", f"identities.folder={folder}",
                        "sampler.resolution=64", "filter.face.detector=yunet", "filter.face.min_fraction=0",
                        "filter.identity.embedder=sface", "filter.identity.duplicate_cosine=0.99", out=tmp_path / "o")
     c = build(m).manifest
+    assert sorted(embedded) == [0, 1, 2]   # once each, in the identity phase: no shard embeds them again
     people = pq.read_table(m.output / "identities.parquet").to_pylist()
     assert [p["duplicate"] for p in people] == [False, True, False]
     assert people[1]["nearest_earlier_cosine"] > 0.99 and people[0]["nearest_earlier_cosine"] is None
@@ -526,18 +536,30 @@ def test_interrupted_refilter_resumes_to_the_same_bytes(small_manifest, fake_mod
     assert verify(tmp_path / "cut") == []
 
 
-def test_a_threshold_only_refilter_writes_the_bytes_a_build_with_that_threshold_writes(small_manifest, fake_model, tmp_path):
+def test_a_threshold_only_refilter_writes_the_bytes_a_build_with_that_threshold_writes(small_manifest, fake_model, tmp_path,
+                                                                                      monkeypatch):
     """Kept samples are copied as raw tar bytes (and sidecar rows) from the parent, the others rebuilt: the
     shards equal those of a build made with the new threshold from the start."""
     from mifa_pipeline.refilter import prepare_refilter, run_refilter
+
+    from mifa_pipeline.shards import ShardFileWriter
 
     parent = small_manifest(out=tmp_path / "v1")
     build(parent)
     direct = small_manifest("filter.min_pixel_std=46", out=tmp_path / "direct")
     build(direct)
-    run_refilter(prepare_refilter(parent.output, ["filter.min_pixel_std=46"], tmp_path / "v2"), "local", progress=False)
+    calls = {"write": 0, "copy": 0}
+    for name in calls:  # count how each kept sample reaches the new tar (the bytes alone cannot tell)
+        real = getattr(ShardFileWriter, name)
+        monkeypatch.setattr(ShardFileWriter, name,
+                            lambda self, *a, _real=real, _name=name: (calls.__setitem__(_name, calls[_name] + 1), _real(self, *a))[1])
+    v2 = run_refilter(prepare_refilter(parent.output, ["filter.min_pixel_std=46"], tmp_path / "v2"), "local",
+                      progress=False).manifest
+    assert calls == {"write": 0, "copy": v2["counts"]["kept_samples"]}   # all copied: their scores did not change
+    calls.update(write=0, copy=0)
     again = run_refilter(prepare_refilter(tmp_path / "v2", ["filter.min_pixel_std=2"], tmp_path / "v3"), "local",
                          progress=False).manifest
+    assert calls == {"write": 18 - v2["counts"]["kept_samples"], "copy": v2["counts"]["kept_samples"]}
     tars = [f"train-{i:06d}.{ext}" for i in range(4) for ext in ("tar", "parquet")]
     assert {t: digests(tmp_path / "v2")[t] for t in tars} == {t: digests(direct.output)[t] for t in tars}
     assert {t: digests(tmp_path / "v3")[t] for t in tars} == {t: digests(parent.output)[t] for t in tars}

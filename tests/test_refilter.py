@@ -59,7 +59,7 @@ def test_threshold_only_refilter_runs_no_model_and_leaves_the_parent_intact(judg
         raise AssertionError("a threshold-only re-filter must not load a face model")
 
     monkeypatch.setattr("mifa_pipeline.refilter.Judges", no_model)
-    monkeypatch.setattr("mifa_pipeline.refilter.decode_png", no_model)  # no image is decoded either
+    monkeypatch.setattr("mifa_pipeline.refilter.decode_image", no_model)  # no image is decoded either
     c = refilter(judged_build, "filter.identity.min_cosine=0.999", out=tmp_path / "v2")
     parent = json.loads((judged_build / "manifest.json").read_text())
     assert c["kind"] == "mifa-filter" and c["dataset"]["version"] == "1.1.0"

@@ -166,21 +166,6 @@ def test_teacher_renders_the_requested_aus_with_exact_labels_and_describes_its_f
         TeacherRendering(64, ["AU1", "AU7"])
 
 
-def test_duplicate_identities_compare_with_earlier_ones_only():
-    from mifa_pipeline.stages.filter import DuplicateIdentities
-
-    dup = DuplicateIdentities(threshold=0.9)
-    a, b, near_a = [1.0, 0.0], [0.0, 1.0], [0.95, np.sqrt(1 - 0.95**2)]
-    assert dup.nearest(a) is None  # the first identity has nothing to compare with
-    assert dup.nearest(b) == 0.0
-    assert dup.nearest(None) is None  # no reference face: not remembered
-    nearest = dup.nearest(near_a)
-    assert nearest == 0.95 and dup.is_duplicate(nearest) and not dup.is_duplicate(0.0)
-    for _ in range(40):  # past the first growth of the store
-        dup.nearest(b)
-    assert dup.nearest(a) == 1.0
-
-
 def test_tar_segments_are_the_bytes_tarwriter_writes_for_each_sample(tmp_path):
     """A re-filter copies samples as raw tar bytes: they must be exactly what writing them again would give."""
     import tarfile
