@@ -25,15 +25,19 @@ out = Console(soft_wrap=True)
 
 ManifestArg = Annotated[Optional[Path], typer.Argument(help="build manifest (YAML); omit for the built-in defaults")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a field: dotted.key=value (repeatable)")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (overrides the manifest's `output`)")]
+OutOpt = Annotated[Optional[str], typer.Option("--out", "-o", help="output folder or URL: s3://bucket/prefix, gs://, az://, "
+                                                                 "memory:// (overrides the manifest's `output`)")]
+LocationArg = Annotated[str, typer.Argument(help="a finished build: a folder or a URL (s3://bucket/prefix, ...)")]
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
-def _load(manifest: Optional[Path], overrides: Optional[list[str]], output: Optional[Path]):
+def _load(manifest: Optional[Path], overrides: Optional[list[str]], output: Optional[str]):
     from mifa_pipeline.config import ManifestError, load_manifest
 
     try:
@@ -75,28 +79,34 @@ def build(
         return
     from mifa_pipeline.runner import Runner, make_executor
 
-    result = _run(lambda: Runner(prepared, make_executor(runner, m, ray_address), progress=progress).run(), m.output)
+    result = _run(lambda: Runner(prepared, make_executor(runner, m, ray_address), progress=progress).run(), prepared.out)
     _summary(result, "mifa build summary")
     c = result.manifest
-    out.print(f"{result.state}: {m.output} ({c['counts']['kept_samples']} samples, fingerprint {c['fingerprint'][:12]})")
+    out.print(f"{result.state}: {prepared.out} ({c['counts']['kept_samples']} samples, fingerprint {c['fingerprint'][:12]})")
 
 
-def _resume_hint(folder: Path) -> str:
+def _resume_hint(folder) -> str:
     """What is kept after a failure: finished tasks (if any), and how to go on."""
     from mifa_pipeline.done import any_done
 
-    if any_done(folder):
+    try:
+        done = any_done(folder)
+    except OSError:
+        done = False
+    if done:
         return f"finished work in {folder} is kept; run the same command again to resume"
     return "nothing was finished; run the same command again to start over"
 
 
-def _run(work, folder: Path):
+def _run(work, folder):
     """Run a build or filter; every failure a user can meet ends in one message and a non-zero exit."""
-    from mifa_pipeline.ray_executor import TaskFailed
+    from mifa_pipeline.ray_executor import ClusterUnreachable, TaskFailed
     from mifa_pipeline.runner import BuildError
 
     try:
         return work()
+    except ClusterUnreachable as exc:
+        raise fail(str(exc)) from None
     except (BuildError, TaskFailed) as exc:
         raise fail(f"{exc}\n({_resume_hint(folder)})") from None
     except KeyboardInterrupt:
@@ -139,24 +149,24 @@ def _print_plan(prepared, runner: str) -> None:
 
 
 @app.command()
-def inspect(folder: Annotated[Path, typer.Argument(help="a finished build folder")]) -> None:
+def inspect(folder: LocationArg) -> None:
     """Summarise a build from its run manifest and sidecars: counts, drop reasons, AU and demographic distributions."""
     from mifa_pipeline.inspect import summarise
 
     try:
         summarise(folder, out)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         raise fail(str(exc)) from None
 
 
 @app.command()
-def verify(folder: Annotated[Path, typer.Argument(help="a finished build folder")]) -> None:
+def verify(folder: LocationArg) -> None:
     """Re-hash every file and check fingerprint, keys, counts, sidecar rows and the index against the run manifest."""
     from mifa_pipeline.verify import verify as run_verify
 
     try:
         problems = run_verify(folder)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         raise fail(str(exc)) from None
     if problems:
         for p in problems:
@@ -167,8 +177,8 @@ def verify(folder: Annotated[Path, typer.Argument(help="a finished build folder"
 
 @app.command("filter")
 def filter_(
-    parent: Annotated[Path, typer.Argument(help="a finished build (or filtered version) to re-filter")],
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="new version's folder; default: PARENT-vVERSION")] = None,
+    parent: Annotated[str, typer.Argument(help="a finished build (or filtered version) to re-filter: folder or URL")],
+    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="new version's folder or URL; default: PARENT-vVERSION")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="filter.* field: dotted.key=value (repeatable)")] = None,
     models: Annotated[Optional[Path], typer.Option("--models", help="folder of face model files (sets filter.models_dir)")] = None,
     version: Annotated[Optional[str], typer.Option(help="new data set version; default: parent's minor + 1")] = None,
@@ -235,7 +245,7 @@ def teacher(
         f"identities.samples_per_identity={per_identity}", f"sampler.resolution={resolution}",
         "writer.samples_per_shard=1000", "resources.identities_per_unit=16", "sampler.batch_size=64",
     ]
-    build(None, out_dir, [*defaults, *(overrides or [])], fresh, False, ray_address, runner, progress)
+    build(None, str(out_dir), [*defaults, *(overrides or [])], fresh, False, ray_address, runner, progress)
     from mifa_pipeline.stages.teacher import write_identity_attributes
 
     out.print(f"identity shape attributes: {write_identity_attributes(out_dir)}")

@@ -293,7 +293,17 @@ class BuildManifest(_Section):
     filter: FilterSection = Field(default_factory=FilterSection)
     writer: WriterSection = Field(default_factory=WriterSection)
     resources: ResourceSection = Field(default_factory=ResourceSection)
-    output: Path = Path("out/mifa")
+    output: str = Field("out/mifa", min_length=1, description="a folder, or an fsspec URL (s3://bucket/prefix, gs://, az://, memory://)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description=(
+        "options for the output's fsspec filesystem (endpoint_url, region_name, ...); never credentials"))
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from mifa_pipeline.storage import check_storage_options
+
+        check_storage_options(value)
+        return value
 
     @property
     def total_samples(self) -> int:
@@ -305,6 +315,7 @@ RUNTIME_ONLY_FIELDS = {
     ("sampler", "batch_size"),
     ("resources",),
     ("output",),
+    ("storage_options",),
     ("model", "device"),
 }
 
@@ -428,8 +439,8 @@ def load_manifest(path: str | Path | None, overrides: list[str] = (), output: st
 def _resolve_relative(manifest: BuildManifest, base: Path, output_given: bool) -> BuildManifest:
     """Paths written in a manifest file are relative to it; --out is relative to the caller's cwd."""
     update: dict[str, Any] = {}
-    if not output_given and not manifest.output.is_absolute():
-        update["output"] = Path.cwd() / manifest.output
+    if not output_given and "://" not in manifest.output and not Path(manifest.output).is_absolute():
+        update["output"] = str(Path.cwd() / manifest.output)
     folder = manifest.identities.folder
     if folder is not None and not folder.is_absolute():
         manifest.identities.folder = base / folder

@@ -10,48 +10,60 @@ task alone. The record is what a worker returns to the driver: a few hundred byt
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-from mifa_pipeline.shards import atomic_write_text, file_digests
+from mifa_pipeline.storage import Location
 
 WORK_DIR = "_work"
 DONE_DIR = f"{WORK_DIR}/done"
 
 
-def done_path(out: Path, name: str) -> Path:
-    return out / DONE_DIR / f"{name}.json"
+class CommitConflict(RuntimeError):
+    """Another writer committed the same task with different files (two builds on one output?)."""
 
 
-def file_entry(out: Path, relative: str) -> dict[str, Any]:
-    sha, md5, size = file_digests(out / relative)
+def done_path(name: str) -> str:
+    return f"{DONE_DIR}/{name}.json"
+
+
+def file_entry(out: Location, relative: str) -> dict[str, Any]:
+    sha, md5, size = out.digests(relative)
     return {"sha256": sha, "md5": md5, "bytes": size}
 
 
-def write_done(out: Path, name: str, fingerprint: str, files: list[str], **extra: Any) -> dict[str, Any]:
-    """Hash `files` (paths relative to `out`) and record them; the record is written last, atomically."""
+def write_done(out: Location, name: str, fingerprint: str, files: list[str], **extra: Any) -> dict[str, Any]:
+    """Hash `files` (names relative to `out`) and record them. The record is created last and exclusively
+    (`Location.create`: link(2) on a disk, `If-None-Match: *` on S3), so no second writer commits the same
+    task: one that finds the record there already accepts it only when it names the very same files."""
     record = {"name": name, "fingerprint": fingerprint, "files": {f: file_entry(out, f) for f in files}, **extra}
-    path = done_path(out, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    data = (json.dumps(record, indent=1) + "\n").encode("utf-8")
+    if not out.create(done_path(name), data):
+        there, _ = read_done(out, name)
+        if there is None or (there["fingerprint"], there["files"]) != (fingerprint, record["files"]):
+            raise CommitConflict(f"{name}: another writer committed it first with other files; "
+                                 "is a second build writing to this output?")
+        return there
     return record
 
 
-def any_done(out: Path) -> bool:
+def any_done(out: Location) -> bool:
     """Whether some task of the build in `out` has finished (so a failure keeps something to resume from)."""
-    folder = out / DONE_DIR
-    return folder.is_dir() and any(folder.iterdir())
+    return bool(out.listdir(DONE_DIR))
 
 
-def file_mismatch(out: Path, relative: str, want: dict[str, Any]) -> str | None:
+def done_names(out: Location) -> set[str]:
+    """The tasks that have a done record (read or not)."""
+    return {n.removesuffix(".json") for n in out.listdir(DONE_DIR) if n.endswith(".json")}
+
+
+def file_mismatch(out: Location, relative: str, want: dict[str, Any]) -> str | None:
     """Why `out/relative` is not the file `want` ({sha256, md5, bytes}) describes, or None when it is."""
-    path = out / relative
-    if not path.is_file():
+    if not out.isfile(relative):
         return f"{relative}: missing"
-    size = path.stat().st_size
+    size = out.size(relative)
     if size != want.get("bytes"):
         return f"{relative}: {size} bytes, recorded {want.get('bytes')} (truncated or changed)"
-    sha, md5, _ = file_digests(path)
+    sha, md5, _ = out.digests(relative)
     if sha != want.get("sha256"):
         return f"{relative}: sha256 {sha[:12]} != recorded {str(want.get('sha256'))[:12]} (changed or damaged)"
     if md5 != want.get("md5"):
@@ -59,22 +71,24 @@ def file_mismatch(out: Path, relative: str, want: dict[str, Any]) -> str | None:
     return None
 
 
-def read_done(out: Path, name: str) -> tuple[dict[str, Any] | None, str]:
+def read_done(out: Location, name: str) -> tuple[dict[str, Any] | None, str]:
     """(record, "") or (None, why not): the record alone, files unchecked."""
-    path = done_path(out, name)
-    if not path.is_file():
+    path = done_path(name)
+    try:
+        text = out.read_text(path)
+    except FileNotFoundError:
         return None, "not done yet"
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(text)
         files = record["files"]
         if not isinstance(files, dict) or record["name"] != name:
             raise ValueError
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return None, f"its done record {path.name} is unreadable"
+        return None, f"its done record {name}.json is unreadable"
     return record, ""
 
 
-def check_done(out: Path, name: str, fingerprint: str) -> tuple[dict[str, Any] | None, str]:
+def check_done(out: Location, name: str, fingerprint: str) -> tuple[dict[str, Any] | None, str]:
     """(record, "") when every file of task `name` is proven whole and of this build, else (None, reason)."""
     record, why = read_done(out, name)
     if record is None:
@@ -88,6 +102,6 @@ def check_done(out: Path, name: str, fingerprint: str) -> tuple[dict[str, Any] |
     return record, ""
 
 
-def forget(out: Path, name: str) -> None:
+def forget(out: Location, name: str) -> None:
     """Remove a task's record (before redoing it), so a half-redone task is never taken as done."""
-    done_path(out, name).unlink(missing_ok=True)
+    out.remove(done_path(name))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mifa_pipeline.records import IdentityRecord
-from mifa_pipeline.shards import _fsync_replace, encode_image, temporary_path
+from mifa_pipeline.shards import encode_image
+from mifa_pipeline.storage import Location, discard
 
 IDENTITIES_FILE = "identities.parquet"
 BLOCKS_DIR = "_work/identities"
@@ -47,8 +47,8 @@ def block_table(people: list[IdentityRecord]) -> pa.Table:
     } for p in people], schema=IDENTITY_SCHEMA)
 
 
-def _embedding_matrix(parts: list[Path]) -> np.ndarray:
-    rows = [e for part in parts for e in pq.read_table(part, columns=["embedding"]).column("embedding").to_pylist()]
+def _embedding_matrix(source: Location, parts: list[str]) -> np.ndarray:
+    rows = [e for part in parts for e in source.read_parquet(part, columns=["embedding"]).column("embedding").to_pylist()]
     dim = next((len(e) for e in rows if e is not None), 1)
     matrix = np.full((len(rows), dim), np.nan, dtype=np.float32)
     for i, e in enumerate(rows):
@@ -57,21 +57,21 @@ def _embedding_matrix(parts: list[Path]) -> np.ndarray:
     return matrix
 
 
-def publish(out: Path, parts: list[Path], duplicate_cosine: float | None) -> dict[str, int]:
-    """Stream `parts` (in global order) into OUT/identities.parquet with nearest-earlier cosines and duplicates."""
+def publish(out: Location, source: Location, parts: list[str], duplicate_cosine: float | None) -> dict[str, int]:
+    """Stream `parts` (tables in `source`, in global order) into OUT/identities.parquet with nearest-earlier
+    cosines and duplicates."""
     from mifa_pipeline.duplicates import nearest_earlier
 
-    nearest = nearest_earlier(_embedding_matrix(parts))
+    nearest = nearest_earlier(_embedding_matrix(source, parts))
     values = [None if math.isnan(v) else round(float(v), 5) for v in nearest]
     duplicate = [duplicate_cosine is not None and v is not None and v >= duplicate_cosine for v in values]
-    final = out / IDENTITIES_FILE
-    tmp = temporary_path(final)
+    tmp = out.stage(IDENTITIES_FILE)
     start = 0
     pending: list[pa.Table] = []  # rows not yet written: row groups hold ROW_GROUP rows whatever the block size
     try:
         with pq.ParquetWriter(tmp, IDENTITY_SCHEMA, compression="zstd") as writer:
             for part in parts:
-                table = pq.read_table(part, schema=IDENTITY_SCHEMA)
+                table = source.read_parquet(part, schema=IDENTITY_SCHEMA)
                 end = start + table.num_rows
                 forced = table.column("duplicate").to_pylist()  # a parent's duplicates were never generated
                 duplicate[start:end] = [a or bool(b) for a, b in zip(duplicate[start:end], forced)]
@@ -87,19 +87,19 @@ def publish(out: Path, parts: list[Path], duplicate_cosine: float | None) -> dic
             rest = pa.concat_tables(pending) if pending else None
             if rest is not None and rest.num_rows:
                 writer.write_table(rest, row_group_size=ROW_GROUP)
-        _fsync_replace(tmp, final)
+        out.commit(tmp, IDENTITIES_FILE)
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
     return {"identities": start, "duplicates": int(sum(duplicate))}
 
 
-def read_rows(out: Path, identities: range, columns: list[str] | None = None) -> list[dict[str, Any]]:
+def read_rows(out: Location, identities: range, columns: list[str] | None = None) -> list[dict[str, Any]]:
     """The table's rows for a contiguous range of identities (only the row groups that hold them are read)."""
     if columns is not None and "identity" not in columns:
         columns = ["identity", *columns]
-    table = pq.read_table(out / IDENTITIES_FILE, columns=columns,
+    table = out.read_parquet(IDENTITIES_FILE, columns=columns,
                           filters=[("identity", ">=", identities.start), ("identity", "<", identities.stop)])
     rows = table.to_pylist()
     if [r["identity"] for r in rows] != list(identities):
-        raise RuntimeError(f"{out / IDENTITIES_FILE}: identities {identities.start}..{identities.stop - 1} are not all there")
+        raise RuntimeError(f"{out.full_url(IDENTITIES_FILE)}: identities {identities.start}..{identities.stop - 1} are not all there")
     return rows

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
 from mifa_pipeline.manifest import read_run_manifest
+from mifa_pipeline.storage import Location, location
 
 
-def _sidecar_rows(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def _sidecar_rows(folder: Location, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for shard in manifest["shards"]:
-        rows += pq.read_table((folder / shard["path"]).with_suffix(".parquet")).to_pylist()
+        rows += folder.read_parquet(shard["path"].removesuffix(".tar") + ".parquet").to_pylist()
     return rows
 
 
-def summarise(folder: Path, console: Console) -> dict[str, Any]:
+def summarise(where: "Location | str", console: Console) -> dict[str, Any]:
+    folder = location(where)
     manifest = read_run_manifest(folder)
     rows = _sidecar_rows(folder, manifest)
     aus = manifest["au_names"]

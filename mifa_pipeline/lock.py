@@ -27,7 +27,7 @@ How:
 
 Storage: this relies on POSIX exclusive create (and hard links / flock for the details above) on a
 local or shared POSIX filesystem (ext4, xfs, NFSv4, Lustre, ...). Object stores (S3, GCS) have no
-such primitive; they will use a conditional create (If-None-Match / generation preconditions) later.
+such primitive: `output_lock` gives them `lease_lock.LeaseLock` (a conditional create with a lease).
 """
 
 from __future__ import annotations
@@ -379,3 +379,12 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def output_lock(out, purpose: str = "build"):
+    """The lock for a `storage.Location`: this file lock on a disk, a lease lock (`lease_lock.py`) on an object store."""
+    if out.is_local:
+        return OutputLock(out.local(), purpose)
+    from mifa_pipeline.lease_lock import LeaseLock
+
+    return LeaseLock(out, purpose)

@@ -1,6 +1,6 @@
 """The run manifest: what a data set version is, how it was made, and what it holds.
 
-Written once, atomically, when a build (or re-filter) completes; never rewritten. Its fingerprint is
+Written once, by an exclusive create, when a build (or re-filter) completes; never rewritten. Its fingerprint is
 chained per stage as sha256(previous + stage name + stage version + stage config), like HF datasets,
 so two builds with equal fingerprints produce the same shards.
 """
@@ -17,7 +17,8 @@ from typing import Any
 
 from mifa_pipeline import __version__
 from mifa_pipeline.config import BuildManifest, checkpoint_dir, canonical_json, output_determining, sha256_text
-from mifa_pipeline.shards import atomic_write_text, file_digests
+from mifa_pipeline.shards import file_digests
+from mifa_pipeline.storage import Location, location
 from mifa_pipeline.stages.filter import Filtering
 from mifa_pipeline.stages.generate import Generation
 from mifa_pipeline.stages.identities import IdentitySampling
@@ -126,19 +127,19 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_run_manifest(folder: Path, content: dict[str, Any]) -> Path:
-    path = folder / MANIFEST_NAME
-    if path.exists():
-        raise FileExistsError(f"{path} exists: a run manifest is never rewritten")
-    atomic_write_text(path, json.dumps(content, indent=2) + "\n")
-    return path
+def write_run_manifest(out: Location, content: dict[str, Any]) -> str:
+    """Create OUT/manifest.json; refused if one exists (a run manifest is never rewritten)."""
+    if not out.create(MANIFEST_NAME, (json.dumps(content, indent=2) + "\n").encode("utf-8")):
+        raise FileExistsError(f"{out.full_url(MANIFEST_NAME)} exists: a run manifest is never rewritten")
+    return MANIFEST_NAME
 
 
-def read_run_manifest(folder: Path) -> dict[str, Any]:
-    path = folder / MANIFEST_NAME
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder}: does not exist")
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME}; is this a finished mifa build?")
-    return json.loads(path.read_text(encoding="utf-8"))
-
+def read_run_manifest(where: "Location | str | Path") -> dict[str, Any]:
+    out = location(where)
+    try:
+        text = out.read_text(MANIFEST_NAME)
+    except FileNotFoundError:
+        if not out.exists():
+            raise FileNotFoundError(f"{out}: does not exist") from None
+        raise FileNotFoundError(f"{out}: no {MANIFEST_NAME}; is this a finished mifa build?") from None
+    return json.loads(text)

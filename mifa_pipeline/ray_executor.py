@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,6 +45,30 @@ def _fetch(ray, ref, item, executor: "RayExecutor") -> Any:
     return result
 
 
+class ClusterUnreachable(RuntimeError):
+    """--ray-address names no running cluster: one line saying what was tried and how to check."""
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Refuse an address nothing answers at, before ray.init prints pages of connection warnings."""
+    import socket
+
+    text = address.removeprefix("ray://")
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterUnreachable(f"--ray-address {address!r}: expected HOST:PORT (the head node's GCS address, "
+                                 "default port 6379), 'auto' (a cluster started on this machine) or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ClusterUnreachable(
+            f"--ray-address {address}: no Ray cluster answers there (a TCP connection to {host}:{port} failed within "
+            f"{timeout:g} s: {exc.strerror or exc}); check that the head node runs (`ray status --address "
+            f"{host}:{port}` on a cluster machine), the address and port, and firewalls; or omit --ray-address "
+            "to start a local Ray") from None
+
+
 def start_ray(address: str | None) -> bool:
     """Join `address`, or start a local Ray sized to this machine. Returns True if we started it."""
     import ray
@@ -53,45 +78,104 @@ def start_ray(address: str | None) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGTERM) if main else None
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    if address and address != "auto":
+        _probe(address)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    except ConnectionError as exc:
+        raise ClusterUnreachable(f"--ray-address {address}: could not join a Ray cluster ({str(exc).splitlines()[0][:200]}); "
+                                 "for 'auto', start one on this machine first (`ray start --head`), or omit "
+                                 "--ray-address to start a local Ray") from None
     if main:  # ray.init makes SIGTERM exit the driver at once; keep the caller's handling (stop, keep finished work)
         signal.signal(signal.SIGTERM, handler)
     return True
 
 
+PLACEMENT_TIMEOUT_S = 600.0  # how long a pool with no live worker waits for the cluster to place one
+
+
 class RayPool:
+    """Actors that hold their models. A worker lost with its node (or a crashed one) is replaced where the
+    cluster has room, and its queued items go to the workers still alive: the build goes on, same bytes."""
+
     def __init__(self, spec: WorkerSpec, executor: "RayExecutor"):
         import ray
 
         self.ray = ray
+        self.spec = spec
         self.executor = executor
-        remote = ray.remote(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=2, max_task_retries=2,
-                            max_concurrency=spec.concurrency)
-        self.actors = [remote(spec.cls).remote(*spec.args) for _ in range(spec.count)]
+        self.remote = ray.remote(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=0, max_task_retries=0,
+                                 max_concurrency=spec.concurrency)(spec.cls)
+        self.replacements = 2 * spec.count  # as many restarts as Ray's max_restarts=2 per actor gave before
+        self.starting: dict[Any, Any] = {}  # ready ref -> actor being placed and constructed
+        self.live: list[Any] = []
+        self.lost = 0
+        for _ in range(spec.count):
+            self._start()
+
+    def _start(self) -> None:
+        actor = self.remote.remote(*self.spec.args)
+        self.starting[actor.__ray_ready__.remote()] = actor
+
+    def _lose(self, actor: Any, why: str) -> None:
+        if actor in self.live:
+            self.live.remove(actor)
+            self.lost += 1
+            self.ray.kill(actor, no_restart=True)
+            if self.replacements > 0:
+                self.replacements -= 1
+                self._start()
+            print(f"mifa: a worker was lost ({why}); its work goes to the others", flush=True)
 
     def run(self, method: str, items: list[Any]) -> Iterator[tuple[Any, Any]]:
         ray = self.ray
-        queue = list(items)
-        load = [0] * len(self.actors)
-        running: dict[Any, tuple[int, Any]] = {}
+        queue = deque(items)
+        load: dict[int, int] = {}
+        running: dict[Any, tuple[Any, Any]] = {}
         while queue or running:
-            for i in sorted(range(len(self.actors)), key=load.__getitem__):
-                while queue and load[i] < IN_FLIGHT:
-                    item = queue.pop(0)
-                    running[getattr(self.actors[i], method).remote(item)] = (i, item)
-                    load[i] += 1
-            ready, _ = ray.wait(list(running), num_returns=1)
-            i, item = running.pop(ready[0])
-            load[i] -= 1
-            yield item, _fetch(ray, ready[0], item, self.executor)
+            for actor in sorted(self.live, key=lambda a: load.get(id(a), 0)):
+                while queue and load.get(id(actor), 0) < IN_FLIGHT:
+                    item = queue.popleft()
+                    running[getattr(actor, method).remote(item)] = (actor, item)
+                    load[id(actor)] = load.get(id(actor), 0) + 1
+            if not running and not self.live and not self.starting:
+                raise TaskFailed(f"every worker died ({self.lost} lost); {_name(queue[0])} and {len(queue) - 1} more "
+                                 "not done; see the Ray logs (`ray logs`) for why")
+            ready, _ = ray.wait([*running, *self.starting], num_returns=1,
+                                timeout=None if running else PLACEMENT_TIMEOUT_S)
+            if not ready:
+                raise TaskFailed(f"no worker could be placed for {PLACEMENT_TIMEOUT_S:g} s (each asks {self.spec.num_cpus:g} "
+                                 f"CPU and {self.spec.num_gpus:g} GPU); check `ray status` and resources.* in the manifest")
+            ref = ready[0]
+            if ref in self.starting:
+                actor = self.starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    self.live.append(actor)
+                except ray.exceptions.RayError as exc:
+                    if not self.live and not self.starting and not running:
+                        raise TaskFailed(f"a worker could not start: {_unwrap(exc)}") from None
+                continue
+            actor, item = running.pop(ref)
+            load[id(actor)] -= 1
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:  # the worker died (its node left, OOM, crash)
+                self._lose(actor, f"{_name(item)}: {type(exc).__name__}")
+                queue.appendleft(item)
+                continue
+            except ray.exceptions.RayError as exc:
+                raise TaskFailed(f"{_name(item)} failed: {_unwrap(exc)}") from None
+            self.executor.received_bytes += pickled_size(result)
+            yield item, result
 
     def close(self) -> None:
-        for actor in self.actors:
+        for actor in [*self.live, *self.starting.values()]:
             self.ray.kill(actor)
-        self.actors = []
+        self.live, self.starting = [], {}
 
 
 class RayExecutor:

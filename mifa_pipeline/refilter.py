@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from mifa_pipeline import identity_table
@@ -30,10 +28,11 @@ from mifa_pipeline.plan import BuildPlan, IdentityBlock, ShardSlots
 from mifa_pipeline.records import StageStats
 from mifa_pipeline.runner import (BuildError, BuildResult, PreparedBuild, Runner, check_output, make_executor,
                                   make_identity_table)
-from mifa_pipeline.shards import decode_image, tar_members, tar_segments, write_parquet_atomic
+from mifa_pipeline.shards import decode_image, tar_members, tar_segments
 from mifa_pipeline.stages.filter import Filtering, redecide
 from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.stages.write import SCORES_SCHEMA, ShardWriting, scores_path
+from mifa_pipeline.storage import Location, StorageError, location
 from mifa_pipeline.work import duplicate_stats
 
 METADATA = [n for n in SCORES_SCHEMA.names if n != "image"]
@@ -46,23 +45,25 @@ def next_version(version: str) -> str:
 
 @dataclass
 class PreparedRefilter(PreparedBuild):
-    parent_dir: Path = Path()
+    parent_dir: Location | None = None
     parent_manifest: dict[str, Any] | None = None
     rescore: tuple[str, ...] = ()  # judges whose fingerprint changed: they run again
     removed: tuple[str, ...] = ()  # judges switched off: their scores are dropped
 
 
-def _parent_duplicates(parent: Path) -> int:
-    table = pq.read_table(parent / identity_table.IDENTITIES_FILE, columns=["duplicate"])
+def _parent_duplicates(parent: Location) -> int:
+    table = parent.read_parquet(identity_table.IDENTITIES_FILE, columns=["duplicate"])
     return sum(table.column("duplicate").to_pylist())
 
 
-def prepare_refilter(parent: Path, overrides: list[str], out: Path | None = None, version: str | None = None,
-                     fresh: bool = False) -> PreparedRefilter:
-    """Checks that write nothing: the parent is a finished build, only filter.* changes, judges exist."""
+def prepare_refilter(parent: "Location | str", overrides: list[str], out: str | None = None,
+                     version: str | None = None, fresh: bool = False) -> PreparedRefilter:
+    """Checks that write nothing: the parent is a finished build, only filter.* changes, judges exist.
+    The new version is written beside the parent (or to `out`), with the parent's storage options."""
     try:
+        parent = location(parent)
         parent_manifest = read_run_manifest(parent)
-    except FileNotFoundError as exc:
+    except (StorageError, FileNotFoundError) as exc:
         raise BuildError(str(exc)) from None
     if parent_manifest.get("schema_version") != SCHEMA_VERSION:
         raise BuildError(f"{parent}: a data set of an earlier mifa layout (schema {parent_manifest.get('schema_version')}), "
@@ -77,12 +78,13 @@ def prepare_refilter(parent: Path, overrides: list[str], out: Path | None = None
                              "anything else needs a new `mifa build`")
     data = apply_overrides(json.loads(json.dumps(parent_manifest["build_manifest"])), overrides)
     data["dataset"]["version"] = version or next_version(parent_manifest["dataset"]["version"])
-    data["output"] = str(out) if out is not None else str(parent.parent / f"{parent.name}-v{data['dataset']['version']}")
+    data["output"] = str(out) if out is not None else parent.sibling(f"{parent.name}-v{data['dataset']['version']}").url
+    data["storage_options"] = parent.storage_options
     try:
         manifest = BuildManifest.model_validate(data)
     except ValidationError as exc:
         raise BuildError(_format_validation_error(exc, "mifa filter")) from None
-    if manifest.output.resolve() == parent.resolve():
+    if location(manifest.output, parent.storage_options) == parent:
         raise BuildError(f"--out {manifest.output}: a new version needs its own folder; the parent stays intact")
     try:
         specs = judge_specs(manifest.filter)
@@ -135,8 +137,7 @@ class RefilterWorker:
         table = pa.Table.from_pylist([{**r, "embedding": embeddings[r["identity"]]} for r in rows],
                                      schema=identity_table.IDENTITY_SCHEMA)
         relative = identity_table.block_path(block.name)
-        (self.out / relative).parent.mkdir(parents=True, exist_ok=True)
-        write_parquet_atomic(table, self.out / relative)
+        self.out.write_parquet(relative, table)
         return write_done(self.out, block.name, self.fingerprint, [relative], stats={})
 
     def make_shard(self, shard: ShardSlots) -> dict[str, Any]:
@@ -145,8 +146,8 @@ class RefilterWorker:
         forget(self.out, shard.name)
         start = time.perf_counter()
         m, cfg = self.manifest, self.manifest.filter
-        scores_file = self.parent / scores_path(shard.name)
-        rows = pq.read_table(scores_file, columns=METADATA).to_pylist()
+        scores_file = scores_path(shard.name)
+        rows = self.parent.read_parquet(scores_file, columns=METADATA).to_pylist()
         people = {r["identity"]: r for r in identity_table.read_rows(
             self.out, shard.identities, ["embedding", "nearest_earlier_cosine", "duplicate"])}
         parent_kept = {r["key"] for r in rows if r["keep"]}
@@ -158,10 +159,10 @@ class RefilterWorker:
             nonlocal stored, members
             if row["key"] in parent_kept:
                 if members is None:
-                    members = tar_members(self.parent / f"{shard.name}.tar")
+                    members = tar_members(self.parent.read_bytes(f"{shard.name}.tar"))
                 return members[row["key"]][row["image_ext"]]
             if stored is None:  # dropped images are read only when some are needed
-                table = pq.read_table(scores_file, columns=["key", "image"])
+                table = self.parent.read_parquet(scores_file, columns=["key", "image"])
                 stored = dict(zip(table.column("key").to_pylist(), table.column("image").to_pylist()))
             return stored[row["key"]]
 
@@ -203,8 +204,8 @@ class RefilterWorker:
         filt.seconds = time.perf_counter() - start
         copies = {}
         if unchanged:  # the parent's tar and sidecar are read only when something is copied from them
-            segments = tar_segments(self.parent / f"{shard.name}.tar")
-            sidecar = {r["key"]: r for r in pq.read_table(self.parent / f"{shard.name}.parquet").to_pylist()}
+            segments = tar_segments(self.parent.read_bytes(f"{shard.name}.tar"), f"{shard.name}.tar")
+            sidecar = {r["key"]: r for r in self.parent.read_parquet(f"{shard.name}.parquet").to_pylist()}
             copies = {key: (segments[key], sidecar[key]) for key in unchanged}
         writing = ShardWriting(self.out, {"name": m.dataset.name}, model_description(m.model))
         contents, files, write_stats = writing.run(shard.name, rows, copies)
@@ -233,12 +234,12 @@ class RefilterJob:
         """The parent's identity table, re-embedded when the identity judge changed, duplicates re-decided."""
         if "identity" in self.build.rescore:
             return make_identity_table(runner, pool, "reembed_identities")
-        return make_identity_table(runner, pool, None, [self.build.parent_dir / identity_table.IDENTITIES_FILE])
+        return make_identity_table(runner, pool, None, (self.build.parent_dir, [identity_table.IDENTITIES_FILE]))
 
     def lineage(self) -> dict[str, Any]:
         parent = self.build.parent_manifest
         return {"kind": self.kind, "parent": {
-            "fingerprint": parent["fingerprint"], "path": str(self.build.parent_dir.resolve()),
+            "fingerprint": parent["fingerprint"], "path": self.build.parent_dir.url,
             "version": parent["dataset"]["version"]}}
 
     def inherited_stages(self) -> dict[str, dict[str, Any]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -21,19 +20,21 @@ from typing import Any
 
 from mifa_pipeline import identity_table
 from mifa_pipeline.config import BuildManifest, canonical_json, checkpoint_dir, sha256_text
-from mifa_pipeline.done import DONE_DIR, WORK_DIR, any_done, done_path, forget, write_done
+from mifa_pipeline.done import DONE_DIR, WORK_DIR, any_done, done_names, forget, write_done
 from mifa_pipeline.executors import Executor, WorkerSpec
 from mifa_pipeline.judging import JudgeFileError, judge_specs
-from mifa_pipeline.lock import LOCK_NAME, OutputLock, OutputLockError
+from mifa_pipeline.lock import LOCK_NAME, OutputLockError, output_lock
 from mifa_pipeline.manifest import (MANIFEST_NAME, SCHEMA_VERSION, chain_fingerprints, code_version, model_files,
-                                    model_hash, now_iso, package_versions, stage_configs, write_run_manifest)
+                                    model_hash, now_iso, package_versions, read_run_manifest, stage_configs,
+                                    write_run_manifest)
 from mifa_pipeline.plan import BuildPlan
 from mifa_pipeline.progress import BuildProgress
 from mifa_pipeline.records import StageStats
-from mifa_pipeline.shards import TMP_MARK, ShardInfo, atomic_write_text, write_shard_index
+from mifa_pipeline.shards import SHARD_INDEX, TMP_MARK, ShardInfo, write_shard_index
 from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.stages.identities import reference_files
 from mifa_pipeline.stages.write import SCORES_DIR
+from mifa_pipeline.storage import Location, StorageError
 from mifa_pipeline.work import BuildWorker, check_task
 
 BUILD_STATE = "build.json"  # _work/build.json: which build this folder holds (written before any task)
@@ -57,8 +58,8 @@ class PreparedBuild:
     state: str = "new"  # new | resume | complete
 
     @property
-    def out(self) -> Path:
-        return self.manifest.output
+    def out(self) -> Location:
+        return Location(self.manifest.output, self.manifest.storage_options)
 
     @property
     def fingerprint(self) -> str:
@@ -69,42 +70,45 @@ class PreparedBuild:
 OLD_LAYOUT = "an earlier mifa layout (work units under _work/units, schema 1) that this version does not read"
 
 
-def _existing_fingerprint(out: Path) -> str | None:
-    """The fingerprint of the build `out` holds: its run manifest's, else its build record's, else that of any
-    done record (a lost or emptied build record does not make finished work unresumable); None if none."""
-    if (out / WORK_DIR / "units").is_dir():
+def _existing_fingerprint(out: Location, files: list[str]) -> str | None:
+    """The fingerprint of the build `out` holds (`files`: what is there): its run manifest's, else its build
+    record's, else that of any done record (a lost or emptied build record does not make finished work
+    unresumable); None if none."""
+    if any(f.startswith(f"{WORK_DIR}/units/") for f in files):
         raise BuildError(f"output {out}: holds a build of {OLD_LAYOUT}; rebuild it with --fresh or into a new folder")
-    for path in (out / MANIFEST_NAME, out / WORK_DIR / BUILD_STATE):
-        if path.is_file():
+    for path in (MANIFEST_NAME, f"{WORK_DIR}/{BUILD_STATE}"):
+        if path in files:
             try:
-                data = json.loads(path.read_text())
+                data = json.loads(out.read_text(path))
                 fingerprint, schema = data["fingerprint"], data.get("schema_version", 1)
             except (ValueError, KeyError, TypeError):
-                if path.name == MANIFEST_NAME:
-                    raise BuildError(f"{path}: unreadable run manifest (damaged?); `mifa verify` says more; remove "
-                                     "it to have the next run re-prove every file and write it again") from None
+                if path == MANIFEST_NAME:
+                    raise BuildError(f"{out.full_url(path)}: unreadable run manifest (damaged?); `mifa verify` says "
+                                     "more; remove it to have the next run re-prove every file and write it again") from None
                 continue
             if schema != SCHEMA_VERSION:
                 raise BuildError(f"output {out}: holds a build of {OLD_LAYOUT}; rebuild it with --fresh or into a new folder")
             return fingerprint
-    for record in sorted((out / DONE_DIR).glob("*.json")) if (out / DONE_DIR).is_dir() else []:
+    for record in (f for f in files if f.startswith(f"{DONE_DIR}/") and f.endswith(".json")):
         try:
-            return json.loads(record.read_text())["fingerprint"]
+            return json.loads(out.read_text(record))["fingerprint"]
         except (ValueError, KeyError, TypeError):
             continue
     return None
 
 
-def _readable_json(path: Path) -> bool:
+def _readable_json(out: Location, rel: str) -> bool:
     try:
-        json.loads(path.read_text())
+        json.loads(out.read_text(rel))
         return True
     except (OSError, ValueError):
         return False
 
 
-def _check_writable(out: Path) -> None:
-    probe = out
+def _check_writable(out: Location) -> None:
+    if not out.is_local:
+        return  # an object store says so at the first write (credentials, bucket), before any work is done
+    probe = out.local()
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
@@ -141,17 +145,26 @@ def prepare(manifest: BuildManifest, fresh: bool = False) -> PreparedBuild:
 
 def check_output(build: PreparedBuild) -> PreparedBuild:
     """Refuse a folder that holds something else; mark a matching one for resume (or as complete)."""
-    out, fresh = build.out, build.fresh
-    if out.exists() and not out.is_dir():
+    fresh = build.fresh
+    try:
+        out = build.out
+    except StorageError as exc:
+        raise BuildError(str(exc)) from None
+    if out.is_local and out.local().exists() and not out.local().is_dir():
         raise BuildError(f"output {out}: exists and is not a folder")
     _check_writable(out)
     try:
-        existing = _existing_fingerprint(out) if out.is_dir() else None
+        files = out.find()
+    except OSError as exc:  # an object store we cannot list: bad credentials, no such bucket, unreachable
+        raise BuildError(f"output {out}: cannot list it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                         "check the bucket, endpoint (AWS_ENDPOINT_URL / storage_options) and credentials") from None
+    try:
+        existing = _existing_fingerprint(out, files)
     except BuildError:
         if not fresh:
             raise
         existing = "old layout"
-    others = [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
+    others = [f for f in files if f != LOCK_NAME]
     if others and existing is None:
         raise BuildError(f"output {out}: folder is not empty and holds no mifa build; refusing to write into it")
     if existing is not None and existing != build.fingerprint and not fresh:
@@ -159,18 +172,17 @@ def check_output(build: PreparedBuild) -> PreparedBuild:
                          f"this one {build.fingerprint[:12]}); use --fresh to replace it or --out for a new folder")
     build.state = "new"
     if existing == build.fingerprint and not fresh:
-        build.state = "complete" if (out / MANIFEST_NAME).is_file() else "resume"
+        build.state = "complete" if MANIFEST_NAME in files else "resume"
     return build
 
 
-def remove_build(out: Path) -> None:
+def remove_build(out: Location) -> None:
     """--fresh: delete what a mifa build writes, and nothing else."""
-    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
-    shutil.rmtree(out / SCORES_DIR, ignore_errors=True)
-    for p in out.iterdir():
-        if p.is_file() and (p.suffix in (".tar", ".parquet") or TMP_MARK in p.name
-                            or p.name in (MANIFEST_NAME, "shardindex.json", identity_table.IDENTITIES_FILE)):
-            p.unlink()
+    out.remove_tree(WORK_DIR)
+    out.remove_tree(SCORES_DIR)
+    for name in out.listdir():
+        if name.endswith((".tar", ".parquet")) or TMP_MARK in name or name in (MANIFEST_NAME, SHARD_INDEX):
+            out.remove(name)
 
 
 @contextmanager
@@ -236,7 +248,7 @@ class BuildJob:
 
     def worker_spec(self, executor: Executor) -> WorkerSpec:
         r = self.build.manifest.resources
-        return WorkerSpec(BuildWorker, (self.build.manifest, str(self.build.out), self.build.fingerprint),
+        return WorkerSpec(BuildWorker, (self.build.manifest, self.build.out, self.build.fingerprint),
                           r.generation_workers, r.cpus_per_worker, r.gpus_per_worker, concurrency=2)
 
     def identity_phase(self, runner: "Runner", pool) -> dict[str, Any]:
@@ -253,35 +265,36 @@ class BuildJob:
         """Anything a job adds to the run manifest (a build adds nothing)."""
 
 
-def make_identity_table(runner: "Runner", pool, method: str | None, parts: list[Path] | None = None) -> dict[str, Any]:
+def make_identity_table(runner: "Runner", pool, method: str | None,
+                        parent: tuple[Location, list[str]] | None = None) -> dict[str, Any]:
     """identities.parquet, recorded: from identity blocks the workers' `method` makes (those not yet proven),
-    or, with no method, from existing tables `parts` (a re-filter's parent); the blocks are removed after."""
+    or, with no method, from existing tables (`parent`: a re-filter's parent and its table); the blocks are
+    removed after."""
     out, build = runner.out, runner.build
     blocks = build.plan.blocks
     stats: dict[str, Any] = {}
+    source, parts = parent or (out, [])
     if method is not None:
         records = runner.adopt([b.name for b in blocks])
         for block, record in pool.run(method, [b for b in blocks if b.name not in records]):
             records[block.name] = record
             runner.advance("identities", len(block.identities))
-        parts = [out / identity_table.block_path(b.name) for b in blocks]
+        parts = [identity_table.block_path(b.name) for b in blocks]
         stats = {k: v.to_json() for k, v in _sum_stats(r["stats"] for r in records.values()).items()}
     threshold = build.manifest.filter.identity.duplicate_cosine
-    _, counts = next(runner.executor.map(publish_identities, [str(out)], [str(p) for p in parts], threshold))
+    _, counts = next(runner.executor.map(publish_identities, [out], source, parts, threshold))
+    forget(out, IDENTITIES_TASK)  # a damaged or another build's record: this one replaces it
     record = write_done(out, IDENTITIES_TASK, build.fingerprint, [identity_table.IDENTITIES_FILE], **counts, stats=stats)
     for b in blocks:  # published: the blocks' reference faces live in identities.parquet alone
         forget(out, b.name)
-        (out / identity_table.block_path(b.name)).unlink(missing_ok=True)
-    try:
-        (out / identity_table.BLOCKS_DIR).rmdir()
-    except OSError:
-        pass
+        out.remove(identity_table.block_path(b.name))
+    out.prune(identity_table.BLOCKS_DIR)
     return record
 
 
-def publish_identities(parts: list[str], threshold: float | None, out: str) -> dict[str, int]:
+def publish_identities(source: Location, parts: list[str], threshold: float | None, out: Location) -> dict[str, int]:
     """A CPU step (so the driver never reads reference faces): blocks -> identities.parquet."""
-    return identity_table.publish(Path(out), [Path(p) for p in parts], threshold)
+    return identity_table.publish(out, source, parts, threshold)
 
 
 def _sum_stats(parts) -> dict[str, StageStats]:
@@ -314,6 +327,7 @@ class Runner:
         self.show_progress = progress
         self.progress: BuildProgress | None = None
         self.notes: list[str] = []
+        self.lock = None
 
     # ------------------------------------------------------------------ helpers for jobs
     def advance(self, stage: str, n: int) -> None:
@@ -330,9 +344,10 @@ class Runner:
         """The tasks among `names` whose done records prove their files (checked where the executor runs CPU
         steps: the driver reads no data file); says why each other recorded one is redone."""
         fp = self.build.fingerprint
-        recorded = [n for n in names if done_path(self.out, n).is_file()]
+        have = done_names(self.out)
+        recorded = [n for n in names if n in have]
         adopted = {}
-        for name, (record, why) in self.executor.map(check_task, recorded, str(self.out), fp):
+        for name, (record, why) in self.executor.map(check_task, recorded, self.out, fp):
             if record is not None:
                 adopted[name] = record
             else:
@@ -342,7 +357,7 @@ class Runner:
     # ------------------------------------------------------------------ the run
     def run(self) -> BuildResult:
         start = time.perf_counter()
-        lock = OutputLock(self.out, purpose=self.job.kind)
+        lock = self.lock = output_lock(self.out, purpose=self.job.kind)
         try:
             taken = lock.acquire()
         except OutputLockError as exc:
@@ -352,7 +367,7 @@ class Runner:
             with sigterm_as_interrupt():
                 self.build = check_output(replace(self.build))  # again, now that the output is ours
                 if self.build.state == "complete":
-                    result = BuildResult("complete", json.loads((self.out / MANIFEST_NAME).read_text()), 0.0)
+                    result = BuildResult("complete", read_run_manifest(self.out), 0.0)
                 else:
                     if taken:
                         self.notes.append(taken)
@@ -368,29 +383,25 @@ class Runner:
 
     def _start_folder(self) -> None:
         out = self.out
-        if self.build.fresh and out.is_dir():
+        if self.build.fresh:
             remove_build(out)
-        (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
-        state = out / WORK_DIR / BUILD_STATE
-        if not _readable_json(state):
-            atomic_write_text(state, json.dumps({
+        state = f"{WORK_DIR}/{BUILD_STATE}"
+        if not _readable_json(out, state):
+            out.write_text(state, json.dumps({
                 "schema_version": SCHEMA_VERSION, "fingerprint": self.build.fingerprint, "created": now_iso(),
                 "build_manifest": self.manifest.model_dump(mode="json"),
             }, indent=2) + "\n")
-        for folder in (out, out / SCORES_DIR, out / DONE_DIR, out / identity_table.BLOCKS_DIR):
-            if folder.is_dir():  # ours alone now (we hold the lock): a crashed writer's temporary files
-                for tmp in folder.glob(f".*{TMP_MARK}*"):
+        if out.is_local:  # ours alone now (we hold the lock): a crashed writer's temporary files
+            for folder in ("", SCORES_DIR, DONE_DIR, identity_table.BLOCKS_DIR):
+                path = out.local(folder)
+                for tmp in path.glob(f".*{TMP_MARK}*") if path.is_dir() else []:
                     tmp.unlink()
 
     def _remove_own_start(self) -> None:
         """A first run that failed before finishing any task removes what it wrote, and only that."""
-        (self.out / WORK_DIR / BUILD_STATE).unlink(missing_ok=True)
-        for folder in (self.out / DONE_DIR, self.out / identity_table.BLOCKS_DIR, self.out / SCORES_DIR,
-                       self.out / WORK_DIR, self.out):
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+        self.out.remove(f"{WORK_DIR}/{BUILD_STATE}")
+        for folder in (DONE_DIR, identity_table.BLOCKS_DIR, SCORES_DIR, WORK_DIR, ""):
+            self.out.prune(folder)
 
     def _run(self, start: float, resumed: bool) -> BuildResult:
         plan, job = self.build.plan, self.job
@@ -424,6 +435,8 @@ class Runner:
                         pool.close()
             finally:
                 self.executor.close()
+        if getattr(self.lock, "lost", None):  # an object store's lease lock lost to another run
+            raise BuildError(f"{self.lock.lost}; the shards are kept but nothing is published: run again")
         ordered = [records[s.name] for s in shards]
         infos = [_shard_info(r) for r in ordered]
         index = write_shard_index(self.out, self.manifest.dataset.name, infos)
@@ -433,7 +446,7 @@ class Runner:
         write_run_manifest(self.out, content)
         return BuildResult("resumed" if resumed else "built", content, wall, len(pending), self.notes)
 
-    def _run_manifest(self, records: list[dict[str, Any]], identities: dict[str, Any], index: Path,
+    def _run_manifest(self, records: list[dict[str, Any]], identities: dict[str, Any], index: str,
                       wall: float, shards_run: int) -> dict[str, Any]:
         m = self.manifest
         stats = _sum_stats([identities["stats"], *(r["stats"] for r in records)])
@@ -461,7 +474,7 @@ class Runner:
             "identities": _file_record(identity_table.IDENTITIES_FILE, identities),
             "stages": stages,
             "shards": [_shard_json(r) for r in records],
-            "shard_index": index.name,
+            "shard_index": index,
             "finished": now_iso(),
             "wall_seconds_last_run": round(wall, 2),
             "shards_run_last": shards_run,

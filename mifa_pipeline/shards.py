@@ -2,9 +2,10 @@
 
 This module knows samples only as (key, encoded image, metadata dict, class index); it knows no model.
 Tars are written through webdataset's TarWriter with a fixed mtime, owner and mode and members in sorted
-order, to a temporary name that is fsynced and renamed: a shard path either holds a whole shard or nothing.
-Temporary names are hidden and unique (`.NAME.tmp-<random>`), so two writers never share one and a
-reader globbing `*.tar` never meets one.
+order, to a local staging file that is then committed whole (`storage.Location.commit`: an atomic rename
+on a disk, one PUT or completed multipart upload on an object store): a shard name holds a whole shard or
+nothing. Local staging names are hidden and unique (`.NAME.tmp-<random>`), so two writers never share one
+and a reader globbing `*.tar` never meets one.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,11 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
+from mifa_pipeline.storage import TMP_MARK, Location, discard, location  # noqa: F401 (TMP_MARK: re-exported)
+
 FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: no build time leaks into the bytes
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+SHARD_INDEX = "shardindex.json"
 IMAGE_EXTENSIONS = {"png": "png", "jpg": "jpg", "webp": "webp"}
 
 
@@ -163,11 +165,11 @@ def _member_spans(data: bytes) -> list[tuple[str, int, int]] | None:
     return spans
 
 
-def tar_members(path: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {extension: member bytes}, in tar order, nothing decoded (webdataset's rule: the key ends at the
-    first dot)."""
+def tar_members(data: bytes) -> dict[str, dict[str, bytes]]:
+    """key -> {extension: member bytes} of a tar's bytes, in tar order, nothing decoded (webdataset's rule:
+    the key ends at the first dot)."""
     members: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path, "r") as tar:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for info in tar:
             if info.isfile():
                 key, _, ext = info.name.partition(".")
@@ -175,9 +177,8 @@ def tar_members(path: Path) -> dict[str, dict[str, bytes]]:
     return members
 
 
-def tar_segments(path: Path) -> dict[str, bytes]:
+def tar_segments(data: bytes, label: str = "tar") -> dict[str, bytes]:
     """key -> the raw bytes of its members (headers, data, padding) in a tar mifa wrote: copyable as they are."""
-    data = path.read_bytes()
     spans = _member_spans(data)
     if spans is None:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -187,52 +188,27 @@ def tar_segments(path: Path) -> dict[str, bytes]:
     for name, start, end in spans:
         span = keys.setdefault(name.partition(".")[0], [start, start])
         if start != span[1]:
-            raise ValueError(f"{path}: the members of {name.partition('.')[0]} are not contiguous")
+            raise ValueError(f"{label}: the members of {name.partition('.')[0]} are not contiguous")
         span[1] = end
     return {key: data[a:b] for key, (a, b) in keys.items()}
 
 
-TMP_MARK = ".tmp-"
-
-
-def temporary_path(final: Path) -> Path:
-    """A hidden, unique temporary name beside `final` (renamed onto it once whole)."""
-    return final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    tmp = temporary_path(path)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        _fsync_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """A local parquet file, whole or absent (see `storage.Location.commit`)."""
+    Location(path.parent).write_parquet(path.name, table)
 
 
 def file_digests(path: Path) -> tuple[str, str, int]:
-    sha, md5, size = hashlib.sha256(), hashlib.md5(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-            md5.update(chunk)
-            size += len(chunk)
-    return sha.hexdigest(), md5.hexdigest(), size
+    return Location(path.parent).digests(path.name)
 
 
 class ShardFileWriter:
     """Writes one shard (tar + parquet sidecar) sample by sample; `close()` commits both by rename."""
 
-    def __init__(self, folder: Path, name: str):
-        self.folder = folder
+    def __init__(self, out: "Location | Path | str", name: str):
+        self.out = location(out)
         self.name = name
-        self.tar_path = folder / name
-        self.tmp_path = temporary_path(self.tar_path)
+        self.tmp_path = self.out.stage(name)
         self._file = open(self.tmp_path, "wb")
         self._writer = wds.TarWriter(self._file, user="mifa", group="mifa", mode=0o644, encoder=False, mtime=FIXED_MTIME)
         self.rows: list[dict[str, Any]] = []
@@ -259,12 +235,13 @@ class ShardFileWriter:
             raise ValueError(f"shard {self.name}: key {key!r} is not after {self.keys[-1]!r}")
 
     def close(self) -> None:
-        """Commit the tar and its sidecar (by rename). Hashes are the done record's business (`done.py`)."""
+        """Commit the sidecar, then the tar (each whole or absent, see `storage.Location.commit`). Hashes are
+        the done record's business (`done.py`)."""
         self._writer.close()  # closes the tar stream (and our file)
         if not self._file.closed:
             self._file.close()
-        write_parquet_atomic(sidecar_table(self.rows), self.tar_path.with_suffix(".parquet"))
-        _fsync_replace(self.tmp_path, self.tar_path)
+        self.out.write_parquet(self.name.removesuffix(".tar") + ".parquet", sidecar_table(self.rows))
+        self.out.commit(self.tmp_path, self.name)
 
     def abort(self) -> None:
         """Drop the half-written shard. Errors while closing (a full disk again) are swallowed: the file is
@@ -274,10 +251,10 @@ class ShardFileWriter:
                 close()
             except Exception:  # noqa: BLE001
                 pass
-        self.tmp_path.unlink(missing_ok=True)
+        discard(self.tmp_path)
 
 
-def write_shard_index(folder: Path, name: str, shards: list[ShardInfo]) -> Path:
+def write_shard_index(out: "Location", name: str, shards: list[ShardInfo]) -> str:
     """wids-shard-index-v1 with URLs relative to the index, so the folder can move."""
     index = {
         "__kind__": "wids-shard-index-v1",
@@ -285,15 +262,10 @@ def write_shard_index(folder: Path, name: str, shards: list[ShardInfo]) -> Path:
         "name": name,
         "shardlist": [{"url": s.path, "nsamples": s.nsamples, "filesize": s.bytes, "md5sum": s.md5} for s in shards],
     }
-    path = folder / "shardindex.json"
-    atomic_write_text(path, json.dumps(index, indent=2, sort_keys=False) + "\n")
-    return path
+    out.write_text(SHARD_INDEX, json.dumps(index, indent=2, sort_keys=False) + "\n")
+    return SHARD_INDEX
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = temporary_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        _fsync_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """A local text file, whole or absent (see `storage.Location.commit`)."""
+    Location(path.parent).write_text(path.name, text)

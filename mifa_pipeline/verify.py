@@ -11,10 +11,7 @@ from __future__ import annotations
 import json
 import tarfile
 from collections import Counter
-from pathlib import Path
 from typing import Any
-
-import pyarrow.parquet as pq
 
 from mifa_pipeline.done import file_mismatch
 from mifa_pipeline.identity_table import IDENTITIES_FILE
@@ -22,12 +19,13 @@ from mifa_pipeline.lock import LOCK_NAME
 from mifa_pipeline.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_run_manifest
 from mifa_pipeline.records import sample_key
 from mifa_pipeline.shards import KEY_PATTERN, ShardSample, shard_name, sidecar_row, tar_members
+from mifa_pipeline.storage import Location, location
 
 DROP_STAGES = ("duplicates", "filter")
 COMPANIONS = {"identity_attributes.parquet"}  # written beside a finished data set by `mifa teacher`
 
 
-def _check_file(folder: Path, entry: dict[str, Any], problems: list[str]) -> bool:
+def _check_file(folder: Location, entry: dict[str, Any], problems: list[str]) -> bool:
     """Whether the file the manifest entry describes is there, byte for byte; records why not."""
     why = file_mismatch(folder, entry["path"], entry)
     if why is not None:
@@ -49,14 +47,14 @@ def recomputed_fingerprint(manifest: dict[str, Any]) -> str:
     return chain_fingerprints("", configs)[-1]["fingerprint"]
 
 
-def _check_shard(folder: Path, shard: dict[str, Any], planned: range, spi: int, problems: list[str],
+def _check_shard(folder: Location, shard: dict[str, Any], planned: range, spi: int, problems: list[str],
                  reasons: Counter, keys_seen: set[str]) -> int:
     """One shard's tar, sidecar and scores table; returns the number of planned rows found."""
     name = shard["path"]
     tar_ok = _check_file(folder, shard, problems)
     members: dict[str, dict[str, bytes]] = {}
     try:
-        members = tar_members(folder / name) if (folder / name).is_file() else {}
+        members = tar_members(folder.read_bytes(name)) if folder.isfile(name) else {}
     except (tarfile.TarError, OSError) as exc:
         problems.append(f"{name}: not a readable tar ({exc})")
     if tar_ok and len(members) != shard["nsamples"]:
@@ -70,7 +68,7 @@ def _check_shard(folder: Path, shard: dict[str, Any], planned: range, spi: int, 
         if not {"json", "cls"} <= set(exts) or not set(exts) & {"png", "jpg", "webp"}:
             problems.append(f"{name}: sample {key} has members {sorted(exts)}, expected image + json + cls")
     if _check_file(folder, shard["sidecar"], problems):
-        rows = pq.read_table(folder / shard["sidecar"]["path"]).to_pylist()
+        rows = folder.read_parquet(shard["sidecar"]["path"]).to_pylist()
         if [r["key"] for r in rows] != list(members):
             problems.append(f"{shard['sidecar']['path']}: keys differ from {name}")
         for row in rows:
@@ -89,7 +87,7 @@ def _check_shard(folder: Path, shard: dict[str, Any], planned: range, spi: int, 
                 problems.append(f"{shard['sidecar']['path']}: row {row['key']} disagrees with its tar member in {differ[:5]}")
     found = 0
     if _check_file(folder, shard["scores"], problems):
-        table = pq.read_table(folder / shard["scores"]["path"], columns=["key", "keep", "drop_reason"]).to_pylist()
+        table = folder.read_parquet(shard["scores"]["path"], columns=["key", "keep", "drop_reason"]).to_pylist()
         found = len(table)
         want = [sample_key(slot // spi, slot % spi) for slot in planned]
         if [r["key"] for r in table] != want:
@@ -100,10 +98,9 @@ def _check_shard(folder: Path, shard: dict[str, Any], planned: range, spi: int, 
     return found
 
 
-def verify(folder: Path) -> list[str]:
+def verify(where: "Location | str") -> list[str]:
     """Every problem found; an empty list means the data set matches its run manifest byte for byte."""
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder}: does not exist")
+    folder = location(where)
     manifest = read_run_manifest(folder)
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{folder}: a data set of an earlier mifa layout (schema {manifest.get('schema_version')}); "
@@ -134,18 +131,18 @@ def verify(folder: Path) -> list[str]:
         _check_file(folder, manifest["identities"], problems)
     else:
         problems.append(f"manifest.json: no record of {IDENTITIES_FILE}")
-    index_path = folder / manifest.get("shard_index", "shardindex.json")
-    if not index_path.is_file():
-        problems.append(f"{index_path.name}: missing")
+    index_name = manifest.get("shard_index", "shardindex.json")
+    if not folder.isfile(index_name):
+        problems.append(f"{index_name}: missing")
     else:
         try:
-            index = json.loads(index_path.read_text())
+            index = json.loads(folder.read_text(index_name))
         except ValueError:
             index = {}
         want = [{"url": s["path"], "nsamples": s["nsamples"], "filesize": s["bytes"], "md5sum": s["md5"]}
                 for s in manifest["shards"]]
         if index.get("__kind__") != "wids-shard-index-v1" or index.get("shardlist") != want:
-            problems.append(f"{index_path.name}: does not match the run manifest's shards")
+            problems.append(f"{index_name}: does not match the run manifest's shards")
     kept = sum(s["nsamples"] for s in manifest["shards"])
     if kept != counts["kept_samples"]:
         problems.append(f"counts: shards hold {kept} samples, manifest counts {counts['kept_samples']}")
@@ -162,11 +159,10 @@ def verify(folder: Path) -> list[str]:
         problems.append(f"stages: drops by reason {dict(recorded)} differ from the scores tables' {dict(reasons)}")
     if stages.get("write", {}).get("out") != kept:
         problems.append(f"stages.write: out {stages.get('write', {}).get('out')} != {kept} samples in the shards")
-    expected = {MANIFEST_NAME, index_path.name, IDENTITIES_FILE, LOCK_NAME, *COMPANIONS}
+    expected = {MANIFEST_NAME, index_name, IDENTITIES_FILE, LOCK_NAME, *COMPANIONS}
     for s in manifest["shards"]:
         expected |= {s["path"], s["sidecar"]["path"], s["scores"]["path"]}
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder).as_posix()
-        if path.is_file() and not relative.startswith("_work/") and relative not in expected:
+    for relative in folder.find():
+        if not relative.startswith("_work/") and relative not in expected:
             problems.append(f"{relative}: a file the run manifest does not list")
     return problems

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from mifa_pipeline import identity_table
@@ -23,12 +22,13 @@ from mifa_pipeline.done import check_done, forget, write_done
 from mifa_pipeline.judging import Judges, judge_specs
 from mifa_pipeline.plan import IdentityBlock, ShardSlots
 from mifa_pipeline.records import IdentityRecord, StageStats
-from mifa_pipeline.shards import decode_image, encode_image, write_parquet_atomic
+from mifa_pipeline.shards import decode_image, encode_image
 from mifa_pipeline.stages.filter import Filtering
 from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.stages.identities import IdentitySampling, make_canvas
 from mifa_pipeline.stages.prompts import PromptExpansion
 from mifa_pipeline.stages.write import ShardWriting, sample_row
+from mifa_pipeline.storage import Location
 
 TEACHER_RESOLUTION = 128
 
@@ -54,17 +54,17 @@ def prompt_stage(manifest: BuildManifest) -> PromptExpansion:
     return PromptExpansion(manifest.prompts, manifest.seed, manifest.identities.samples_per_identity, describe)
 
 
-def check_task(out: str, fingerprint: str, name: str) -> tuple[dict[str, Any] | None, str]:
+def check_task(out: Location, fingerprint: str, name: str) -> tuple[dict[str, Any] | None, str]:
     """(record or None, why not): the CPU step a resume runs for every task that has a done record."""
-    return check_done(Path(out), name, fingerprint)
+    return check_done(out, name, fingerprint)
 
 
 class BuildWorker:
     """Holds the model and the judges (loaded once, in `setup`); makes identity blocks and shards."""
 
-    def __init__(self, manifest: BuildManifest, out: str, fingerprint: str):
+    def __init__(self, manifest: BuildManifest, out: Location, fingerprint: str):
         self.manifest = manifest
-        self.out = Path(out)
+        self.out = out
         self.fingerprint = fingerprint
         self.generation = None
         self.identities = None
@@ -129,8 +129,7 @@ class BuildWorker:
                     p.embedding = embeddings[p.identity]
         stats.seconds = time.perf_counter() - start
         relative = identity_table.block_path(block.name)
-        (self.out / relative).parent.mkdir(parents=True, exist_ok=True)
-        write_parquet_atomic(identity_table.block_table(people), self.out / relative)
+        self.out.write_parquet(relative, identity_table.block_table(people))
         return write_done(self.out, block.name, self.fingerprint, [relative], stats={stats.name: stats.to_json()})
 
     # ------------------------------------------------------------------ sample phase

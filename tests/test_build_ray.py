@@ -1,12 +1,12 @@
 """Whole builds through Ray: the same bytes as the local runner, whatever the worker count; standard readers."""
 
-import hashlib
 from pathlib import Path
 
 import pytest
 
 from mifa_pipeline.runner import BuildError, build_data, prepare
 from mifa_pipeline.verify import verify
+from tests.outputs import digests
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -20,12 +20,6 @@ def ray_fake_cluster():
                           "env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
     yield
     ray.shutdown()
-
-
-def digests(folder: Path) -> dict[str, str]:
-    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                   if p.is_file() and not str(p.relative_to(folder)).startswith(("_work", "manifest.json")))
-    return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names}
 
 
 def ray_build(manifest):
@@ -50,13 +44,13 @@ def test_standard_readers_accept_the_output(ray_fake_cluster, small_manifest, fa
 
     m = small_manifest(out=tmp_path / "o")
     ray_build(m)
-    tars = sorted(str(p) for p in m.output.glob("*.tar"))
+    tars = sorted(str(p) for p in Path(m.output).glob("*.tar"))
     ray_rows = ray.data.read_webdataset(tars).take_all()
     assert len(ray_rows) == 18 and {r["__key__"] for r in ray_rows} == {f"id{i:07d}-s{s:04d}" for i in range(6) for s in range(3)}
     row = next(r for r in ray_rows if r["__key__"] == "id0000002-s0001")
     assert row["json"]["identity"] == 2 and set(row["json"]["intensity"]) == set(row["json"]["requested_aus"])
     assert row["png"].shape == (32, 32, 3)
-    indexed = wids.ShardListDataset(str(m.output / "shardindex.json"))
+    indexed = wids.ShardListDataset(str(Path(m.output) / "shardindex.json"))
     assert len(indexed) == 18 and indexed[7][".json"]["key"] == "id0000002-s0001"
     streamed = list(wds.WebDataset(tars, shardshuffle=False).decode("rgb"))
     assert [s["__key__"] for s in streamed] == [r["json"]["key"] for r in sorted(ray_rows, key=lambda r: r["__key__"])]
@@ -77,16 +71,16 @@ def test_refilter_on_ray_equals_local_and_keeps_the_parent(ray_fake_cluster, sma
 
     parent = small_manifest(out=tmp_path / "v1")
     ray_build(parent)
-    before = digests(parent.output)
-    stds = sorted(json.loads(r["scores"])["pixel_std"] for f in sorted((parent.output / "scores").glob("*.parquet"))
+    before = digests(Path(parent.output))
+    stds = sorted(json.loads(r["scores"])["pixel_std"] for f in sorted((Path(parent.output) / "scores").glob("*.parquet"))
                   for r in pq.read_table(f, columns=["scores"]).to_pylist())
     sets = [f"filter.min_pixel_std={stds[len(stds) // 2]}"]  # the median contrast: about half kept
-    on_ray = run_refilter(prepare_refilter(parent.output, sets, tmp_path / "ray"), "ray", progress=False)
-    local = run_refilter(prepare_refilter(parent.output, sets, tmp_path / "local"), "local", progress=False)
+    on_ray = run_refilter(prepare_refilter(Path(parent.output), sets, tmp_path / "ray"), "ray", progress=False)
+    local = run_refilter(prepare_refilter(Path(parent.output), sets, tmp_path / "local"), "local", progress=False)
     assert on_ray.manifest["parent"]["fingerprint"] == local.manifest["parent"]["fingerprint"]
     assert 0 < on_ray.manifest["counts"]["kept_samples"] < 18
     assert digests(tmp_path / "ray") == digests(tmp_path / "local")
-    assert digests(parent.output) == before and verify(tmp_path / "ray") == []
+    assert digests(Path(parent.output)) == before and verify(tmp_path / "ray") == []
 
 
 def test_sigterm_stops_a_ray_build_cleanly_and_it_resumes(tmp_path):

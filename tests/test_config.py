@@ -8,7 +8,7 @@ from mifa_pipeline.config import ManifestError, load_manifest, output_determinin
 def test_defaults_and_overrides_are_typed(tmp_path):
     m = load_manifest(None, ["sampler.steps=12", "sampler.guidance_scale=3", "identities.count=2"], output=tmp_path)
     assert (m.sampler.steps, m.sampler.guidance_scale, m.identities.count) == (12, 3.0, 2)
-    assert m.output == tmp_path
+    assert m.output == str(tmp_path)
 
 
 def test_unknown_key_is_an_error_naming_it(tmp_path):

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mifa_pipeline.storage import Location, location
+
 ATTRIBUTES_FILE = "identity_attributes.parquet"
 IDENTITIES_FILE = "identities.parquet"   # the identity table a build publishes beside its shards
 
@@ -108,13 +110,13 @@ def identity_prompt(demographics: dict[str, str]) -> str:
             "looking at the camera, soft studio lighting")
 
 
-def _read_shards(folder: Path):
-    shards = sorted(folder.glob("*.tar"))
+def _read_shards(folder: Location):
+    shards = [n for n in folder.listdir() if n.endswith(".tar")]
     if not shards:
         raise FileNotFoundError(f"{folder}: no *.tar shards")
     for shard in shards:
         groups: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(shard) as tf:
+        with tarfile.open(fileobj=io.BytesIO(folder.read_bytes(shard)), mode="r:") as tf:
             for member in tf:
                 if not member.isfile():
                     continue
@@ -124,21 +126,19 @@ def _read_shards(folder: Path):
             yield key, groups[key]
 
 
-def _identity_table(folder: Path, idents: set[int]) -> dict[int, dict]:
+def _identity_table(folder: Location, idents: set[int]) -> dict[int, dict]:
     """Reference face, mask and prompt of each identity in ``idents``, from ``folder/identities.parquet``."""
-    path = folder / IDENTITIES_FILE
-    if not path.is_file():
-        if (folder / "_work" / "units").is_dir():
+    path = folder.full_url(IDENTITIES_FILE)
+    if not folder.isfile(IDENTITIES_FILE):
+        if folder.exists("_work/units"):
             raise FileNotFoundError(f"{folder}: no {IDENTITIES_FILE}: a data set of mifa's earlier layout; rebuild it")
         return {}  # not a mifa build: references are chosen from the samples (see load_folder)
-    import pyarrow.parquet as pq
-
     columns = ["identity", "reference_png", "mask_png", "prompt"]
-    available = set(pq.read_schema(path).names)
+    available = set(folder.parquet_file(IDENTITIES_FILE).schema_arrow.names)
     missing_columns = [c for c in columns if c not in available]
     if missing_columns:
         raise ValueError(f"{path}: no column(s) {missing_columns} (columns: {sorted(available)})")
-    out = {int(row["identity"]): row for row in pq.read_table(path, columns=columns).to_pylist()
+    out = {int(row["identity"]): row for row in folder.read_parquet(IDENTITIES_FILE, columns=columns).to_pylist()
            if int(row["identity"]) in idents}
     missing = sorted(idents - set(out))
     if missing:
@@ -146,14 +146,12 @@ def _identity_table(folder: Path, idents: set[int]) -> dict[int, dict]:
     return out
 
 
-def _attributes(folder: Path, order: list[int]) -> tuple[list[str], torch.Tensor | None]:
+def _attributes(folder: Location, order: list[int]) -> tuple[list[str], torch.Tensor | None]:
     """The folder's per-identity attribute table, in ``order``; every identity must have a finite row."""
-    path = folder / ATTRIBUTES_FILE
-    if not path.is_file():
+    path = folder.full_url(ATTRIBUTES_FILE)
+    if not folder.isfile(ATTRIBUTES_FILE):
         return [], None
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path).to_pydict()
+    table = folder.read_parquet(ATTRIBUTES_FILE).to_pydict()
     if "identity" not in table:
         raise ValueError(f"{path}: no 'identity' column (columns: {sorted(table)})")
     names = [k for k in table if k != "identity"]
@@ -169,12 +167,12 @@ def _attributes(folder: Path, order: list[int]) -> tuple[list[str], torch.Tensor
     return names, values
 
 
-def load_folder(folder: str | Path, resolution: int) -> FaceData:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder")
-    manifest_file = folder / "manifest.json"
-    au_names = json.loads(manifest_file.read_text())["au_names"] if manifest_file.is_file() else None
+def load_folder(where: "str | Path | Location", resolution: int) -> FaceData:
+    """One data set (a folder or a URL) in memory."""
+    folder = location(where)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: does not exist")
+    au_names = json.loads(folder.read_text("manifest.json"))["au_names"] if folder.isfile("manifest.json") else None
     images, prompts, idents, intens, keys, demo_of = [], [], [], [], [], {}
     for key, parts in _read_shards(folder):
         meta = json.loads(parts["json"])

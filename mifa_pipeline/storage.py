@@ -1,0 +1,358 @@
+"""Where a data set lives: a local folder or any fsspec URL (s3://, gs://, az://, file://, memory://).
+
+Every file mifa writes or reads in an output goes through a `Location`, which offers the few operations the
+pipeline needs and says what each guarantees on each kind of store:
+
+- `commit(staged, rel)`: a file written to a local staging path appears whole at `rel`. Locally: fsync, then
+  an atomic rename beside it. On an object store: one `put_file` (a single PUT, or a multipart upload that
+  only becomes visible when completed), so a reader never sees half an object.
+- `create(rel, data)`: exclusive create, the commit point of a task (its done record) and of the output
+  lock. Locally: link(2) of a finished temporary file, which fails if the name exists. On S3 (and stores
+  that honour it): a PUT with `If-None-Match: *`, refused when the key exists. Elsewhere fsspec's generic
+  check-then-write, which is not race-free (said in the README).
+- reads, listings and deletes as fsspec does them.
+
+pyarrow never opens a URL itself (its S3 client ignores `AWS_ENDPOINT_URL`): it is handed our fsspec
+filesystem. Credentials come from the store's usual places (AWS_* variables, config files); the manifest's
+`storage_options` may set endpoint and region but never a secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+TMP_MARK = ".tmp-"
+
+# scheme -> (module that implements it, the mifa extra that installs it)
+DRIVERS = {
+    "s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"),
+    "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),
+    "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure"), "abfss": ("adlfs", "azure"),
+}
+BUILTIN = ("file", "local", "memory")
+BUCKETED = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+SECRET_OPTIONS = re.compile(r"(key|secret|token|password|credential|sas|signature)", re.I)
+SAFE_OPTIONS = {"endpoint_url", "region_name", "region", "client_kwargs", "config_kwargs", "anon", "use_ssl",
+                "project", "account_name", "default_fill_cache", "requester_pays", "version_aware", "skip_instance_cache"}
+
+
+class StorageError(ValueError):
+    """A location mifa cannot use (bad URL, missing driver, a secret in the manifest): said before any work."""
+
+
+def is_url(text: str | os.PathLike) -> bool:
+    return "://" in str(text)
+
+
+def check_storage_options(options: dict[str, Any]) -> None:
+    """Endpoint and region may be written in a manifest; credentials never (they would land in the run manifest)."""
+    for name, value in options.items():
+        if SECRET_OPTIONS.search(name) and name not in SAFE_OPTIONS:
+            raise StorageError(f"storage_options.{name}: credentials are never read from a manifest (they would be "
+                               "written into the run manifest); set them in the environment (AWS_ACCESS_KEY_ID, "
+                               "AWS_SECRET_ACCESS_KEY, ...) or the store's own config file")
+        if isinstance(value, dict):
+            check_storage_options(value)
+        if isinstance(value, str) and re.match(r"^[a-z][a-z0-9+.-]*://[^/@]+@", value, re.I):
+            raise StorageError(f"storage_options.{name}: {value.split('@')[-1]!r} carries a user or password "
+                               "before '@'; give credentials in the environment instead")
+
+
+def _filesystem(protocol: str, options: dict[str, Any]):
+    import fsspec
+
+    module, extra = DRIVERS.get(protocol, (None, None))
+    if protocol in BUCKETED:  # other processes write here too: never answer from a stale listing
+        options = {"use_listings_cache": False, **options}
+    try:
+        return fsspec.filesystem(protocol, **options)
+    except ImportError:
+        what = f"pip install 'mifa[{extra}]'" if extra else "install the fsspec driver for it"
+        raise StorageError(f"{protocol}:// needs the {module or protocol} package, which is not installed: {what}") from None
+    except ValueError as exc:
+        if "Protocol not known" in str(exc) or "not known" in str(exc):
+            raise StorageError(f"{protocol}://: unknown storage scheme; expected a local path or one of s3://, gs://, "
+                               "az://, file://, memory://") from None
+        raise StorageError(f"{protocol}://: {exc}") from None
+    except TypeError as exc:
+        raise StorageError(f"storage_options for {protocol}://: {exc}") from None
+
+
+class Location:
+    """A data set's folder (local) or prefix (object store); files are named relative to it ('a/b.tar')."""
+
+    def __init__(self, where: str | os.PathLike, storage_options: dict[str, Any] | None = None):
+        text = str(where).strip()
+        self.storage_options = dict(storage_options or {})
+        check_storage_options(self.storage_options)
+        if not text:
+            raise StorageError("location: empty; expected a folder or a URL such as s3://bucket/prefix")
+        if is_url(text):
+            protocol, _, rest = text.partition("://")
+            protocol = protocol.lower()
+            if not re.fullmatch(r"[a-z][a-z0-9+.-]*", protocol):
+                raise StorageError(f"location {text!r}: malformed URL scheme {protocol!r}")
+            if protocol in ("file", "local"):
+                self._local(Path(rest or "/"))
+                return
+            if protocol in BUCKETED and (not rest or rest.startswith("/") or not rest.split("/")[0]):
+                raise StorageError(f"location {text!r}: no bucket; expected {protocol}://BUCKET/PREFIX")
+            if protocol not in DRIVERS and protocol not in BUILTIN:
+                from fsspec.registry import known_implementations, registry
+
+                if protocol not in known_implementations and protocol not in registry:
+                    raise StorageError(f"location {text!r}: unknown storage scheme {protocol}://; expected a local "
+                                       "path or one of s3://, gs://, az://, file://, memory://")
+            self.fs = _filesystem(protocol, self.storage_options)
+            self.protocol = protocol
+            self.root = self.fs._strip_protocol(text).rstrip("/")
+            if not self.root.strip("/"):
+                raise StorageError(f"location {text!r}: names no folder or prefix")
+            self.url = f"{protocol}://{self.root.lstrip('/') if protocol != 'memory' else self.root}"
+            self.is_local = False
+        else:
+            self._local(Path(text))
+
+    def _local(self, path: Path) -> None:
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.fs = LocalFileSystem()
+        self.protocol = "file"
+        self.root = str(path.expanduser().absolute())
+        self.url = self.root
+        self.is_local = True
+
+    def __reduce__(self):  # workers rebuild the filesystem from (url, options); credentials come from their env
+        return (Location, (self.url, self.storage_options))
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r})"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Location) and (self.url, self.storage_options) == (other.url, other.storage_options)
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    # ------------------------------------------------------------------ names
+    @property
+    def name(self) -> str:
+        return self.root.rstrip("/").rsplit("/", 1)[-1]
+
+    def path(self, rel: str = "") -> str:
+        """The store's own path of `rel` (for fsspec calls)."""
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def full_url(self, rel: str = "") -> str:
+        """A URL any fsspec-aware reader (webdataset, wids, datasets) opens; a plain path when local."""
+        return f"{self.url}/{rel}" if rel else self.url
+
+    def local(self, rel: str = "") -> Path:
+        """The local path of `rel` (local locations only)."""
+        if not self.is_local:
+            raise TypeError(f"{self.url} is not a local folder")
+        return Path(self.path(rel))
+
+    def sibling(self, name: str) -> "Location":
+        """Another location beside this one (a filter version next to its parent)."""
+        parent = self.root.rstrip("/").rsplit("/", 1)[0]
+        if self.is_local:
+            return Location(str(Path(self.root).parent / name), self.storage_options)
+        return Location(f"{self.protocol}://{parent.lstrip('/') if self.protocol != 'memory' else parent}/{name}",
+                        self.storage_options)
+
+    # ------------------------------------------------------------------ reading
+    def exists(self, rel: str = "") -> bool:
+        if self.is_local:
+            return os.path.exists(self.path(rel))
+        return bool(self.fs.exists(self.path(rel)))
+
+    def isfile(self, rel: str) -> bool:
+        if self.is_local:
+            return os.path.isfile(self.path(rel))
+        return bool(self.fs.isfile(self.path(rel)))
+
+    def read_bytes(self, rel: str) -> bytes:
+        if self.is_local:
+            return Path(self.path(rel)).read_bytes()
+        return self.fs.cat_file(self.path(rel))
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def open(self, rel: str, mode: str = "rb"):
+        if self.is_local:
+            return open(self.path(rel), mode)
+        return self.fs.open(self.path(rel), mode)
+
+    def size(self, rel: str) -> int:
+        if self.is_local:
+            return os.path.getsize(self.path(rel))
+        return int(self.fs.size(self.path(rel)))
+
+    def read_parquet(self, rel: str, **kwargs: Any):
+        """pyarrow reads through our filesystem (never its own S3 client)."""
+        import pyarrow.parquet as pq
+
+        if self.is_local:
+            return pq.read_table(self.path(rel), **kwargs)
+        return pq.read_table(self.path(rel), filesystem=self.fs, **kwargs)
+
+    def parquet_file(self, rel: str):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.path(rel) if self.is_local else self.fs.open(self.path(rel), "rb"))
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names of the files directly under `rel` (sorted); [] when there is nothing there."""
+        if self.is_local:
+            folder = Path(self.path(rel))
+            return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        try:
+            entries = self.fs.ls(self.path(rel), detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file")
+
+    def find(self) -> list[str]:
+        """Every file under the location, as relative names (sorted)."""
+        if self.is_local:
+            root = Path(self.root)
+            return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        try:
+            found = self.fs.find(self.root)
+        except FileNotFoundError:
+            return []
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(p[len(prefix):] for p in found if p.startswith(prefix))
+
+    def is_empty(self) -> bool:
+        return not self.find()
+
+    def digests(self, rel: str) -> tuple[str, str, int]:
+        """(sha256, md5, size) of a file, read once in 1 MiB pieces."""
+        sha, md5, size = hashlib.sha256(), hashlib.md5(), 0
+        with self.open(rel) as f:
+            while chunk := f.read(1 << 20):
+                sha.update(chunk)
+                md5.update(chunk)
+                size += len(chunk)
+        return sha.hexdigest(), md5.hexdigest(), size
+
+    # ------------------------------------------------------------------ writing
+    def stage(self, rel: str) -> Path:
+        """A local path to write `rel` into before `commit`: beside it on a local disk (so the rename is
+        atomic), in the system's temporary folder for an object store."""
+        if self.is_local:
+            final = Path(self.path(rel))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            return final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+        fd, name = tempfile.mkstemp(prefix=f"mifa-{rel.replace('/', '-')}{TMP_MARK}")
+        os.close(fd)
+        return Path(name)
+
+    def commit(self, staged: Path, rel: str) -> None:
+        """Make the finished local file `staged` appear whole at `rel` (see the module docstring)."""
+        try:
+            if self.is_local:
+                with open(staged, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(staged, self.path(rel))
+            else:
+                self.fs.put_file(str(staged), self.path(rel))
+        finally:
+            discard(staged)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        staged = self.stage(rel)
+        try:
+            staged.write_bytes(data)
+            self.commit(staged, rel)
+        finally:
+            discard(staged)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def write_parquet(self, rel: str, table, **kwargs: Any) -> None:
+        import pyarrow.parquet as pq
+
+        staged = self.stage(rel)
+        try:
+            pq.write_table(table, staged, compression="zstd", **kwargs)
+            self.commit(staged, rel)
+        finally:
+            discard(staged)
+
+    def create(self, rel: str, data: bytes) -> bool:
+        """Exclusive create: True when `rel` was created with `data`, False when it already existed."""
+        if self.is_local:
+            staged = self.stage(rel)
+            try:
+                with open(staged, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(staged, self.path(rel))
+                except FileExistsError:
+                    return False
+                return True
+            finally:
+                discard(staged)
+        try:
+            self.fs.pipe_file(self.path(rel), data, mode="create")
+            return True
+        except (FileExistsError, OSError) as exc:
+            if isinstance(exc, FileExistsError) or self.fs.exists(self.path(rel)):
+                return False
+            raise
+
+    def remove(self, rel: str) -> None:
+        """Delete a file; nothing when it is not there."""
+        if self.is_local:
+            Path(self.path(rel)).unlink(missing_ok=True)
+            return
+        try:
+            self.fs.rm_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    def remove_tree(self, rel: str) -> None:
+        if self.is_local:
+            import shutil
+
+            shutil.rmtree(self.path(rel), ignore_errors=True)
+            return
+        try:
+            self.fs.rm(self.path(rel), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def prune(self, rel: str = "") -> None:
+        """Remove empty local folders (object stores have none)."""
+        if self.is_local:
+            try:
+                os.rmdir(self.path(rel))
+            except OSError:
+                pass
+
+
+def discard(staged: Path) -> None:
+    try:
+        staged.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def location(where: "str | os.PathLike | Location", storage_options: dict[str, Any] | None = None) -> Location:
+    return where if isinstance(where, Location) else Location(where, storage_options)

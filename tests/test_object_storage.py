@@ -1,0 +1,168 @@
+"""Outputs on object storage: any fsspec URL, checked up front; exactly-once commits; a lease lock; a real S3
+server (SeaweedFS) for builds, verify, inspect, filter and readers. Multi-node Ray is in test_cluster.py."""
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mifa_pipeline.cli import app
+from mifa_pipeline.done import CommitConflict, read_done, write_done
+from mifa_pipeline.lease_lock import LeaseLock
+from mifa_pipeline.lock import LOCK_NAME, OutputLockError
+from mifa_pipeline.runner import BuildError, build_data, prepare
+from mifa_pipeline.storage import Location, StorageError
+from mifa_pipeline.verify import verify
+from tests.outputs import digests
+
+cli = CliRunner()
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+# ------------------------------------------------------------------------------------ checked up front
+@pytest.mark.parametrize("url, message", [
+    ("s3://", "no bucket"),
+    ("s3:///prefix", "no bucket"),
+    ("nosuchscheme://bucket/x", "unknown storage scheme"),
+])
+def test_a_bad_url_is_refused_before_anything_runs(url, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli.invoke(app, ["build", "--dry-run", "--out", url, "--set", "identities.count=2"])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert list(tmp_path.iterdir()) == []  # no local folder named after the URL
+
+
+@pytest.mark.parametrize("scheme, module, extra", [("gs", "gcsfs", "gcs"), ("az", "adlfs", "azure")])
+def test_a_scheme_without_its_driver_names_the_extra_to_install(scheme, module, extra, tmp_path, monkeypatch):
+    if not _missing(module):
+        pytest.skip(f"{module} is installed here")
+    monkeypatch.chdir(tmp_path)
+    result = cli.invoke(app, ["build", "--dry-run", "--out", f"{scheme}://bucket/x"])
+    assert result.exit_code == 2 and f"mifa[{extra}]" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_credentials_in_the_manifest_are_refused(tmp_path):
+    result = cli.invoke(app, ["build", "--dry-run", "--out", str(tmp_path / "o"),
+                              "--set", "storage_options.secret=abc"])
+    assert result.exit_code == 2 and "credentials are never read from a manifest" in result.output, result.output
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(StorageError, match="carries a user or password"):
+        Location("s3://b/x", {"endpoint_url": "http://me:pw@host:9000"})
+
+
+# ------------------------------------------------------------------------------------ memory:// (no server)
+def test_a_build_to_memory_equals_a_local_build(small_manifest, fake_model, tmp_path):
+    local = small_manifest("filter.identity.min_cosine=0.99", out=tmp_path / "local")
+    build_data(prepare(local), "local", progress=False)
+    url = f"memory://mifa-{os.getpid()}-{time.monotonic_ns()}/demo"
+    in_memory = small_manifest("filter.identity.min_cosine=0.99", out=url)
+    result = build_data(prepare(in_memory), "local", progress=False)
+    assert result.state == "built" and digests(url) == digests(tmp_path / "local")
+    assert verify(url) == [] and prepare(in_memory).state == "complete"
+    assert not Location(url).exists(LOCK_NAME)
+
+
+# ------------------------------------------------------------------------------------ exactly once
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_done_record_is_committed_once(where, tmp_path):
+    out = Location(tmp_path / "o" if where == "local" else f"memory://once-{time.monotonic_ns()}/o")
+    out.write_bytes("a.tar", b"shard bytes")
+    first = write_done(out, "a", "fp", ["a.tar"], nsamples=1)
+    assert write_done(out, "a", "fp", ["a.tar"], nsamples=1) == first  # a retry of the same task: the same files
+    out.write_bytes("a.tar", b"other bytes")
+    with pytest.raises(CommitConflict, match="another writer committed it first"):
+        write_done(out, "a", "fp", ["a.tar"], nsamples=1)
+    assert read_done(out, "a")[0] == first
+
+
+def test_a_lease_lock_refuses_a_live_holder_and_takes_over_a_lapsed_one():
+    out = Location(f"memory://lease-{time.monotonic_ns()}/o")
+    first = LeaseLock(out, renew_s=0.2)
+    assert first.acquire() is None
+    with pytest.raises(OutputLockError, match=f"in use by another run: host {socket.gethostname()}, pid {os.getpid()}"):
+        LeaseLock(out).acquire()
+    time.sleep(0.5)  # renewed meanwhile
+    assert json.loads(out.read_bytes(LOCK_NAME))["lease_until"] > time.time() + 250
+    first.release()
+    assert not out.exists(LOCK_NAME)
+    out.write_bytes(LOCK_NAME, json.dumps({  # a run on another host whose lease ran out
+        "host": "elsewhere", "pid": 1, "started": "2026-01-01T00:00:00+00:00", "process_start": None,
+        "command": "mifa build", "run_id": "0" * 32, "lease_until": time.time() - 1}).encode())
+    taker = LeaseLock(out)
+    assert "took over the lock of a lapsed run (host elsewhere" in taker.acquire()
+    taker.release()
+
+
+# ------------------------------------------------------------------------------------ a real S3 server
+s3 = pytest.mark.slow
+
+
+@s3
+def test_exclusive_create_is_refused_by_a_real_s3_server(s3_server):
+    out = Location(s3_server.url(f"excl-{time.monotonic_ns()}"))
+    assert out.create("x.json", b"1") is True
+    assert out.create("x.json", b"2") is False and out.read_bytes("x.json") == b"1"
+
+
+@s3
+def test_a_build_to_s3_is_the_local_build_and_every_command_reads_it(s3_server, small_manifest, fake_model, tmp_path):
+    import fsspec
+    import webdataset as wds
+
+    sets = ("filter.identity.min_cosine=0.99",)
+    build_data(prepare(small_manifest(*sets, out=tmp_path / "local")), "local", progress=False)
+    url = s3_server.url(f"build-{time.monotonic_ns()}")
+    m = small_manifest(*sets, out=url)
+    result = build_data(prepare(m), "local", progress=False)
+    assert result.manifest["driver_received_bytes_last_run"] < 2000 * len(result.manifest["shards"])
+    assert digests(url) == digests(tmp_path / "local")
+    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
+
+    assert cli.invoke(app, ["verify", url]).exit_code == 0
+    shown = cli.invoke(app, ["inspect", url])
+    assert shown.exit_code == 0 and "AU12" in shown.output, shown.output
+    done = cli.invoke(app, ["filter", url, "--set", "filter.identity.min_cosine=0.995", "--runner", "local", "--no-progress"])
+    assert done.exit_code == 0, done.output
+    version = f"{url}-v1.1.0"
+    assert cli.invoke(app, ["verify", version]).exit_code == 0
+    assert json.loads(Location(version).read_text("manifest.json"))["parent"]["path"] == url
+
+    # standard readers, through fsspec: webdataset (a gopen handler) and wids (a download handler)
+    from webdataset.gopen import gopen_schemes
+
+    gopen_schemes["s3"] = lambda u, mode="rb", bufsize=8192, **kw: fsspec.open(u, mode).open()
+    shards = [f"{url}/{s['path']}" for s in result.manifest["shards"]]
+    samples = list(wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode("rgb"))
+    assert len(samples) == result.manifest["counts"]["kept_samples"]
+    import wids
+    import wids.wids_dl
+
+    wids.wids_dl.default_cmds["s3"] = lambda remote, local: fsspec.filesystem("s3").get_file(remote, local)
+    index = json.loads(Location(url).read_text("shardindex.json"))
+    for entry in index["shardlist"]:
+        entry["url"] = f"{url}/{entry['url']}"
+    dataset = wids.ShardListDataset(index["shardlist"], cache_dir=str(tmp_path / "wids-cache"))
+    assert len(dataset) == len(samples) and dataset[0]["__key__"] == samples[0]["__key__"]
+
+
+@s3
+def test_a_second_build_into_a_held_s3_output_is_refused(s3_server, small_manifest, fake_model):
+    url = s3_server.url(f"held-{time.monotonic_ns()}")
+    holder = LeaseLock(Location(url), purpose="mifa-build")
+    holder.acquire()
+    try:
+        with pytest.raises(BuildError, match="in use by another run"):
+            build_data(prepare(small_manifest(out=url)), "local", progress=False)
+    finally:
+        holder.release()
+    assert Location(url).find() == []  # refused before writing anything
