@@ -150,6 +150,29 @@ def inspect(folder: Annotated[Path, typer.Argument(help="a finished build folder
 
 
 @app.command()
+def report(
+    folder: Annotated[Path, typer.Argument(help="a finished build or filter version")],
+    out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file to write; default: FOLDER-report.html beside it")] = None,
+) -> None:
+    """Write one self-contained HTML page (pictures and plots inline, opens from disk) for curators.
+
+    Sample grids per identity and per expression (requested / generated / estimated AUs under each picture),
+    kept and dropped samples side by side, AU histograms and agreement, demographic balance, identity
+    similarity, drop reasons, samples kept vs each threshold, and the version lineage.
+    """
+    import time
+
+    from mifa_pipeline.report import ReportError, write_report
+
+    start = time.perf_counter()
+    try:
+        path = write_report(folder, out_file)
+    except (FileNotFoundError, ReportError) as exc:
+        raise fail(str(exc)) from None
+    out.print(f"{path} ({path.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s)")
+
+
+@app.command()
 def verify(folder: Annotated[Path, typer.Argument(help="a finished build folder")]) -> None:
     """Re-hash every file and check fingerprint, keys, counts, sidecar rows and the index against the run manifest."""
     from mifa_pipeline.verify import verify as run_verify

@@ -163,15 +163,16 @@ def _member_spans(data: bytes) -> list[tuple[str, int, int]] | None:
     return spans
 
 
-def tar_members(path: Path) -> dict[str, dict[str, bytes]]:
+def tar_members(path: Path, keys: set[str] | None = None) -> dict[str, dict[str, bytes]]:
     """key -> {extension: member bytes}, in tar order, nothing decoded (webdataset's rule: the key ends at the
-    first dot)."""
+    first dot). With `keys`, only those samples' bytes are read (the others' headers are skipped over)."""
     members: dict[str, dict[str, bytes]] = {}
     with tarfile.open(path, "r") as tar:
         for info in tar:
             if info.isfile():
                 key, _, ext = info.name.partition(".")
-                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+                if keys is None or key in keys:
+                    members.setdefault(key, {})[ext] = tar.extractfile(info).read()
     return members
 
 

@@ -171,6 +171,8 @@ def _attributes(folder: Path, order: list[int]) -> tuple[list[str], torch.Tensor
 
 def load_folder(folder: str | Path, resolution: int) -> FaceData:
     folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: does not exist")
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
     manifest_file = folder / "manifest.json"
