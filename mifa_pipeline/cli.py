@@ -216,12 +216,15 @@ def filter_(
     except BuildError as exc:
         raise fail(str(exc)) from None
     target = prepared.out
+    if prepared.note:
+        out.print(f"note: {prepared.note}", highlight=False)
     if prepared.state == "complete":
         out.print(f"{target}: already complete (fingerprint {prepared.fingerprint[:12]}); nothing to do")
         return
     result = _run(lambda: run_refilter(prepared, runner, progress, ray_address), target)
-    _summary(result, "mifa filter summary")
     c = result.manifest
+    _summary(result, f"mifa filter summary: {parent} {prepared.parent_manifest['dataset']['version']} -> "
+                     f"{c['dataset']['name']} {c['dataset']['version']}")
     rescored = c["stages"]["filter"].get("rescored_judges") or "none (scores reused)"
     out.print(f"{result.state}: {target} = {c['dataset']['name']} {c['dataset']['version']} "
               f"({c['counts']['kept_samples']} samples; parent {parent}; re-scored judges: {rescored})")

@@ -383,6 +383,8 @@ def render(folder: Path, manifest: dict[str, Any] | None = None) -> str:
 def _curve(scan: ThresholdScan) -> dict[str, Any]:
     finite = scan.values[np.isfinite(scan.values)]
     lo, hi = float(finite.min()), float(finite.max())
+    if scan.current is not None:  # the curve runs from the current value to the data
+        lo, hi = min(lo, scan.current), max(hi, scan.current)
     pad = (hi - lo) * 0.05 or 0.05
     values = np.unique(np.concatenate([np.linspace(lo - pad, hi + pad, 200), finite]))
     t = scan.threshold
