@@ -140,11 +140,13 @@ def _print_plan(prepared, runner: str) -> None:
 
 @app.command()
 def inspect(folder: Annotated[Path, typer.Argument(help="a finished build folder")]) -> None:
-    """Summarise a build from its run manifest and sidecars: counts, drop reasons, AU and demographic distributions."""
+    """Summarise a build: counts, drop reasons, AU and demographic distributions, every score's percentiles
+    over all planned samples (kept and dropped), and per thresholded score a table of value -> samples dropped."""
     from mifa_pipeline.inspect import summarise
 
+    console = out if out.is_terminal else Console(soft_wrap=True, width=160)  # wide tables stay whole in a file
     try:
-        summarise(folder, out)
+        summarise(folder, console)
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
 

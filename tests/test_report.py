@@ -68,6 +68,13 @@ def test_report_of_a_build_without_judges_and_its_refusals(tmp_path, fake_model)
     for key in SECTIONS:
         assert f"<section id='{key}'>" in text
     assert "No identity embedder ran" in text and "No sample was dropped" in text
+    # a version that dropped every sample: the pictures come from the scores tables, with the failed score
+    assert runner.invoke(app, ["filter", str(out), "--set", "filter.min_pixel_std=1000", "--runner", "local",
+                               "--no-progress"]).exit_code == 0
+    assert runner.invoke(app, ["report", str(tmp_path / "o-v1.1.0"), "--out", str(tmp_path / "v2.html")]).exit_code == 0
+    text = (tmp_path / "v2.html").read_text()
+    assert text.count("class='card dropped'") >= 8 and "class='card kept'" not in text
+    assert text.count("blank_image: pixel_std") >= 8 and "src='data:image/png;base64," in text
     inside = runner.invoke(app, ["report", str(out), "--out", str(out / "r.html")])
     assert inside.exit_code == 2 and "inside the data set" in inside.output and not (out / "r.html").exists()
     missing = runner.invoke(app, ["report", str(tmp_path / "nowhere")])
