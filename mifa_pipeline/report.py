@@ -150,7 +150,7 @@ def _card(row: dict[str, Any], image: str | None, aus: list[str], present: float
             lines.append(f"<tr><td>{au}</td><td>{req}</td><td>{gen:.1f}</td><td>{est_text}</td></tr>")
     table = ("<table class='aus'><tr><th>AU</th><th>req</th><th>gen</th><th>est</th></tr>" + "".join(lines)
              + "</table>") if lines else "<p class='none'>no AU asked, generated or estimated (neutral)</p>"
-    picture = (f"<img src='{image}' alt='{_esc(row['key'])}' width='128' height='128'>" if image
+    picture = (f"<img src='{image}' alt='{_esc(row['key'])}' width='120' height='120'>" if image
                else "<div class='noimg'>not generated</div>")
     return (f"<figure class='card {status}' title='{_esc(row['prompt'])}'>{picture}<figcaption>"
             f"<b>{_esc(row['key'])}</b> <span class='badge {status}'>{_esc(label)}</span>"
@@ -158,7 +158,7 @@ def _card(row: dict[str, Any], image: str | None, aus: list[str], present: float
 
 
 def _reference_card(identity: int, image: str | None, note: str = "") -> str:
-    picture = f"<img src='{image}' alt='identity {identity} reference' width='128' height='128'>" if image else ""
+    picture = f"<img src='{image}' alt='identity {identity} reference' width='120' height='120'>" if image else ""
     return (f"<figure class='card reference'>{picture}<figcaption><b>identity {identity}</b> "
             f"<span class='badge reference'>reference{_esc(note)}</span></figcaption></figure>")
 
@@ -238,18 +238,18 @@ def _choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 2em 3em;color:#222;max-width:1400px}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 1em 3em;color:#222;max-width:1500px}
 header{border-bottom:1px solid #ccc;padding:1em 0} h1{margin:.2em 0} h2{margin-top:1.6em;border-bottom:1px solid #eee}
 nav a{margin-right:1em;font-size:.9em} .muted{color:#666;font-size:.9em}
-.grid{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start} .row{margin:.6em 0}
-.card{margin:0;width:140px;border:3px solid #ddd;border-radius:4px;padding:4px;font-size:11px;background:#fff}
+.grid{display:flex;flex-wrap:wrap;gap:6px;align-items:flex-start} .row{margin:.6em 0}
+.card{margin:0;width:132px;box-sizing:border-box;border:3px solid #ddd;border-radius:4px;padding:3px;font-size:11px;background:#fff}
 .card.kept{border-color:#55a868} .card.dropped{border-color:#c44e52} .card.reference{border-color:#8172b3}
-.card img{width:128px;height:128px;display:block;margin:auto;object-fit:contain;background:#f4f4f4}
+.card img{width:120px;height:120px;display:block;margin:auto;object-fit:contain;background:#f4f4f4}
 .badge{display:inline-block;padding:0 4px;border-radius:3px;color:#fff;font-size:10px}
 .badge.kept{background:#55a868} .badge.dropped{background:#c44e52} .badge.reference{background:#8172b3}
 .expr{color:#555} .none{color:#777;margin:.2em 0}
-.noimg{width:128px;height:128px;display:flex;align-items:center;justify-content:center;background:#f4f4f4;color:#888}
-table.aus{border-collapse:collapse;margin-top:2px} table.aus td,table.aus th{padding:0 4px;text-align:right}
+.noimg{width:120px;height:120px;display:flex;align-items:center;justify-content:center;background:#f4f4f4;color:#888}
+table.aus{border-collapse:collapse;margin-top:2px;width:100%} table.aus td,table.aus th{padding:0 2px;text-align:right}
 table.data{border-collapse:collapse;font-size:13px;margin:.5em 0}
 table.data td,table.data th{border:1px solid #ddd;padding:2px 8px;text-align:left;vertical-align:top}
 .pair{display:flex;gap:4px;border:1px dashed #bbb;padding:4px;border-radius:4px}
@@ -325,8 +325,8 @@ def render(folder: Path, manifest: dict[str, Any] | None = None) -> str:
         aus, {au: [r["requested"].get(au, 0) for r in kept] for au in aus},
         {au: [r["intensity"].get(au, 0.0) for r in kept] for au in aus},
         {au: [v for r in kept if (v := _estimate(r, au)) is not None] for au in aus}), "AU intensity histograms")
-    section("au-histograms", body, f"Over the {len(kept)} kept samples. Counts on a log scale; the estimate is a "
-            "0-1 proxy drawn x5 on the same axis.")
+    section("au-histograms", body, f"Over the {len(kept)} kept samples. The estimate is a 0-1 proxy drawn x5 on "
+            "the same axis; samples with the AU at rest (below 0.25) are counted in each title, not drawn.")
 
     rates, table_rows = {}, []
     for au in aus:
