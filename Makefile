@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml constraints/cpu.txt scripts/install-face-models.sh
 	PYTHON=$(BIN)/python bash scripts/install-face-models.sh
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv, install mifa + test extras (CPU torch), fetch the offline face models
+setup: $(STAMP) ## create .venv, install mifa + test extras (CPU torch), fetch the offline face models, chromium
+	@bash scripts/install-browser.sh
 
 demo: setup ## build the demo data set (manifests/demo.yaml) into out/demo
 	$(BIN)/mifa build manifests/demo.yaml

@@ -4,6 +4,7 @@
     python benchmarks/scale.py --n 1024 --executors local --no-refilter --no-duplicates
     python benchmarks/scale.py --demo-before f6d39d6  # also the demo build (judges on), that commit vs this checkout
     python benchmarks/scale.py --n --no-duplicates --demo-before f6d39d6   # the demo comparison alone
+    python benchmarks/scale.py --n --no-refilter --no-duplicates --storage 4096   # S3 and a 3-node cluster
 
 Each build runs in a fresh child process (so its peak RSS is the driver's own: with the local executor the
 driver is also the worker) with the teacher renderer as a fast generator at 64 px and the judges off. Per N
@@ -13,7 +14,9 @@ wall time less the generator's and the filter's own seconds, i.e. scheduling, wr
 tables and done records, hashing) and the write stage alone against a floor measured in the same child: the
 same member bytes written by one `webdataset.TarWriter`. Then a threshold-only `mifa filter` of the largest
 build against `cp` of its tars, its decision pass alone, and the duplicate search over 1M random 128-d
-identities.
+identities. `--storage N` builds N samples to a real S3 server (SeaweedFS, started here) and on a simulated
+3-node Ray cluster (ray.cluster_utils: a head and two nodes with one fake GPU each) to S3 and to a local
+folder, each against the same build on a local folder, with the bytes the driver received.
 Every figure is printed; the last line is one JSON object.
 """
 
@@ -77,10 +80,13 @@ def child(args: argparse.Namespace) -> None:
             f"identities.samples_per_identity={per}", "writer.samples_per_shard=1024", "resources.identities_per_unit=64",
             "filter.face.detector=none", "filter.identity.embedder=none", "filter.au.estimator=none",
             "resources.cpus_per_worker=1", "resources.filter_cpus=0.5"]
-    m = load_manifest(None, sets, output=Path(args.out))
+    if args.ray_address:  # the simulated cluster: two generation workers, one per fake-GPU node
+        sets += ["resources.generation_workers=2", "resources.gpus_per_worker=1", "resources.cpus_per_worker=0.5",
+                 "resources.filter_cpus=0.25"]
+    m = load_manifest(None, sets, output=args.out)
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
-    result = build_data(prepare(m), args.executor, progress=False)
+    result = build_data(prepare(m), args.executor, progress=False, ray_address=args.ray_address)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
     driver_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -91,7 +97,7 @@ def child(args: argparse.Namespace) -> None:
     # Local: one thread does everything, so the wall time less the stages' own seconds is the plumbing. Ray
     # overlaps a worker's generation with its judging and writing, so that difference means nothing there.
     plumbing = wall - generator / workers if args.executor == "local" else None
-    floor = floor_seconds(Path(args.out))
+    floor = None if "://" in args.out else floor_seconds(Path(args.out))
     print(json.dumps({
         "executor": args.executor, "n": n, "kept": c["counts"]["kept_samples"], "wall_s": round(wall, 2),
         "ms_per_sample": round(1000 * wall / n, 3), "driver_peak_rss_mb": round(peak_mb, 1),
@@ -106,9 +112,10 @@ def child(args: argparse.Namespace) -> None:
     }))
 
 
-def run_child(n: int, executor: str, out: Path, resolution: int) -> dict:
+def run_child(n: int, executor: str, out: Path | str, resolution: int, ray_address: str | None = None) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", "--n", str(n), "--executor", executor, "--out", str(out),
-                           "--resolution", str(resolution)], cwd=ROOT, capture_output=True, text=True)
+                           "--resolution", str(resolution), *(["--ray-address", ray_address] if ray_address else [])],
+                          cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"child build failed ({executor}, N={n}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -194,6 +201,34 @@ def demo_figures(before: str, work: Path) -> dict:
     return figures
 
 
+def storage_figures(n: int, work: Path, resolution: int) -> dict:
+    """N samples to S3 and on a 3-node simulated cluster, each against the same build on a local folder."""
+    sys.path.insert(0, str(ROOT))
+    from ray.cluster_utils import Cluster
+
+    from tests.s3_server import SeaweedS3
+
+    rows = {}
+    with SeaweedS3(work / "seaweedfs") as s3:
+        rows["local_folder"] = run_child(n, "local", work / "s-local", resolution)
+        rows["local_s3"] = run_child(n, "local", s3.url("local"), resolution)
+        node = {"num_cpus": 1, "object_store_memory": 96 * 1024**2}
+        cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+        try:
+            for _ in range(2):
+                cluster.add_node(**node, num_gpus=1)
+            cluster.wait_for_nodes()
+            rows["cluster_folder"] = run_child(n, "ray", work / "s-cluster", resolution, cluster.address)
+            rows["cluster_s3"] = run_child(n, "ray", s3.url("cluster"), resolution, cluster.address)
+        finally:
+            cluster.shutdown()
+    base = rows["local_folder"]["wall_s"]
+    out = {k: {"wall_s": r["wall_s"], "ms_per_sample": r["ms_per_sample"], "over_local_folder": round(r["wall_s"] / base, 2),
+               "driver_bytes_per_sample": r["driver_bytes_per_sample"]} for k, r in rows.items()}
+    out["cluster_s3_over_cluster_folder"] = round(rows["cluster_s3"]["wall_s"] / rows["cluster_folder"]["wall_s"], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="*", default=[1024, 8192, 32768], help="sample counts; none: skip the builds")
@@ -202,7 +237,9 @@ def main() -> None:
     parser.add_argument("--no-refilter", action="store_true")
     parser.add_argument("--no-duplicates", action="store_true")
     parser.add_argument("--demo-before", metavar="REV", help="also time the demo build at commit REV against this checkout")
+    parser.add_argument("--storage", type=int, metavar="N", help="also N samples to S3 and on a 3-node simulated cluster")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ray-address", help=argparse.SUPPRESS)
     parser.add_argument("--executor", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -234,6 +271,10 @@ def main() -> None:
             figures["duplicates"] = duplicate_figures()
             d = figures["duplicates"]
             print(f"duplicate search over {d['duplicates_n']:,} random 128-d identities: {d['duplicates_s']} s", flush=True)
+        if args.storage:
+            figures["storage"] = storage_figures(args.storage, work, args.resolution)
+            for k, r in figures["storage"].items():
+                print(f"storage {k}: {r}", flush=True)
         if args.demo_before:
             figures["demo"] = demo_figures(args.demo_before, work)
     print(json.dumps(figures))

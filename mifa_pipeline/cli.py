@@ -150,13 +150,38 @@ def _print_plan(prepared, runner: str) -> None:
 
 @app.command()
 def inspect(folder: LocationArg) -> None:
-    """Summarise a build from its run manifest and sidecars: counts, drop reasons, AU and demographic distributions."""
+    """Summarise a build: counts, drop reasons, AU and demographic distributions, every score's percentiles
+    over all planned samples (kept and dropped), and per thresholded score a table of value -> samples dropped."""
     from mifa_pipeline.inspect import summarise
 
+    console = out if out.is_terminal else Console(soft_wrap=True, width=160)  # wide tables stay whole in a file
     try:
-        summarise(folder, out)
+        summarise(folder, console)
     except (OSError, ValueError) as exc:
         raise fail(str(exc)) from None
+
+
+@app.command()
+def report(
+    folder: Annotated[str, typer.Argument(help="a finished build or filter version: folder or URL")],
+    out_file: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file to write; default: FOLDER-report.html beside it")] = None,
+) -> None:
+    """Write one self-contained HTML page (pictures and plots inline, opens from disk) for curators.
+
+    Sample grids per identity and per expression (requested / generated / estimated AUs under each picture),
+    kept and dropped samples side by side, AU histograms and agreement, demographic balance, identity
+    similarity, drop reasons, samples kept vs each threshold, and the version lineage.
+    """
+    import time
+
+    from mifa_pipeline.report import ReportError, write_report
+
+    start = time.perf_counter()
+    try:
+        path = write_report(folder, out_file)
+    except (OSError, ValueError, ReportError) as exc:
+        raise fail(str(exc)) from None
+    out.print(f"{path} ({path.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s)")
 
 
 @app.command()
@@ -203,12 +228,15 @@ def filter_(
     except BuildError as exc:
         raise fail(str(exc)) from None
     target = prepared.out
+    if prepared.note:
+        out.print(f"note: {prepared.note}", highlight=False)
     if prepared.state == "complete":
         out.print(f"{target}: already complete (fingerprint {prepared.fingerprint[:12]}); nothing to do")
         return
     result = _run(lambda: run_refilter(prepared, runner, progress, ray_address), target)
-    _summary(result, "mifa filter summary")
     c = result.manifest
+    _summary(result, f"mifa filter summary: {parent} {prepared.parent_manifest['dataset']['version']} -> "
+                     f"{c['dataset']['name']} {c['dataset']['version']}")
     rescored = c["stages"]["filter"].get("rescored_judges") or "none (scores reused)"
     out.print(f"{result.state}: {target} = {c['dataset']['name']} {c['dataset']['version']} "
               f"({c['counts']['kept_samples']} samples; parent {parent}; re-scored judges: {rescored})")

@@ -23,7 +23,8 @@ from mifa_pipeline.config import BuildManifest, ManifestError, _format_validatio
 from mifa_pipeline.done import forget, write_done
 from mifa_pipeline.executors import WorkerSpec
 from mifa_pipeline.judging import JudgeFileError, Judges, judge_specs, raw_keys
-from mifa_pipeline.manifest import REFILTER_STAGES, SCHEMA_VERSION, chain_fingerprints, read_run_manifest, stage_configs
+from mifa_pipeline.manifest import (REFILTER_STAGES, SCHEMA_VERSION, chain_fingerprints, filter_config, read_run_manifest,
+                                    stage_configs)
 from mifa_pipeline.plan import BuildPlan, IdentityBlock, ShardSlots
 from mifa_pipeline.records import StageStats
 from mifa_pipeline.runner import (BuildError, BuildResult, PreparedBuild, Runner, check_output, make_executor,
@@ -49,6 +50,7 @@ class PreparedRefilter(PreparedBuild):
     parent_manifest: dict[str, Any] | None = None
     rescore: tuple[str, ...] = ()  # judges whose fingerprint changed: they run again
     removed: tuple[str, ...] = ()  # judges switched off: their scores are dropped
+    note: str = ""  # what the user should know before it runs (e.g. the version taken instead of the default)
 
 
 def _parent_duplicates(parent: Location) -> int:
@@ -56,9 +58,46 @@ def _parent_duplicates(parent: Location) -> int:
     return sum(table.column("duplicate").to_pylist())
 
 
+def _label(data: dict[str, Any], key: str) -> tuple[str, str] | None:
+    try:
+        ds = data[key]["dataset"] if key else data["dataset"]
+        return ds["name"], ds["version"]
+    except (KeyError, TypeError):
+        return None
+
+
+def labels_in_use(folders: list[Location], parent: dict[str, Any]) -> dict[tuple[str, str], list[tuple[Location, str]]]:
+    """(name, version) -> [(location, fingerprint)] of the data sets (finished or under way) in `folders`'
+    subfolders, and of the parent's ancestors: the labels a new version must not take again."""
+    found: dict[tuple[str, str], list[tuple[Location, str]]] = {}
+    record, seen = parent.get("parent"), set()
+    options = folders[0].storage_options if folders else {}
+    while record and record["fingerprint"] not in seen:  # ancestors may live elsewhere; their manifests name them
+        seen.add(record["fingerprint"])
+        try:
+            where = location(record["path"], options)
+            found.setdefault((parent["dataset"]["name"], record["version"]), []).append((where, record["fingerprint"]))
+            record = read_run_manifest(where).get("parent")
+        except (OSError, ValueError):
+            record = None
+    for folder in dict.fromkeys(folders):
+        for child in folder.subfolders():
+            for file, key in (("manifest.json", ""), ("_work/build.json", "build_manifest")):
+                try:
+                    data = json.loads(child.read_text(file))
+                except (OSError, ValueError):
+                    continue
+                label = _label(data, key)
+                if label is not None and "fingerprint" in data:
+                    found.setdefault(label, []).append((child, data["fingerprint"]))
+                break
+    return found
+
+
 def prepare_refilter(parent: "Location | str", overrides: list[str], out: str | None = None,
                      version: str | None = None, fresh: bool = False) -> PreparedRefilter:
-    """Checks that write nothing: the parent is a finished build, only filter.* changes, judges exist.
+    """Checks that write nothing: the parent is a finished build, a filter.* setting changes, judges exist,
+    and the new version's label (name + version) is one no other data set here or up the lineage carries.
     The new version is written beside the parent (or to `out`), with the parent's storage options."""
     try:
         parent = location(parent)
@@ -77,13 +116,17 @@ def prepare_refilter(parent: "Location | str", overrides: list[str], out: str | 
             raise BuildError(f"--set {text}: mifa filter changes only filter.* settings; "
                              "anything else needs a new `mifa build`")
     data = apply_overrides(json.loads(json.dumps(parent_manifest["build_manifest"])), overrides)
-    data["dataset"]["version"] = version or next_version(parent_manifest["dataset"]["version"])
-    data["output"] = str(out) if out is not None else parent.sibling(f"{parent.name}-v{data['dataset']['version']}").url
-    data["storage_options"] = parent.storage_options
-    try:
-        manifest = BuildManifest.model_validate(data)
-    except ValidationError as exc:
-        raise BuildError(_format_validation_error(exc, "mifa filter")) from None
+
+    def manifest_for(v: str) -> BuildManifest:
+        data["dataset"]["version"] = v
+        data["output"] = str(out) if out is not None else parent.sibling(f"{parent.name}-v{v}").url
+        data["storage_options"] = parent.storage_options
+        try:
+            return BuildManifest.model_validate(data)
+        except ValidationError as exc:
+            raise BuildError(_format_validation_error(exc, "mifa filter")) from None
+
+    manifest = manifest_for(version or next_version(parent_manifest["dataset"]["version"]))
     if location(manifest.output, parent.storage_options) == parent:
         raise BuildError(f"--out {manifest.output}: a new version needs its own folder; the parent stays intact")
     try:
@@ -92,18 +135,45 @@ def prepare_refilter(parent: "Location | str", overrides: list[str], out: str | 
         raise BuildError(str(exc)) from None
     judges = {n: j.fingerprint for n, j in specs.items()}
     before = parent_manifest.get("judges", {})
+    parent_filter = filter_config(BuildManifest.model_validate(parent_manifest["build_manifest"]))
+    parent_stage = next((s["version"] for s in parent_manifest.get("stage_fingerprints", []) if s["stage"] == "filter"), None)
+    if filter_config(manifest) == parent_filter and judges == before and parent_stage == Filtering.version:
+        raise BuildError(f"{parent}: no filter setting changes (overrides: {' '.join(overrides) or 'none'}); the new "
+                         "version would hold the same samples; change one with --set filter.KEY=VALUE")
     old = parent_manifest["build_manifest"]["filter"]["identity"]["duplicate_cosine"]
     new = manifest.filter.identity.duplicate_cosine
     if (new is None or (old is not None and new > old)) and _parent_duplicates(parent):
         raise BuildError(f"filter.identity.duplicate_cosine={new}: a re-filter can only tighten it (parent: {old}); "
                          "the identities the parent dropped as duplicates were never generated")
-    configs = stage_configs(manifest, "", judges)
-    chain = chain_fingerprints(parent_manifest["fingerprint"], configs, REFILTER_STAGES)
     records = [j.record for j in specs.values() if j.record]
-    build = PreparedRefilter(manifest, BuildPlan.from_manifest(manifest), records, chain, judges, fresh,
-                             parent_dir=parent, parent_manifest=parent_manifest,
-                             rescore=tuple(sorted(n for n in judges if before.get(n) != judges[n])),
-                             removed=tuple(sorted(set(before) - set(judges))))
+    try:
+        taken = labels_in_use([parent.parent(), *([location(out, parent.storage_options).parent()] if out else [])],
+                              parent_manifest)
+    except StorageError as exc:
+        raise BuildError(str(exc)) from None
+
+    def candidate(m: BuildManifest) -> tuple[PreparedRefilter, Location | None]:
+        """The prepared version for manifest `m`, and the folder that already carries its label (if any)."""
+        chain = chain_fingerprints(parent_manifest["fingerprint"], stage_configs(m, "", judges), REFILTER_STAGES)
+        build = PreparedRefilter(m, BuildPlan.from_manifest(m), records, chain, judges, fresh,
+                                 parent_dir=parent, parent_manifest=parent_manifest,
+                                 rescore=tuple(sorted(n for n in judges if before.get(n) != judges[n])),
+                                 removed=tuple(sorted(set(before) - set(judges))))
+        here = location(m.output, parent.storage_options)
+        holder = next((path for path, fp in taken.get((m.dataset.name, m.dataset.version), [])
+                       if not (path == here and (fp == build.fingerprint or fresh))), None)
+        return build, holder
+
+    build, holder = candidate(manifest)
+    if holder is not None and version is not None:
+        raise BuildError(f"--version {version}: {manifest.dataset.name} {version} is already the label of {holder}; "
+                         "two versions never share a label: choose another --version")
+    first, first_holder = manifest.dataset.version, holder
+    while holder is not None:  # the default name is taken: the next free version
+        build, holder = candidate(manifest_for(next_version(build.manifest.dataset.version)))
+    if build.manifest.dataset.version != first:
+        build.note = (f"{build.manifest.dataset.name} {first} already exists ({first_holder}), so this version is "
+                      f"{build.manifest.dataset.version}; choose one with --version")
     return check_output(build)
 
 

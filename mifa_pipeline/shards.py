@@ -165,15 +165,16 @@ def _member_spans(data: bytes) -> list[tuple[str, int, int]] | None:
     return spans
 
 
-def tar_members(data: bytes) -> dict[str, dict[str, bytes]]:
+def tar_members(data: bytes, keys: set[str] | None = None) -> dict[str, dict[str, bytes]]:
     """key -> {extension: member bytes} of a tar's bytes, in tar order, nothing decoded (webdataset's rule:
-    the key ends at the first dot)."""
+    the key ends at the first dot). With `keys`, only those samples' members are extracted."""
     members: dict[str, dict[str, bytes]] = {}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for info in tar:
             if info.isfile():
                 key, _, ext = info.name.partition(".")
-                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+                if keys is None or key in keys:
+                    members.setdefault(key, {})[ext] = tar.extractfile(info).read()
     return members
 
 

@@ -162,13 +162,34 @@ class Location:
             raise TypeError(f"{self.url} is not a local folder")
         return Path(self.path(rel))
 
+    def _at(self, root: str) -> "Location":
+        if self.is_local:
+            return Location(root, self.storage_options)
+        return Location(f"{self.protocol}://{root.lstrip('/') if self.protocol != 'memory' else root}", self.storage_options)
+
+    def child(self, name: str) -> "Location":
+        return self._at(f"{self.root.rstrip('/')}/{name}")
+
+    def parent(self) -> "Location":
+        """The folder (or prefix) this one is in (a bucket's top level at most)."""
+        up = self.root.rstrip("/").rsplit("/", 1)[0]
+        return self._at(up or "/") if "/" in self.root.strip("/") or self.is_local else self
+
     def sibling(self, name: str) -> "Location":
         """Another location beside this one (a filter version next to its parent)."""
-        parent = self.root.rstrip("/").rsplit("/", 1)[0]
+        return self.parent().child(name)
+
+    def subfolders(self) -> list["Location"]:
+        """The folders (prefixes) directly in this one."""
         if self.is_local:
-            return Location(str(Path(self.root).parent / name), self.storage_options)
-        return Location(f"{self.protocol}://{parent.lstrip('/') if self.protocol != 'memory' else parent}/{name}",
-                        self.storage_options)
+            root = Path(self.root)
+            return [self.child(p.name) for p in sorted(root.iterdir()) if p.is_dir()] if root.is_dir() else []
+        try:
+            entries = self.fs.ls(self.root, detail=True)
+        except (FileNotFoundError, OSError):
+            return []
+        return [self.child(e["name"].rstrip("/").rsplit("/", 1)[-1]) for e in sorted(entries, key=lambda e: e["name"])
+                if e.get("type") == "directory"]
 
     # ------------------------------------------------------------------ reading
     def exists(self, rel: str = "") -> bool:

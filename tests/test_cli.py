@@ -16,7 +16,7 @@ SMALL = ["--set", "identities.count=4", "--set", "identities.samples_per_identit
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("build", "inspect", "verify", "schema"):
+    for command in ("build", "inspect", "report", "verify", "filter", "schema"):
         assert command in result.output
 
 
@@ -108,3 +108,54 @@ def test_filter_command_makes_a_new_version(tmp_path, fake_model):
     assert "scores reused" in result.output
     refused = runner.invoke(app, ["filter", str(parent), "--set", "seed=3", "--runner", "local"])
     assert refused.exit_code == 2 and "changes only filter" in refused.output
+
+
+def test_filter_versions_never_collide_and_a_no_op_is_refused(tmp_path, fake_model):
+    parent = tmp_path / "v1"
+    assert runner.invoke(app, ["build", "manifests/demo.yaml", "--out", str(parent), "--runner", "local",
+                               "--no-progress", *SMALL]).exit_code == 0
+
+    def run(*args):
+        return runner.invoke(app, ["filter", str(parent), *args, "--runner", "local", "--no-progress"])
+
+    def label(folder):
+        ds = json.loads((folder / "manifest.json").read_text())["dataset"]
+        return ds["name"], ds["version"]
+
+    no_op = run()
+    assert no_op.exit_code == 2 and "no filter setting changes" in no_op.output
+    same = run("--set", "filter.min_pixel_std=2.0")  # the value it already has
+    assert same.exit_code == 2 and "no filter setting changes" in same.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"]  # nothing written
+
+    first = run("--set", "filter.min_pixel_std=1000")
+    assert first.exit_code == 0, first.output
+    assert "mifa filter summary" in first.output and "mifa build summary" not in first.output
+    assert label(tmp_path / "v1-v1.1.0")[1] == "1.1.0"
+    # another change: the default name is taken, so the next free version, and the message says so
+    second = run("--set", "filter.min_pixel_std=500")
+    assert second.exit_code == 0, second.output
+    assert "1.1.0 already exists" in second.output and "--version" in second.output
+    assert label(tmp_path / "v1-v1.2.0")[1] == "1.2.0"
+    # the first command again finds its own version complete (no third copy)
+    again = run("--set", "filter.min_pixel_std=1000")
+    assert again.exit_code == 0 and "already complete" in again.output and "v1-v1.1.0" in again.output
+    # --out elsewhere still gets a label of its own
+    elsewhere = tmp_path / "elsewhere" / "strict"
+    third = run("--set", "filter.min_pixel_std=300", "--out", str(elsewhere))
+    assert third.exit_code == 0, third.output
+    assert label(elsewhere)[1] == "1.3.0"
+    # an explicit --version another data set carries is refused, naming it
+    taken = run("--set", "filter.min_pixel_std=200", "--out", str(tmp_path / "x"), "--version", "1.2.0")
+    assert taken.exit_code == 2 and "already the label of" in taken.output and "v1-v1.2.0" in taken.output
+    assert not (tmp_path / "x").exists()
+    labels = [label(p) for p in (parent, tmp_path / "v1-v1.1.0", tmp_path / "v1-v1.2.0", elsewhere)]
+    assert len(set(labels)) == len(labels)
+
+
+def test_a_location_that_does_not_exist_is_named_by_every_command(tmp_path):
+    missing = tmp_path / "nowhere"
+    for args in (["filter", str(missing), "--set", "filter.min_pixel_std=3"], ["verify", str(missing)],
+                 ["inspect", str(missing)], ["report", str(missing)], ["train", str(missing), "--out", str(tmp_path / "t")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and f"{missing}: does not exist" in result.output, (args, result.output)
