@@ -26,6 +26,9 @@ out = Console(soft_wrap=True)
 ManifestArg = Annotated[Optional[Path], typer.Argument(help="build manifest (YAML); omit for the built-in defaults")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a field: dotted.key=value (repeatable)")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (overrides the manifest's `output`)")]
+AllowEmptyOpt = Annotated[bool, typer.Option(
+    "--allow-empty", help="go on although a filter threshold drops every sample (e.g. filter.min_pixel_std=127.5): "
+    "the data set will be empty")]
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -53,10 +56,13 @@ def build(
                                                        help="Ray cluster to join; default: start a local one")] = None,
     runner: Annotated[str, typer.Option(help="'ray' (default) or 'local' (one process, no Ray; for debugging)")] = "ray",
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="progress bars (default: on a terminal)")] = None,
+    allow_empty: AllowEmptyOpt = False,
 ) -> None:
     """Build a data set: prompts -> identities -> MAUGen generation -> filtering -> WebDataset shards.
 
-    Resumes an interrupted build in the same output folder; refuses a folder holding another build.
+    Resumes an interrupted build in the same output folder; refuses a folder holding another build. Checks
+    everything it can first (manifest, model, judges, every reference image, output folder) and writes
+    nothing when one fails (exit 2).
     """
     from mifa_pipeline.runner import BuildError, prepare
 
@@ -64,7 +70,7 @@ def build(
     if runner not in ("ray", "local"):
         raise fail(f"--runner {runner!r}: expected 'ray' or 'local'")
     try:
-        prepared = prepare(m, fresh=fresh)
+        prepared = prepare(m, fresh=fresh, allow_empty=allow_empty)
     except BuildError as exc:
         raise fail(str(exc)) from None
     if dry_run:
@@ -78,7 +84,23 @@ def build(
     result = _run(lambda: Runner(prepared, make_executor(runner, m, ray_address), progress=progress).run(), m.output)
     _summary(result, "mifa build summary")
     c = result.manifest
+    skipped = c["counts"].get("skipped_references")
+    if skipped:
+        err.print(f"[yellow]note:[/] {skipped} reference image(s) without a single face were skipped "
+                  f"(listed in {m.output / 'manifest.json'} under skipped_references)", highlight=False)
+    _warn_if_empty(c)
     out.print(f"{result.state}: {m.output} ({c['counts']['kept_samples']} samples, fingerprint {c['fingerprint'][:12]})")
+
+
+def _warn_if_empty(content: dict) -> None:
+    """A data set that kept nothing is said so, with why (the drop reasons), not only counted."""
+    if content["counts"]["kept_samples"] == 0 and content["counts"]["planned_samples"]:
+        reasons = {}
+        for stage in content["stages"].values():
+            for reason, n in stage.get("dropped", {}).items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        why = ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items())) or "none recorded"
+        err.print(f"[yellow]warning:[/] every sample was dropped ({why}); the data set is empty", highlight=False)
 
 
 def _resume_hint(folder: Path) -> str:
@@ -176,6 +198,7 @@ def filter_(
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS")] = None,
     runner: Annotated[str, typer.Option(help="'ray' (default) or 'local'")] = "ray",
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress")] = None,
+    allow_empty: AllowEmptyOpt = False,
 ) -> None:
     """Re-run the filter stage over an existing build into a NEW data set version, regenerating nothing.
 
@@ -189,7 +212,7 @@ def filter_(
         raise fail(f"--runner {runner!r}: expected 'ray' or 'local'")
     sets = [*(overrides or []), *([f"filter.models_dir={models}"] if models else [])]
     try:
-        prepared = prepare_refilter(parent, sets, out_dir, version, fresh)
+        prepared = prepare_refilter(parent, sets, out_dir, version, fresh, allow_empty)
     except BuildError as exc:
         raise fail(str(exc)) from None
     target = prepared.out
@@ -199,6 +222,7 @@ def filter_(
     result = _run(lambda: run_refilter(prepared, runner, progress, ray_address), target)
     _summary(result, "mifa filter summary")
     c = result.manifest
+    _warn_if_empty(c)
     rescored = c["stages"]["filter"].get("rescored_judges") or "none (scores reused)"
     out.print(f"{result.state}: {target} = {c['dataset']['name']} {c['dataset']['version']} "
               f"({c['counts']['kept_samples']} samples; parent {parent}; re-scored judges: {rescored})")
@@ -224,6 +248,7 @@ def teacher(
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS")] = None,
     runner: Annotated[str, typer.Option(help="'ray' (default) or 'local'")] = "ray",
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress")] = None,
+    allow_empty: AllowEmptyOpt = False,
 ) -> None:
     """Write a labelled teacher data set: procedural FACS faces with exact AU labels, in the build's shard format.
 
@@ -235,7 +260,7 @@ def teacher(
         f"identities.samples_per_identity={per_identity}", f"sampler.resolution={resolution}",
         "writer.samples_per_shard=1000", "resources.identities_per_unit=16", "sampler.batch_size=64",
     ]
-    build(None, out_dir, [*defaults, *(overrides or [])], fresh, False, ray_address, runner, progress)
+    build(None, out_dir, [*defaults, *(overrides or [])], fresh, False, ray_address, runner, progress, allow_empty)
     from mifa_pipeline.stages.teacher import write_identity_attributes
 
     out.print(f"identity shape attributes: {write_identity_attributes(out_dir)}")

@@ -130,7 +130,9 @@ def write_run_manifest(folder: Path, content: dict[str, Any]) -> Path:
     path = folder / MANIFEST_NAME
     if path.exists():
         raise FileExistsError(f"{path} exists: a run manifest is never rewritten")
-    atomic_write_text(path, json.dumps(content, indent=2) + "\n")
+    # allow_nan=False: Infinity/NaN are not JSON; the manifest's numbers are finite by validation, and a bug
+    # that let one through fails here rather than write a file JSON readers reject
+    atomic_write_text(path, json.dumps(content, indent=2, allow_nan=False) + "\n")
     return path
 
 

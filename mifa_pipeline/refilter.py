@@ -28,8 +28,8 @@ from mifa_pipeline.judging import JudgeFileError, Judges, judge_specs, raw_keys
 from mifa_pipeline.manifest import REFILTER_STAGES, SCHEMA_VERSION, chain_fingerprints, read_run_manifest, stage_configs
 from mifa_pipeline.plan import BuildPlan, IdentityBlock, ShardSlots
 from mifa_pipeline.records import StageStats
-from mifa_pipeline.runner import (BuildError, BuildResult, PreparedBuild, Runner, check_output, make_executor,
-                                  make_identity_table)
+from mifa_pipeline.runner import (BuildError, BuildResult, PreparedBuild, Runner, check_output, check_thresholds,
+                                  make_executor, make_identity_table)
 from mifa_pipeline.shards import decode_image, tar_members, tar_segments, write_parquet_atomic
 from mifa_pipeline.stages.filter import Filtering, redecide
 from mifa_pipeline.stages.generate import model_description
@@ -58,8 +58,9 @@ def _parent_duplicates(parent: Path) -> int:
 
 
 def prepare_refilter(parent: Path, overrides: list[str], out: Path | None = None, version: str | None = None,
-                     fresh: bool = False) -> PreparedRefilter:
-    """Checks that write nothing: the parent is a finished build, only filter.* changes, judges exist."""
+                     fresh: bool = False, allow_empty: bool = False) -> PreparedRefilter:
+    """Checks that write nothing: the parent is a finished build, only filter.* changes, thresholds some sample
+    can pass (unless `allow_empty`), judges exist."""
     try:
         parent_manifest = read_run_manifest(parent)
     except FileNotFoundError as exc:
@@ -82,6 +83,7 @@ def prepare_refilter(parent: Path, overrides: list[str], out: Path | None = None
         manifest = BuildManifest.model_validate(data)
     except ValidationError as exc:
         raise BuildError(_format_validation_error(exc, "mifa filter")) from None
+    check_thresholds(manifest, allow_empty)
     if manifest.output.resolve() == parent.resolve():
         raise BuildError(f"--out {manifest.output}: a new version needs its own folder; the parent stays intact")
     try:
@@ -247,6 +249,10 @@ class RefilterJob:
     def annotate(self, content: dict[str, Any]) -> None:
         content["stages"].setdefault(Filtering.name, StageStats(Filtering.name, Filtering.version).to_json())
         content["stages"][Filtering.name]["rescored_judges"] = list(self.build.rescore)
+        parent = self.build.parent_manifest
+        if "skipped_references" in parent:  # the same identities as the parent's
+            content["counts"]["skipped_references"] = parent["counts"]["skipped_references"]
+            content["skipped_references"] = parent["skipped_references"]
 
 
 def run_refilter(build: PreparedRefilter, kind: str = "local", progress: bool | None = None,

@@ -99,9 +99,13 @@ def test_filter_command_makes_a_new_version(tmp_path, fake_model):
     parent = tmp_path / "v1"
     assert runner.invoke(app, ["build", "manifests/demo.yaml", "--out", str(parent), "--runner", "local",
                                "--no-progress", *SMALL]).exit_code == 0
-    result = runner.invoke(app, ["filter", str(parent), "--set", "filter.min_pixel_std=1000", "--runner", "local",
-                                 "--no-progress"])
+    refused = runner.invoke(app, ["filter", str(parent), "--set", "filter.min_pixel_std=127.5", "--runner", "local"])
+    assert refused.exit_code == 2 and "drops every sample" in refused.output and "--allow-empty" in refused.output
+    assert not (tmp_path / "v1-v1.1.0").exists()
+    result = runner.invoke(app, ["filter", str(parent), "--set", "filter.min_pixel_std=127.5", "--runner", "local",
+                                 "--no-progress", "--allow-empty"])
     assert result.exit_code == 0, result.output
+    assert "every sample was dropped (blank_image: 8)" in result.output
     new = tmp_path / "v1-v1.1.0"
     manifest = json.loads((new / "manifest.json").read_text())
     assert manifest["stages"]["filter"]["dropped"] == {"blank_image": 8} and manifest["parent"]["version"] == "1.0.0"
