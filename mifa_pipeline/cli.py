@@ -104,29 +104,30 @@ def _warn_if_empty(content: dict) -> None:
 
 
 def _resume_hint(folder: Path) -> str:
-    """What is kept after a failure: finished tasks (if any), and how to go on."""
+    """What is kept after a failure, said as it is: finished tasks (if any), and how to go on."""
     from mifa_pipeline.done import any_done
 
     if any_done(folder):
         return f"finished work in {folder} is kept; run the same command again to resume"
-    return "nothing was finished; run the same command again to start over"
+    return "nothing was finished, so nothing is kept; run the same command again to start over"
 
 
 def _run(work, folder: Path):
     """Run a build or filter; every failure a user can meet ends in one message and a non-zero exit."""
     from mifa_pipeline.ray_executor import TaskFailed
     from mifa_pipeline.runner import BuildError
+    from mifa_pipeline.stages.identities import ReferenceImageError
 
     try:
         return work()
-    except (BuildError, TaskFailed) as exc:
+    except (BuildError, TaskFailed, ReferenceImageError) as exc:
         raise fail(f"{exc}\n({_resume_hint(folder)})") from None
     except KeyboardInterrupt:
         raise fail(f"interrupted; {_resume_hint(folder)}", 130) from None
     except OSError as exc:
         where = exc.filename or folder
         hint = "free some space" if exc.errno == 28 else "fix it"
-        raise fail(f"{where}: {exc.strerror or exc} (errno {exc.errno}); {hint}, then {_resume_hint(folder)}") from None
+        raise fail(f"{where}: {exc.strerror or exc} (errno {exc.errno}); {hint} ({_resume_hint(folder)})") from None
 
 
 def _summary(result, title: str) -> None:

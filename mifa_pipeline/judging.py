@@ -76,7 +76,7 @@ def judge_specs(cfg: FilterSection) -> dict[str, JudgeSpec]:
 
             try:
                 estimator = au_estimator_class(kind)
-            except (KeyError, ImportError, AttributeError) as exc:
+            except (KeyError, ImportError, AttributeError, ValueError, TypeError) as exc:
                 raise JudgeFileError(f"filter.au.estimator: {kind!r} is not an AU estimator ({exc}); expected "
                                      "'none', 'mediapipe' or 'package.module:Class'") from None
             options["aus"] = cfg.au.aus

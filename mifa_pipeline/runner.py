@@ -128,8 +128,9 @@ def prepare(manifest: BuildManifest, fresh: bool = False, allow_empty: bool = Fa
     check_thresholds(manifest, allow_empty)
     ckpt = manifest.model.checkpoint
     folder = checkpoint_dir(ckpt)
-    if folder is not None and not folder.exists():
-        what = "the packaged demo model is missing (reinstall mifa)" if ckpt == "demo" else "does not exist"
+    if folder is not None and not (folder / "maugen_config.json").is_file():  # (before hashing the folder's files)
+        what = ("the packaged demo model is missing (reinstall mifa)" if ckpt == "demo" else "does not exist"
+                if not folder.exists() else "is not a mifa checkpoint folder (no maugen_config.json)")
         raise BuildError(f"model.checkpoint: {ckpt} ({folder}): {what}; expected 'demo', 'teacher' or a mifa checkpoint folder")
     try:
         judges = judge_specs(manifest.filter)

@@ -79,8 +79,8 @@ def open_image(path: Path):
             with Image.open(path, formats=IMAGE_FORMATS) as img:
                 width, height = img.size
                 if width * height > MAX_REFERENCE_PIXELS:
-                    raise ReferenceImageError(f"{path}: {width}x{height} pixels, more than {MAX_REFERENCE_PIXELS:,} "
-                                              "(a decompression bomb?); use a smaller image")
+                    raise ReferenceImageError(f"{path}: too many pixels, more than {MAX_REFERENCE_PIXELS:,} (a "
+                                              f"decompression bomb?): {width}x{height}; use a smaller image")
                 img.load()  # decode it all now: a truncated or corrupt file fails here, with its name
                 yield img
     except ReferenceImageError:
@@ -88,7 +88,8 @@ def open_image(path: Path):
     except UnidentifiedImageError:
         raise ReferenceImageError(f"{path}: not a PNG, JPEG or WebP image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ReferenceImageError(f"{path}: too many pixels, a decompression bomb? ({str(exc)[:120]})") from None
+        raise ReferenceImageError(f"{path}: too many pixels, more than {MAX_REFERENCE_PIXELS:,} (a decompression bomb?): "
+                                  f"{str(exc)[:120]}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ReferenceImageError(f"{path}: cannot decode it ({type(exc).__name__}: {str(exc)[:120]})") from None
 
