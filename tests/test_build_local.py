@@ -225,6 +225,7 @@ def test_editing_a_model_card_keeps_the_build_while_a_changed_weight_does_not(sm
     model = tmp_path / "model"
     (model / "unet").mkdir(parents=True)
     (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights v1")
+    (model / "maugen_config.json").write_text("{}")  # what makes a folder a mifa checkpoint
     (model / "MODEL_CARD.md").write_text("first figures\n")
     m = small_manifest(f"model.checkpoint={model}")
     build(m)
