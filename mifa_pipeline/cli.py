@@ -28,6 +28,9 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="overri
 OutOpt = Annotated[Optional[str], typer.Option("--out", "-o", help="output folder or URL: s3://bucket/prefix, gs://, az://, "
                                                                  "memory:// (overrides the manifest's `output`)")]
 LocationArg = Annotated[str, typer.Argument(help="a finished build: a folder or a URL (s3://bucket/prefix, ...)")]
+AllowEmptyOpt = Annotated[bool, typer.Option(
+    "--allow-empty", help="go on although a filter threshold drops every sample (e.g. filter.min_pixel_std=127.5): "
+    "the data set will be empty")]
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -57,10 +60,13 @@ def build(
                                                        help="Ray cluster to join; default: start a local one")] = None,
     runner: Annotated[str, typer.Option(help="'ray' (default) or 'local' (one process, no Ray; for debugging)")] = "ray",
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="progress bars (default: on a terminal)")] = None,
+    allow_empty: AllowEmptyOpt = False,
 ) -> None:
     """Build a data set: prompts -> identities -> MAUGen generation -> filtering -> WebDataset shards.
 
-    Resumes an interrupted build in the same output folder; refuses a folder holding another build.
+    Resumes an interrupted build in the same output folder; refuses a folder holding another build. Checks
+    everything it can first (manifest, model, judges, every reference image, output folder) and writes
+    nothing when one fails (exit 2).
     """
     from mifa_pipeline.runner import BuildError, prepare
 
@@ -68,25 +74,41 @@ def build(
     if runner not in ("ray", "local"):
         raise fail(f"--runner {runner!r}: expected 'ray' or 'local'")
     try:
-        prepared = prepare(m, fresh=fresh)
+        prepared = prepare(m, fresh=fresh, allow_empty=allow_empty)
     except BuildError as exc:
         raise fail(str(exc)) from None
     if dry_run:
         _print_plan(prepared, runner)
         return
     if prepared.state == "complete":
-        out.print(f"{m.output}: already complete (fingerprint {prepared.fingerprint[:12]}); nothing to do")
+        out.print(f"{prepared.out}: already complete (fingerprint {prepared.fingerprint[:12]}); nothing to do")
         return
     from mifa_pipeline.runner import Runner, make_executor
 
     result = _run(lambda: Runner(prepared, make_executor(runner, m, ray_address), progress=progress).run(), prepared.out)
     _summary(result, "mifa build summary")
     c = result.manifest
+    skipped = c["counts"].get("skipped_references")
+    if skipped:
+        err.print(f"[yellow]note:[/] {skipped} reference image(s) without a single face were skipped "
+                  f"(listed in {prepared.out.full_url('manifest.json')} under skipped_references)", highlight=False)
+    _warn_if_empty(c)
     out.print(f"{result.state}: {prepared.out} ({c['counts']['kept_samples']} samples, fingerprint {c['fingerprint'][:12]})")
 
 
+def _warn_if_empty(content: dict) -> None:
+    """A data set that kept nothing is said so, with why (the drop reasons), not only counted."""
+    if content["counts"]["kept_samples"] == 0 and content["counts"]["planned_samples"]:
+        reasons = {}
+        for stage in content["stages"].values():
+            for reason, n in stage.get("dropped", {}).items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        why = ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items())) or "none recorded"
+        err.print(f"[yellow]warning:[/] every sample was dropped ({why}); the data set is empty", highlight=False)
+
+
 def _resume_hint(folder) -> str:
-    """What is kept after a failure: finished tasks (if any), and how to go on."""
+    """What is kept after a failure, said as it is: finished tasks (if any), and how to go on."""
     from mifa_pipeline.done import any_done
 
     try:
@@ -95,26 +117,27 @@ def _resume_hint(folder) -> str:
         done = False
     if done:
         return f"finished work in {folder} is kept; run the same command again to resume"
-    return "nothing was finished; run the same command again to start over"
+    return "nothing was finished, so nothing is kept; run the same command again to start over"
 
 
 def _run(work, folder):
     """Run a build or filter; every failure a user can meet ends in one message and a non-zero exit."""
     from mifa_pipeline.ray_executor import ClusterUnreachable, TaskFailed
     from mifa_pipeline.runner import BuildError
+    from mifa_pipeline.stages.identities import ReferenceImageError
 
     try:
         return work()
     except ClusterUnreachable as exc:
         raise fail(str(exc)) from None
-    except (BuildError, TaskFailed) as exc:
+    except (BuildError, TaskFailed, ReferenceImageError) as exc:
         raise fail(f"{exc}\n({_resume_hint(folder)})") from None
     except KeyboardInterrupt:
         raise fail(f"interrupted; {_resume_hint(folder)}", 130) from None
     except OSError as exc:
         where = exc.filename or folder
         hint = "free some space" if exc.errno == 28 else "fix it"
-        raise fail(f"{where}: {exc.strerror or exc} (errno {exc.errno}); {hint}, then {_resume_hint(folder)}") from None
+        raise fail(f"{where}: {exc.strerror or exc} (errno {exc.errno}); {hint} ({_resume_hint(folder)})") from None
 
 
 def _summary(result, title: str) -> None:
@@ -211,6 +234,7 @@ def filter_(
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS")] = None,
     runner: Annotated[str, typer.Option(help="'ray' (default) or 'local'")] = "ray",
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress")] = None,
+    allow_empty: AllowEmptyOpt = False,
 ) -> None:
     """Re-run the filter stage over an existing build into a NEW data set version, regenerating nothing.
 
@@ -224,7 +248,7 @@ def filter_(
         raise fail(f"--runner {runner!r}: expected 'ray' or 'local'")
     sets = [*(overrides or []), *([f"filter.models_dir={models}"] if models else [])]
     try:
-        prepared = prepare_refilter(parent, sets, out_dir, version, fresh)
+        prepared = prepare_refilter(parent, sets, out_dir, version, fresh, allow_empty)
     except BuildError as exc:
         raise fail(str(exc)) from None
     target = prepared.out
@@ -237,6 +261,7 @@ def filter_(
     c = result.manifest
     _summary(result, f"mifa filter summary: {parent} {prepared.parent_manifest['dataset']['version']} -> "
                      f"{c['dataset']['name']} {c['dataset']['version']}")
+    _warn_if_empty(c)
     rescored = c["stages"]["filter"].get("rescored_judges") or "none (scores reused)"
     out.print(f"{result.state}: {target} = {c['dataset']['name']} {c['dataset']['version']} "
               f"({c['counts']['kept_samples']} samples; parent {parent}; re-scored judges: {rescored})")
@@ -262,6 +287,7 @@ def teacher(
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS")] = None,
     runner: Annotated[str, typer.Option(help="'ray' (default) or 'local'")] = "ray",
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress")] = None,
+    allow_empty: AllowEmptyOpt = False,
 ) -> None:
     """Write a labelled teacher data set: procedural FACS faces with exact AU labels, in the build's shard format.
 
@@ -273,7 +299,7 @@ def teacher(
         f"identities.samples_per_identity={per_identity}", f"sampler.resolution={resolution}",
         "writer.samples_per_shard=1000", "resources.identities_per_unit=16", "sampler.batch_size=64",
     ]
-    build(None, str(out_dir), [*defaults, *(overrides or [])], fresh, False, ray_address, runner, progress)
+    build(None, str(out_dir), [*defaults, *(overrides or [])], fresh, False, ray_address, runner, progress, allow_empty)
     from mifa_pipeline.stages.teacher import write_identity_attributes
 
     out.print(f"identity shape attributes: {write_identity_attributes(out_dir)}")

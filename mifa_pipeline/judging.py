@@ -76,7 +76,7 @@ def judge_specs(cfg: FilterSection) -> dict[str, JudgeSpec]:
 
             try:
                 estimator = au_estimator_class(kind)
-            except (KeyError, ImportError, AttributeError) as exc:
+            except (KeyError, ImportError, AttributeError, ValueError, TypeError) as exc:
                 raise JudgeFileError(f"filter.au.estimator: {kind!r} is not an AU estimator ({exc}); expected "
                                      "'none', 'mediapipe' or 'package.module:Class'") from None
             options["aus"] = cfg.au.aus
@@ -123,6 +123,10 @@ class Judges:
         faces = self.detector.detect(image)
         return faces, (max(faces, key=lambda f: float(np.prod(f.xywh[2:]))) if faces else None)
 
+    def count_faces(self, image: np.ndarray) -> int:
+        """Faces the face judge finds in an image (enlarged as for judging)."""
+        return len(self.detector.detect(upscale_for_judges(image)))
+
     def reference_embeddings(self, references: dict[int, np.ndarray]) -> dict[int, list[float] | None]:
         out: dict[int, list[float] | None] = {}
         for identity, image in references.items():
@@ -153,7 +157,8 @@ class Judges:
             for au in self.estimator.aus:
                 value = estimate.get(au)
                 scores[f"au_est_{au}"] = None if value is None else round(float(value), 5)
-        return scores
+        # a judge's NaN/inf (a degenerate image) is "no score": stored JSON stays JSON
+        return {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in scores.items()}
 
     def close(self) -> None:
         if self.estimator is not None:

@@ -129,7 +129,10 @@ def now_iso() -> str:
 
 def write_run_manifest(out: Location, content: dict[str, Any]) -> str:
     """Create OUT/manifest.json; refused if one exists (a run manifest is never rewritten)."""
-    if not out.create(MANIFEST_NAME, (json.dumps(content, indent=2) + "\n").encode("utf-8")):
+    # allow_nan=False: Infinity/NaN are not JSON; the manifest's numbers are finite by validation, and a bug
+    # that let one through fails here rather than write a file JSON readers reject
+    text = json.dumps(content, indent=2, allow_nan=False) + "\n"
+    if not out.create(MANIFEST_NAME, text.encode("utf-8")):
         raise FileExistsError(f"{out.full_url(MANIFEST_NAME)} exists: a run manifest is never rewritten")
     return MANIFEST_NAME
 

@@ -27,8 +27,8 @@ from mifa_pipeline.manifest import (REFILTER_STAGES, SCHEMA_VERSION, chain_finge
                                     stage_configs)
 from mifa_pipeline.plan import BuildPlan, IdentityBlock, ShardSlots
 from mifa_pipeline.records import StageStats
-from mifa_pipeline.runner import (BuildError, BuildResult, PreparedBuild, Runner, check_output, make_executor,
-                                  make_identity_table)
+from mifa_pipeline.runner import (BuildError, BuildResult, PreparedBuild, Runner, check_output, check_thresholds,
+                                  make_executor, make_identity_table)
 from mifa_pipeline.shards import decode_image, tar_members, tar_segments
 from mifa_pipeline.stages.filter import Filtering, redecide
 from mifa_pipeline.stages.generate import model_description
@@ -95,8 +95,9 @@ def labels_in_use(folders: list[Location], parent: dict[str, Any]) -> dict[tuple
 
 
 def prepare_refilter(parent: "Location | str", overrides: list[str], out: str | None = None,
-                     version: str | None = None, fresh: bool = False) -> PreparedRefilter:
-    """Checks that write nothing: the parent is a finished build, a filter.* setting changes, judges exist,
+                     version: str | None = None, fresh: bool = False, allow_empty: bool = False) -> PreparedRefilter:
+    """Checks that write nothing: the parent is a finished build, a filter.* setting changes, thresholds some
+    sample can pass (unless `allow_empty`), judges exist,
     and the new version's label (name + version) is one no other data set here or up the lineage carries.
     The new version is written beside the parent (or to `out`), with the parent's storage options."""
     try:
@@ -127,6 +128,7 @@ def prepare_refilter(parent: "Location | str", overrides: list[str], out: str | 
             raise BuildError(_format_validation_error(exc, "mifa filter")) from None
 
     manifest = manifest_for(version or next_version(parent_manifest["dataset"]["version"]))
+    check_thresholds(manifest, allow_empty)
     if location(manifest.output, parent.storage_options) == parent:
         raise BuildError(f"--out {manifest.output}: a new version needs its own folder; the parent stays intact")
     try:
@@ -318,6 +320,10 @@ class RefilterJob:
     def annotate(self, content: dict[str, Any]) -> None:
         content["stages"].setdefault(Filtering.name, StageStats(Filtering.name, Filtering.version).to_json())
         content["stages"][Filtering.name]["rescored_judges"] = list(self.build.rescore)
+        parent = self.build.parent_manifest
+        if "skipped_references" in parent:  # the same identities as the parent's
+            content["counts"]["skipped_references"] = parent["counts"]["skipped_references"]
+            content["skipped_references"] = parent["skipped_references"]
 
 
 def run_refilter(build: PreparedRefilter, kind: str = "local", progress: bool | None = None,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mifa_pipeline import identity_table
-from mifa_pipeline.config import BuildManifest, canonical_json, checkpoint_dir, sha256_text
+from mifa_pipeline.config import BuildManifest, canonical_json, checkpoint_dir, sha256_text, thresholds_no_sample_passes
 from mifa_pipeline.done import DONE_DIR, WORK_DIR, any_done, done_names, forget, write_done
 from mifa_pipeline.executors import Executor, WorkerSpec
 from mifa_pipeline.judging import JudgeFileError, judge_specs
@@ -32,7 +32,7 @@ from mifa_pipeline.progress import BuildProgress
 from mifa_pipeline.records import StageStats
 from mifa_pipeline.shards import SHARD_INDEX, TMP_MARK, ShardInfo, write_shard_index
 from mifa_pipeline.stages.generate import model_description
-from mifa_pipeline.stages.identities import reference_files
+from mifa_pipeline.references import ReferenceError, check_references
 from mifa_pipeline.stages.write import SCORES_DIR
 from mifa_pipeline.storage import Location, StorageError
 from mifa_pipeline.work import BuildWorker, check_task
@@ -56,6 +56,8 @@ class PreparedBuild:
     judges: dict[str, str] = field(default_factory=dict)  # judge name -> fingerprint (see judging.py)
     fresh: bool = False
     state: str = "new"  # new | resume | complete
+    references: list[str] | None = None  # source=folder: the checked reference files, identity i takes the i-th
+    skipped_references: list[dict[str, str]] = field(default_factory=list)  # passed over (no single face)
 
     @property
     def out(self) -> Location:
@@ -117,29 +119,44 @@ def _check_writable(out: Location) -> None:
         raise BuildError(f"output {out}: {probe} is not writable")
 
 
-def prepare(manifest: BuildManifest, fresh: bool = False) -> PreparedBuild:
-    """Every check that can fail before anything is written: model, references, output folder."""
+def check_thresholds(manifest: BuildManifest, allow_empty: bool) -> None:
+    """Refuse filter thresholds that no sample can pass (an empty data set) unless the caller allows it."""
+    hopeless = thresholds_no_sample_passes(manifest.filter)
+    if hopeless and not allow_empty:
+        raise BuildError(f"{'; '.join(hopeless)}: drops every sample, so the data set would be empty; lower it, "
+                         "or pass --allow-empty to make it anyway")
+
+
+def prepare(manifest: BuildManifest, fresh: bool = False, allow_empty: bool = False) -> PreparedBuild:
+    """Every check that can fail before anything is written: thresholds, model, references, output folder."""
+    check_thresholds(manifest, allow_empty)
     ckpt = manifest.model.checkpoint
     folder = checkpoint_dir(ckpt)
-    if folder is not None and not folder.exists():
-        what = "the packaged demo model is missing (reinstall mifa)" if ckpt == "demo" else "does not exist"
+    if folder is not None and not (folder / "maugen_config.json").is_file():  # (before hashing the folder's files)
+        what = ("the packaged demo model is missing (reinstall mifa)" if ckpt == "demo" else "does not exist"
+                if not folder.exists() else "is not a mifa checkpoint folder (no maugen_config.json)")
         raise BuildError(f"model.checkpoint: {ckpt} ({folder}): {what}; expected 'demo', 'teacher' or a mifa checkpoint folder")
-    ids = manifest.identities
-    if ids.source == "folder":
-        if not ids.folder.is_dir():
-            raise BuildError(f"identities.folder: {ids.folder} is not a folder")
-        found = len(reference_files(ids.folder))
-        if found < ids.count:
-            raise BuildError(f"identities.folder: {ids.folder} holds {found} images, identities.count needs {ids.count}")
     try:
         judges = judge_specs(manifest.filter)
     except JudgeFileError as exc:
         raise BuildError(str(exc)) from None
+    ids = manifest.identities
+    references = None
+    if ids.source == "folder":
+        if not ids.folder.is_dir():
+            raise BuildError(f"identities.folder: {ids.folder} is not a folder")
+        try:
+            references = check_references(manifest, judges)
+        except ReferenceError as exc:
+            raise BuildError(str(exc)) from None
     files = model_files(ckpt)
     configs = stage_configs(manifest, model_hash(files, ckpt), {n: j.fingerprint for n, j in judges.items()})
     records = files + [j.record for j in judges.values() if j.record]
     build = PreparedBuild(manifest, BuildPlan.from_manifest(manifest), records, chain_fingerprints("", configs),
                           {n: j.fingerprint for n, j in judges.items()}, fresh)
+    if references is not None:
+        build.references = [str(p) for p in references.files]
+        build.skipped_references = references.skipped
     return check_output(build)
 
 
@@ -248,7 +265,8 @@ class BuildJob:
 
     def worker_spec(self, executor: Executor) -> WorkerSpec:
         r = self.build.manifest.resources
-        return WorkerSpec(BuildWorker, (self.build.manifest, self.build.out, self.build.fingerprint),
+        return WorkerSpec(BuildWorker, (self.build.manifest, self.build.out, self.build.fingerprint,
+                                        self.build.references),
                           r.generation_workers, r.cpus_per_worker, r.gpus_per_worker, concurrency=2)
 
     def identity_phase(self, runner: "Runner", pool) -> dict[str, Any]:
@@ -262,7 +280,10 @@ class BuildJob:
         return {}
 
     def annotate(self, content: dict[str, Any]) -> None:
-        """Anything a job adds to the run manifest (a build adds nothing)."""
+        """Anything a job adds to the run manifest: for a folder of references, those passed over."""
+        if self.build.manifest.identities.source == "folder":
+            content["counts"]["skipped_references"] = len(self.build.skipped_references)
+            content["skipped_references"] = list(self.build.skipped_references)
 
 
 def make_identity_table(runner: "Runner", pool, method: str | None,

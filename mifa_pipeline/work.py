@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from mifa_pipeline import identity_table
@@ -22,6 +23,7 @@ from mifa_pipeline.done import check_done, forget, write_done
 from mifa_pipeline.judging import Judges, judge_specs
 from mifa_pipeline.plan import IdentityBlock, ShardSlots
 from mifa_pipeline.records import IdentityRecord, StageStats
+from mifa_pipeline.references import TEACHER_RESOLUTION
 from mifa_pipeline.shards import decode_image, encode_image
 from mifa_pipeline.stages.filter import Filtering
 from mifa_pipeline.stages.generate import model_description
@@ -29,8 +31,6 @@ from mifa_pipeline.stages.identities import IdentitySampling, make_canvas
 from mifa_pipeline.stages.prompts import PromptExpansion
 from mifa_pipeline.stages.write import ShardWriting, sample_row
 from mifa_pipeline.storage import Location
-
-TEACHER_RESOLUTION = 128
 
 
 def duplicate_stats(n_in: int) -> StageStats:
@@ -62,8 +62,9 @@ def check_task(out: Location, fingerprint: str, name: str) -> tuple[dict[str, An
 class BuildWorker:
     """Holds the model and the judges (loaded once, in `setup`); makes identity blocks and shards."""
 
-    def __init__(self, manifest: BuildManifest, out: Location, fingerprint: str):
+    def __init__(self, manifest: BuildManifest, out: Location, fingerprint: str, references: list[str] | None = None):
         self.manifest = manifest
+        self.references = references  # source=folder: the files prepare checked (identity i takes the i-th)
         self.out = out
         self.fingerprint = fingerprint
         self.generation = None
@@ -106,7 +107,8 @@ class BuildWorker:
             from mifa_pipeline.stages.teacher import TeacherRendering
 
             painter = TeacherRendering(self.generation.resolution, m.prompts.au_names).paint
-        self.identities = IdentitySampling(m.identities, self.generation.resolution, painter=painter)
+        files = None if self.references is None else [Path(p) for p in self.references]
+        self.identities = IdentitySampling(m.identities, self.generation.resolution, painter=painter, files=files)
         specs = judge_specs(m.filter)
         self.judges = Judges(m.filter, specs) if specs else None
         return self.generation.resolution

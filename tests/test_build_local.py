@@ -92,8 +92,11 @@ def test_same_manifest_gives_identical_bytes_whatever_batch_and_block_size(small
 
 
 def test_drops_are_counted_and_an_all_dropped_shard_is_empty(small_manifest, fake_model):
-    m = small_manifest("filter.min_pixel_std=1000")   # every fake image is 'blank' at this contrast
-    c = build(m).manifest
+    m = small_manifest("filter.min_pixel_std=127.5")   # every image is 'blank' at this contrast: only if allowed
+    with pytest.raises(BuildError, match=r"filter\.min_pixel_std=127\.5 .*drops every sample.*--allow-empty"):
+        prepare(m)
+    assert not Path(m.output).exists()
+    c = build_data(prepare(m, allow_empty=True), "local", progress=False).manifest
     assert c["stages"]["filter"]["dropped"] == {"blank_image": 18}
     assert [s["nsamples"] for s in c["shards"]] == [0, 0, 0, 0] and c["counts"]["kept_samples"] == 0
     assert list(wds.WebDataset(str(Path(m.output) / "train-000000.tar"), shardshuffle=False, empty_check=False)) == []
@@ -216,6 +219,7 @@ def test_editing_a_model_card_keeps_the_build_while_a_changed_weight_does_not(sm
     model = tmp_path / "model"
     (model / "unet").mkdir(parents=True)
     (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights v1")
+    (model / "maugen_config.json").write_text("{}")  # what makes a folder a mifa checkpoint
     (model / "MODEL_CARD.md").write_text("first figures\n")
     m = small_manifest(f"model.checkpoint={model}")
     build(m)

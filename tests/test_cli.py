@@ -99,9 +99,13 @@ def test_filter_command_makes_a_new_version(tmp_path, fake_model):
     parent = tmp_path / "v1"
     assert runner.invoke(app, ["build", "manifests/demo.yaml", "--out", str(parent), "--runner", "local",
                                "--no-progress", *SMALL]).exit_code == 0
-    result = runner.invoke(app, ["filter", str(parent), "--set", "filter.min_pixel_std=1000", "--runner", "local",
-                                 "--no-progress"])
+    refused = runner.invoke(app, ["filter", str(parent), "--set", "filter.min_pixel_std=127.5", "--runner", "local"])
+    assert refused.exit_code == 2 and "drops every sample" in refused.output and "--allow-empty" in refused.output
+    assert not (tmp_path / "v1-v1.1.0").exists()
+    result = runner.invoke(app, ["filter", str(parent), "--set", "filter.min_pixel_std=127.5", "--runner", "local",
+                                 "--no-progress", "--allow-empty"])
     assert result.exit_code == 0, result.output
+    assert "every sample was dropped (blank_image: 8)" in result.output
     new = tmp_path / "v1-v1.1.0"
     manifest = json.loads((new / "manifest.json").read_text())
     assert manifest["stages"]["filter"]["dropped"] == {"blank_image": 8} and manifest["parent"]["version"] == "1.0.0"
@@ -128,25 +132,25 @@ def test_filter_versions_never_collide_and_a_no_op_is_refused(tmp_path, fake_mod
     assert same.exit_code == 2 and "no filter setting changes" in same.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"]  # nothing written
 
-    first = run("--set", "filter.min_pixel_std=1000")
+    first = run("--set", "filter.min_pixel_std=120")
     assert first.exit_code == 0, first.output
     assert "mifa filter summary" in first.output and "mifa build summary" not in first.output
     assert label(tmp_path / "v1-v1.1.0")[1] == "1.1.0"
     # another change: the default name is taken, so the next free version, and the message says so
-    second = run("--set", "filter.min_pixel_std=500")
+    second = run("--set", "filter.min_pixel_std=110")
     assert second.exit_code == 0, second.output
     assert "1.1.0 already exists" in second.output and "--version" in second.output
     assert label(tmp_path / "v1-v1.2.0")[1] == "1.2.0"
     # the first command again finds its own version complete (no third copy)
-    again = run("--set", "filter.min_pixel_std=1000")
+    again = run("--set", "filter.min_pixel_std=120")
     assert again.exit_code == 0 and "already complete" in again.output and "v1-v1.1.0" in again.output
     # --out elsewhere still gets a label of its own
     elsewhere = tmp_path / "elsewhere" / "strict"
-    third = run("--set", "filter.min_pixel_std=300", "--out", str(elsewhere))
+    third = run("--set", "filter.min_pixel_std=100", "--out", str(elsewhere))
     assert third.exit_code == 0, third.output
     assert label(elsewhere)[1] == "1.3.0"
     # an explicit --version another data set carries is refused, naming it
-    taken = run("--set", "filter.min_pixel_std=200", "--out", str(tmp_path / "x"), "--version", "1.2.0")
+    taken = run("--set", "filter.min_pixel_std=90", "--out", str(tmp_path / "x"), "--version", "1.2.0")
     assert taken.exit_code == 2 and "already the label of" in taken.output and "v1-v1.2.0" in taken.output
     assert not (tmp_path / "x").exists()
     labels = [label(p) for p in (parent, tmp_path / "v1-v1.1.0", tmp_path / "v1-v1.2.0", elsewhere)]

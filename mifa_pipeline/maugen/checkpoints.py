@@ -10,7 +10,9 @@ Our folder::
 
 Official files (reference §5) are loaded with explicit key accounting: any missing, unexpected or
 mis-shaped key is an error that lists them (the official code loaded the main file with strict=False).
-Nothing is ever unpickled: ``torch.load(weights_only=True)`` for .pt/.bin/.pth/.ckpt, safetensors otherwise.
+Nothing is ever unpickled: ``torch.load(weights_only=True)`` for the official .pt/.bin/.pth/.ckpt files,
+safetensors otherwise; a library component (unet, vae, text_encoder) is read from safetensors only, and a
+folder that holds only a pickled ``.bin`` is refused with one line.
 """
 
 from __future__ import annotations
@@ -66,11 +68,30 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor] | torch.Tensor:
             raise CheckpointError(f"{path}: unknown file type {path.suffix!r} (expected .safetensors or {sorted(_TORCH_SUFFIXES)})")
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused to load, it holds pickled objects other than tensors ({exc})") from None
+        raise CheckpointError(f"{path}: refused to load, it holds pickled objects other than tensors"
+                              f"{_unsupported_global(str(exc))}") from None
     except CheckpointError:
         raise
     except Exception as exc:  # corrupt or truncated files
         raise CheckpointError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
+
+
+def _unsupported_global(message: str) -> str:
+    """The object torch's safe loader met (its message goes on to advise loading unsafely, which we never do)."""
+    import re
+
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    return f" (it names {found.group(1)})" if found else ""
+
+
+def library_weights(folder: Path) -> Path:
+    """`folder`, once it is seen to hold safetensors weights: a pickled .bin alone is refused, never loaded."""
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.glob("*.bin"))
+        if pickled:
+            raise CheckpointError(f"{folder}: holds only pickled weights ({', '.join(pickled)}); mifa reads library "
+                                  "weights from .safetensors only: use the safetensors files of that model")
+    return folder
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -139,13 +160,19 @@ def load_base(base: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{base}: not a diffusers SD-inpainting folder, missing sub-folder {sub!r}")
     sched_file = base / "scheduler" / "scheduler_config.json"
     try:
-        unet = UNet2DConditionModel.from_pretrained(base / "unet", local_files_only=True, **_LOW_MEM)
-        vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True, **_LOW_MEM)
-        text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(library_weights(base / "unet"), local_files_only=True,
+                                                    use_safetensors=True, **_LOW_MEM)
+        vae = AutoencoderKL.from_pretrained(library_weights(base / "vae"), local_files_only=True, use_safetensors=True,
+                                            **_LOW_MEM)
+        text_encoder = CLIPTextModel.from_pretrained(library_weights(base / "text_encoder"), local_files_only=True,
+                                                     use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
         scheduler = json.loads(sched_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{base}: cannot load the base model ({type(exc).__name__}: {exc})") from None
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{base}: cannot load the base model ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     expected = configs.inpainting_channels(int(vae.config.latent_channels))
     if unet.config.in_channels != expected["in_channels"]:
         raise CheckpointError(f"{base / 'unet'}: in_channels is {unet.config.in_channels}, an inpainting UNet for "
@@ -347,12 +374,18 @@ def load_folder(path: str | Path) -> MAUGen:
         if not (path / sub).is_dir():
             raise CheckpointError(f"{path}: missing component folder {sub!r}")
     try:
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True, **_LOW_MEM)
-        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, **_LOW_MEM)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(library_weights(path / "unet"), local_files_only=True,
+                                                    use_safetensors=True, **_LOW_MEM)
+        vae = AutoencoderKL.from_pretrained(library_weights(path / "vae"), local_files_only=True, use_safetensors=True,
+                                            **_LOW_MEM)
+        text_encoder = CLIPTextModel.from_pretrained(library_weights(path / "text_encoder"), local_files_only=True,
+                                                     use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot load a library component ({type(exc).__name__}: {exc})") from None
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"{path}: cannot load a library component ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     dig = MAUGenUNet(cfg, unet=unet)
     label_file = path / "label_branch" / WEIGHTS_NAME
     label_state = read_state_dict(label_file)

@@ -163,7 +163,9 @@ def with_vae(model: MAUGen, path: str | Path, resolution: int | None = None, see
 
     path = Path(path)
     folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
-    vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    from mifa_pipeline.maugen.checkpoints import library_weights
+
+    vae = AutoencoderKL.from_pretrained(library_weights(folder), local_files_only=True, use_safetensors=True)
     config = model.config
     config["resolution"] = int(resolution or config["resolution"])
     config["vae"] = {**_library_config(vae.config), "sample_size": config["resolution"]}

@@ -61,6 +61,36 @@ def test_import_errors_are_clean(official_files, tmp_path):
     assert missing.exit_code == 2 and "nope.pt: file not found" in missing.output
 
 
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_a_pickled_text_encoder_is_refused_in_one_line_without_unpickling(official_files, tmp_path, capsys):
+    """The base's text encoder as pytorch_model.bin (an SD folder without safetensors): refused, never loaded,
+    and the message advises nothing unsafe; the official .pt files the same."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    base = tmp_path / "base"
+    shutil.copytree(official_files["base"], base)
+    te = base / "text_encoder"
+    state = load_file(te / "model.safetensors")
+    (te / "model.safetensors").unlink()
+    torch.save({**state, "payload": _Evil()}, te / "pytorch_model.bin")
+    result = runner.invoke(model_app, _args(official_files, tmp_path / "o", base=base))
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.output.count("\n") == 1 and "text_encoder: holds only pickled weights (pytorch_model.bin)" in result.output
+    assert "weights_only" not in result.output and "Traceback" not in result.output
+    evil = tmp_path / "mapping.pt"
+    torch.save({"x": torch.zeros(1), "payload": _Evil()}, evil)
+    result = runner.invoke(model_app, _args(official_files, tmp_path / "o", mapping=evil))
+    assert result.exit_code == 2 and "mapping.pt: refused to load" in result.output and "(it names print)" in result.output
+    assert "weights_only" not in result.output and "trust" not in result.output
+    assert "unpickled!" not in capsys.readouterr().out and not (tmp_path / "o").exists()
+
+
 def test_info_errors(tmp_path):
     result = runner.invoke(model_app, ["info", str(tmp_path)])
     assert result.exit_code == 2 and "not a MAUGen folder" in result.output
