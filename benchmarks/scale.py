@@ -105,7 +105,7 @@ def child(args: argparse.Namespace) -> None:
         "driver_cpu_ms_per_sample": round(1000 * driver_cpu / n, 4),
         "generator_and_filter_s": round(generator, 2), "write_stage_s": c["stages"]["write"]["seconds"],
         "plumbing_ms_per_sample": None if plumbing is None else round(1000 * plumbing / n, 3),
-        "floor_ms_per_sample": round(1000 * floor / n, 3),
+        "floor_ms_per_sample": None if floor is None else round(1000 * floor / n, 3),
         "plumbing_over_floor": None if plumbing is None or not floor else round(plumbing / floor, 2),
         "write_stage_over_floor": round(c["stages"]["write"]["seconds"] / floor, 2) if floor else None,
         "tar_bytes": sum(s["bytes"] for s in c["shards"]),

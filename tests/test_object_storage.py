@@ -70,6 +70,11 @@ def test_a_build_to_memory_equals_a_local_build(small_manifest, fake_model, tmp_
     assert result.state == "built" and digests(url) == digests(tmp_path / "local")
     assert verify(url) == [] and prepare(in_memory).state == "complete"
     assert not Location(url).exists(LOCK_NAME)
+    from mifa_pipeline.training.data import load_folder  # `mifa train` reads a URL as it reads a folder
+
+    remote, here = load_folder(url, 32), load_folder(tmp_path / "local", 32)
+    assert remote.keys == here.keys and (remote.images == here.images).all()
+    assert (remote.ref_images == here.ref_images).all()
 
 
 # ------------------------------------------------------------------------------------ exactly once

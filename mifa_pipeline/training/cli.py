@@ -14,7 +14,7 @@ train_app = typer.Typer(invoke_without_command=True, add_completion=False, prett
 
 @train_app.callback(invoke_without_command=True)
 def train(
-    data: Annotated[list[Path], typer.Argument(help="data folders (mifa build / mifa teacher output)")],
+    data: Annotated[list[str], typer.Argument(help="data sets: folders or URLs (mifa build / mifa teacher output)")],
     out: Annotated[Path, typer.Option("--out", help="output folder: checkpoints/, model/, train_log.jsonl, validation/, latent_cache.safetensors")],
     base: Annotated[Optional[Path], typer.Option("--base", help="diffusers SD-1.5 inpainting folder to start from")] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="mifa MAUGen checkpoint folder to start from")] = None,
@@ -33,7 +33,7 @@ def train(
     keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints")] = 2,
     log_every: Annotated[int, typer.Option("--log-every")] = 10,
     validate_every: Annotated[int, typer.Option("--validate-every", help="0: only at the end")] = 0,
-    val_data: Annotated[Optional[list[Path]], typer.Option("--val-data", help="held-out data folder(s) for validation")] = None,
+    val_data: Annotated[Optional[list[str]], typer.Option("--val-data", help="held-out data set(s) for validation: folders or URLs")] = None,
     val_identities: Annotated[int, typer.Option("--val-identities", help="identities held out of DATA when no --val-data")] = 4,
     val_samples: Annotated[int, typer.Option("--val-samples")] = 8,
     val_steps: Annotated[int, typer.Option("--val-steps")] = 20,
