@@ -30,6 +30,7 @@ from mifa_pipeline.manifest import (MANIFEST_NAME, SCHEMA_VERSION, chain_fingerp
 from mifa_pipeline.plan import BuildPlan
 from mifa_pipeline.progress import BuildProgress
 from mifa_pipeline.records import StageStats
+from mifa_pipeline.sample_schema import SAMPLE_SCHEMA_VERSION
 from mifa_pipeline.shards import TMP_MARK, ShardInfo, atomic_write_text, write_shard_index
 from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.stages.identities import reference_files
@@ -455,6 +456,7 @@ class Runner:
             "models": [*self.build.models],
             "model": model_description(m.model),
             "au_names": list(m.prompts.au_names),
+            "sample_schema": SAMPLE_SCHEMA_VERSION,
             "counts": {"identities": m.identities.count, "planned_samples": self.build.plan.total_samples,
                        "kept_samples": kept,
                        "duplicate_identities": identities["duplicates"]},
