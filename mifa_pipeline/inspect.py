@@ -62,9 +62,10 @@ def summarise(folder: Path, console: Console) -> dict[str, Any]:
     score_summary = {}
     for col in sorted({k for r in rows for k in r if k.startswith("scores_")}):
         name = col.removeprefix("scores_")
-        if name.startswith(("au_est_", "au_agree_")):
+        if name.startswith(("au_est_", "au_agree_")) or name.endswith("_valid"):
             continue  # per-AU columns: see the sidecars; the table keeps the overall numbers
-        values = [float(r[col]) for r in rows if isinstance(r.get(col), (int, float))]
+        valid = f"{col}_valid"  # a score not computed is 0 with its flag false (sample_schema.py); older: None
+        values = [float(r[col]) for r in rows if isinstance(r.get(col), (int, float)) and r.get(valid, True)]
         if values:
             score_summary[name] = {"n": len(values), "mean": sum(values) / len(values), "min": min(values), "max": max(values)}
             s = score_summary[name]
