@@ -33,6 +33,9 @@ class DatasetSection(_Section):
     version: str = Field("1.0.0", pattern=r"^\d+\.\d+\.\d+$", description="semantic version of this data set")
     split: str = Field("train", pattern=r"^[A-Za-z0-9_-]+$", description="shard prefix: {split}-000000.tar")
     description: str = ""
+    license: str = Field("unknown", pattern=r"^[A-Za-z0-9_.+-]+$",
+                         description="licence of the data, for its card: an SPDX id (e.g. apache-2.0), 'other' or "
+                                     "'unknown'; it should follow the generator's")
 
 
 class ExpressionMix(_Section):
@@ -312,6 +315,7 @@ RUNTIME_ONLY_FIELDS = {
 # of the output-determining config, so builds made before the option keep their fingerprints (and resume).
 LATER_OPTIONS_AT_DEFAULT = {
     ("prompts", "random_aus", "only"): None,
+    ("dataset", "license"): "unknown",
 }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mifa_pipeline import identity_table
+from mifa_pipeline.card import CARD_FILES, write_card
 from mifa_pipeline.config import BuildManifest, canonical_json, checkpoint_dir, sha256_text
 from mifa_pipeline.done import DONE_DIR, WORK_DIR, any_done, done_path, forget, write_done
 from mifa_pipeline.executors import Executor, WorkerSpec
@@ -170,7 +171,7 @@ def remove_build(out: Path) -> None:
     shutil.rmtree(out / SCORES_DIR, ignore_errors=True)
     for p in out.iterdir():
         if p.is_file() and (p.suffix in (".tar", ".parquet") or TMP_MARK in p.name
-                            or p.name in (MANIFEST_NAME, "shardindex.json", identity_table.IDENTITIES_FILE)):
+                            or p.name in (MANIFEST_NAME, "shardindex.json", identity_table.IDENTITIES_FILE, *CARD_FILES)):
             p.unlink()
 
 
@@ -354,6 +355,8 @@ class Runner:
                 self.build = check_output(replace(self.build))  # again, now that the output is ours
                 if self.build.state == "complete":
                     result = BuildResult("complete", json.loads((self.out / MANIFEST_NAME).read_text()), 0.0)
+                    if result.manifest.get("sample_schema") and not all((self.out / n).is_file() for n in CARD_FILES):
+                        write_card(self.out, result.manifest)
                 else:
                     if taken:
                         self.notes.append(taken)
@@ -432,6 +435,7 @@ class Runner:
         content = self._run_manifest(ordered, identities, index, wall, len(pending))
         job.annotate(content)
         write_run_manifest(self.out, content)
+        write_card(self.out, content)
         return BuildResult("resumed" if resumed else "built", content, wall, len(pending), self.notes)
 
     def _run_manifest(self, records: list[dict[str, Any]], identities: dict[str, Any], index: Path,

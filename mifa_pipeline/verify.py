@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from mifa_pipeline.card import CARD_FILES
 from mifa_pipeline.done import file_mismatch
 from mifa_pipeline.identity_table import IDENTITIES_FILE
 from mifa_pipeline.lock import LOCK_NAME
@@ -26,7 +27,6 @@ from mifa_pipeline.shards import KEY_PATTERN, ShardSample, shard_name, sidecar_r
 
 DROP_STAGES = ("duplicates", "filter")
 COMPANIONS = {"identity_attributes.parquet"}  # written beside a finished data set by `mifa teacher`
-CARD_FILES = ("README.md", "croissant.json")  # the data set card (card.py), written with every version
 
 
 def _check_file(folder: Path, entry: dict[str, Any], problems: list[str]) -> bool:
