@@ -221,7 +221,10 @@ def dataset_card(manifest: dict[str, Any], stats: dict[str, Any], schema) -> str
             "from mifa_pipeline.data import MifaIterable   # image + label tensors in the AU order above",
             "import datasets                              # or: Hugging Face datasets on the shards",
             f"ds = datasets.load_dataset(\"webdataset\", data_files={{\"{ds['split']}\": \"{ds['split']}-*.tar\"}}, split=\"{ds['split']}\")",
-            "```", "", "`croissant.json` describes the same files in Croissant 1.1 (with RAI fields).", ""]
+            "```", "", "`croissant.json` describes the same files in Croissant 1.1 (with RAI fields). mlcroissant 1.1 "
+            "extracts tars into `~/.cache/croissant/extract/` under a hash of their relative name, the same for every "
+            "mifa data set: give each version its own `CROISSANT_CACHE` (or clear it) before reading images through it.",
+            ""]
     return "\n".join(out)
 
 
