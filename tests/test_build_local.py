@@ -102,6 +102,9 @@ def test_drops_are_counted_and_an_all_dropped_shard_is_empty(small_manifest, fak
     c = build(m).manifest
     assert c["stages"]["filter"]["dropped"] == {"blank_image": 18}
     assert [s["nsamples"] for s in c["shards"]] == [0, 0, 0, 0] and c["counts"]["kept_samples"] == 0
+    full = small_manifest(out=m.output.parent / "full")
+    build(full)  # an empty sidecar has the columns and types of a full one (readers see one schema)
+    assert pq.read_schema(m.output / "train-000000.parquet") == pq.read_schema(full.output / "train-000000.parquet")
     assert list(wds.WebDataset(str(m.output / "train-000000.tar"), shardshuffle=False, empty_check=False)) == []
     assert verify(m.output) == []
 
