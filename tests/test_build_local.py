@@ -567,3 +567,22 @@ def test_a_threshold_only_refilter_writes_the_bytes_a_build_with_that_threshold_
     assert {t: digests(tmp_path / "v2")[t] for t in tars} == {t: digests(direct.output)[t] for t in tars}
     assert {t: digests(tmp_path / "v3")[t] for t in tars} == {t: digests(parent.output)[t] for t in tars}
     assert again["counts"]["kept_samples"] == 18   # the samples v2 dropped come back from its scores tables
+
+
+def test_a_refilter_rewrites_the_samples_of_a_parent_of_another_sample_schema(small_manifest, fake_model, tmp_path,
+                                                                              monkeypatch):
+    """A parent made before the published sample schema (no `sample_schema` in its run manifest) holds other
+    .json bytes: a re-filter writes each kept sample again instead of copying it, so the version is uniform."""
+    from mifa_pipeline.refilter import prepare_refilter, run_refilter
+    from mifa_pipeline.shards import ShardFileWriter
+
+    parent = small_manifest(out=tmp_path / "v1")
+    build(parent)
+    _edit_json(parent.output / "manifest.json", lambda d: d.pop("sample_schema"))
+    copied = []
+    real = ShardFileWriter.copy
+    monkeypatch.setattr(ShardFileWriter, "copy", lambda self, *a: (copied.append(a[0]), real(self, *a))[1])
+    v2 = run_refilter(prepare_refilter(parent.output, ["filter.min_pixel_std=46"], tmp_path / "v2"), "local",
+                      progress=False).manifest
+    assert copied == [] and v2["counts"]["kept_samples"] > 0 and v2["sample_schema"] == 1
+    assert verify(tmp_path / "v2") == []
