@@ -171,7 +171,7 @@ class MifaIterable(IterableDataset):
         if self.shuffle:
             rng = random.Random(f"{self.seed}:{self.epoch}:{rank}:{worker}")
             stages.append(wds.shuffle(self.shuffle, initial=min(self.shuffle, 100), rng=rng))
-        stages.append(wds.map(self._item))
+        stages.append(lambda samples: map(self._item, samples))  # (wds.map would add __key__ back)
         return iter(wds.DataPipeline(*stages))
 
     def _item(self, sample: dict[str, Any]) -> Any:

@@ -41,7 +41,7 @@ def _build(out, *sets):
 def built(tmp_path_factory):
     """5 teacher identities x 3 samples in 5 shards, judged by YuNet, SFace and MediaPipe when installed."""
     out = tmp_path_factory.mktemp("readers") / "demo"
-    _build(out)
+    _build(out, "dataset.license=apache-2.0")
     return out
 
 
@@ -244,13 +244,13 @@ def test_the_card_describes_the_version(built):
     header, text = _card_header(built)
     assert header["configs"][0]["data_files"] == [{"split": "train", "path": "train-*.tar"}]
     assert "synthetic" in header["tags"] and header["annotations_creators"] == ["machine-generated"]
-    assert header["size_categories"] == ["n<1K"] and header["license"] == "unknown"
+    assert header["size_categories"] == ["n<1K"] and header["license"] == "apache-2.0"
     assert header["dataset_info"]["splits"][0]["num_examples"] == manifest["counts"]["kept_samples"]
     assert ", ".join(manifest["au_names"]) in text and manifest["fingerprint"] in text
     for model in manifest["models"]:
         if model["role"].startswith("judge:"):
             assert model["sha256"] in text and model["license"] in text
-    assert "as drawn vs as kept" in text and "not measured" in text
+    assert "as drawn vs as kept" in text and "not measured" in text and "Data licence: apache-2.0" in text
 
 
 def test_croissant_validates_and_reads_records_through_mlcroissant(built, tmp_path, monkeypatch):
@@ -265,6 +265,7 @@ def test_croissant_validates_and_reads_records_through_mlcroissant(built, tmp_pa
     assert not dataset.metadata.issues.errors
     jsonld = json.loads((built / "croissant.json").read_text())
     assert jsonld["conformsTo"] == "http://mlcommons.org/croissant/1.1"
+    assert jsonld["license"] == "https://spdx.org/licenses/Apache-2.0.html"
     assert jsonld["rai:dataCollectionType"] == ["Synthetic data"] and jsonld["rai:dataLimitations"]
     hashes = {f["@id"]: f["sha256"] for f in jsonld["distribution"] if f["@type"] == "cr:FileObject"}
     for shard in manifest["shards"]:
