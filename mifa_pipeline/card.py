@@ -320,5 +320,5 @@ def write_card(folder: Path, manifest: dict[str, Any]) -> list[str]:
     schema = _sidecar_schema(folder, manifest)
     stats = statistics(folder, manifest)
     atomic_write_text(folder / CARD_NAME, dataset_card(manifest, stats, schema))
-    atomic_write_text(folder / CROISSANT_NAME, json.dumps(croissant(manifest, stats, schema), indent=2) + "\n")
+    atomic_write_text(folder / CROISSANT_NAME, json.dumps(croissant(manifest, stats, schema), indent=2, allow_nan=False) + "\n")
     return list(CARD_FILES)

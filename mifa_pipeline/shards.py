@@ -79,7 +79,7 @@ def decode_image(data: bytes, mode: str = "RGB") -> np.ndarray:
 
 
 def metadata_json(metadata: dict[str, Any]) -> bytes:
-    return json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return json.dumps(metadata, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def to_wds(sample: ShardSample) -> dict[str, Any]:
