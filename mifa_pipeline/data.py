@@ -20,6 +20,7 @@ Only torch, webdataset, wids, numpy and PIL are imported: no pipeline or model m
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -184,8 +185,8 @@ def default_cache_dir() -> Path:
 
 
 class ContentLocalname:
-    """wids `localname`: a shard's cache name is its md5 (from the index) + file name, so another build's
-    shard of the same name is another cache entry. A local shard is linked, not copied."""
+    """wids `localname`: a shard's cache name starts with its md5 (from the index), so another build's shard of
+    the same name is another cache entry. A local shard is linked (named by its path too), never copied."""
 
     def __init__(self, shards: list[dict[str, Any]], cache_dir: Path):
         self.md5 = {s["url"]: s["md5sum"] for s in shards}
@@ -194,12 +195,15 @@ class ContentLocalname:
     def __call__(self, url: str) -> str:
         folder = self.cache_dir / self.md5[url]
         folder.mkdir(parents=True, exist_ok=True)
-        local = folder / Path(url).name
-        if "://" not in url and not local.exists():
-            try:
-                os.symlink(os.path.abspath(url), local)
-            except FileExistsError:  # another worker linked it first
-                pass
+        if "://" in url:
+            return str(folder / Path(url).name)  # wids downloads it there once
+        target = os.path.abspath(url)
+        local = folder / f"{hashlib.sha256(target.encode()).hexdigest()[:16]}-{Path(url).name}"
+        if not (local.is_symlink() and os.readlink(local) == target):
+            link = local.with_name(f".{local.name}.{os.getpid()}")
+            link.unlink(missing_ok=True)
+            os.symlink(target, link)
+            os.replace(link, local)  # (atomic: a worker never sees a half-made or stale link)
         return str(local)
 
 

@@ -129,8 +129,9 @@ def test_torch_default_collate_accepts_plain_webdataset_samples(built):
     assert metas["scores"]["face_count_valid"].dtype == torch.bool
 
 
-def test_hugging_face_datasets_loads_the_shards_and_the_folder(built, tmp_path):
+def test_hugging_face_datasets_loads_the_shards_and_the_folder(built, tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
     kept = json.loads((built / "manifest.json").read_text())["counts"]["kept_samples"]
     shards = _nonempty_shards(built)
     ds = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", cache_dir=str(tmp_path / "a"))
@@ -194,6 +195,12 @@ def test_indexed_view_and_versions(built, tmp_path):
         open_data(built, "9.9.9")
     with pytest.raises(ValueError, match="decode"):
         MifaIterable(built, decode="half")
+    import shutil
+
+    for name in ("a", "b"):  # same bytes (same md5) in two folders, the first gone before the second is read
+        shutil.copytree(built, tmp_path / name)
+        assert MifaIndexed(tmp_path / name, cache_dir=tmp_path / "cache")[0]["key"] == streamed[0]
+        shutil.rmtree(tmp_path / name)
 
 
 def test_a_rebuilt_data_set_is_never_served_stale_through_wids(tmp_path):
