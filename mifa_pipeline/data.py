@@ -168,6 +168,8 @@ class MifaIterable(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         urls = self.shards_for(rank, world, worker, workers)
+        if not urls:  # more ranks x workers than shards: this one reads nothing (wds refuses an empty list)
+            return iter(())
         stages: list[Any] = [wds.SimpleShardList(urls), wds.tarfile_to_samples()]
         if self.shuffle:
             rng = random.Random(f"{self.seed}:{self.epoch}:{rank}:{worker}")

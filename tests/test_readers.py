@@ -183,6 +183,8 @@ def test_two_ranks_read_disjoint_shards_that_cover_the_data(built):
     keys = [[item["key"] for item in d] for d in ranks]
     assert not set(keys[0]) & set(keys[1])
     assert sorted(keys[0] + keys[1]) == sorted(_sidecar_labels(built, ranks[0].au_names))
+    many = len(open_data(built).urls()) + 1  # more ranks than shards: the last reads nothing, no error
+    assert list(MifaIterable(built, rank=many - 1, world_size=many)) == []
 
 
 def test_indexed_view_and_versions(built, tmp_path):
