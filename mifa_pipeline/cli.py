@@ -268,12 +268,18 @@ def filter_(
 
 
 @app.command()
-def schema() -> None:
-    """Print the JSON schema of the build manifest."""
+def schema(
+    sample: Annotated[bool, typer.Option("--sample", help="the published sample schema (KEY.json) instead")] = False,
+) -> None:
+    """Print the JSON schema of the build manifest, or with --sample that of each sample's KEY.json."""
+    if sample:
+        from mifa_pipeline.sample_schema import json_schema as sample_schema
+
+        out.print_json(json.dumps(sample_schema()))
+        return
     from mifa_pipeline.config import json_schema
 
     out.print_json(json.dumps(json_schema()))
-
 
 
 @app.command()

@@ -89,6 +89,9 @@ class DatasetSection(_Section):
     version: str = Field("1.0.0", pattern=r"^\d{1,6}\.\d{1,6}\.\d{1,6}$", description="semantic version of this data set")
     split: str = Field("train", pattern=NAME_PATTERN, max_length=64, description="shard prefix: {split}-000000.tar")
     description: str = Field("", max_length=10_000)
+    license: str = Field("unknown", pattern=r"^[A-Za-z0-9_.+-]+$", max_length=64,
+                         description="licence of the data, for its card: an SPDX id (e.g. apache-2.0), 'other' or "
+                                     "'unknown'; it should follow the generator's")
 
 
 class ExpressionMix(_Section):
@@ -415,6 +418,7 @@ RUNTIME_ONLY_FIELDS = {
 LATER_OPTIONS_AT_DEFAULT = {
     ("prompts", "random_aus", "only"): None,
     ("identities", "non_face_references"): "error",
+    ("dataset", "license"): "unknown",
 }
 
 

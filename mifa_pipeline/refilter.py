@@ -27,6 +27,7 @@ from mifa_pipeline.manifest import (REFILTER_STAGES, SCHEMA_VERSION, chain_finge
                                     stage_configs)
 from mifa_pipeline.plan import BuildPlan, IdentityBlock, ShardSlots
 from mifa_pipeline.records import StageStats
+from mifa_pipeline.sample_schema import SAMPLE_SCHEMA_VERSION
 from mifa_pipeline.runner import (BuildError, BuildResult, PreparedBuild, Runner, check_output, check_thresholds,
                                   make_executor, make_identity_table)
 from mifa_pipeline.shards import decode_image, tar_members, tar_segments
@@ -188,6 +189,8 @@ class RefilterWorker:
         self.parent = build.parent_dir
         self.fingerprint = fingerprint
         self.rescore, self.removed = set(build.rescore), set(build.removed)
+        # a parent of another sample schema has other .json bytes: its samples are re-written, never copied
+        self.copyable = (build.parent_manifest or {}).get("sample_schema") == SAMPLE_SCHEMA_VERSION
         self.judges: Judges | None = None
 
     def _judges(self) -> Judges:
@@ -269,7 +272,7 @@ class RefilterWorker:
             scores["identity_nearest_earlier_cosine"] = person["nearest_earlier_cosine"]
             after = json.dumps(scores, separators=(",", ":"))
             row.update(scores=after, keep=reason is None, drop_reason=reason, image=None)
-            if reason is None and row["key"] in parent_kept and after == before:
+            if reason is None and row["key"] in parent_kept and after == before and self.copyable:
                 unchanged.append(row["key"])  # same members as in the parent: copied, not rebuilt
             elif reason is None or scores.get("image_valid"):
                 row["image"] = image(row)

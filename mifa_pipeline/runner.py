@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mifa_pipeline import identity_table
+from mifa_pipeline.card import CARD_FILES, write_card
 from mifa_pipeline.config import BuildManifest, canonical_json, checkpoint_dir, sha256_text, thresholds_no_sample_passes
 from mifa_pipeline.done import DONE_DIR, WORK_DIR, any_done, done_names, forget, write_done
 from mifa_pipeline.executors import Executor, WorkerSpec
@@ -30,6 +31,7 @@ from mifa_pipeline.manifest import (MANIFEST_NAME, SCHEMA_VERSION, chain_fingerp
 from mifa_pipeline.plan import BuildPlan
 from mifa_pipeline.progress import BuildProgress
 from mifa_pipeline.records import StageStats
+from mifa_pipeline.sample_schema import SAMPLE_SCHEMA_VERSION
 from mifa_pipeline.shards import SHARD_INDEX, TMP_MARK, ShardInfo, write_shard_index
 from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.references import ReferenceError, check_references
@@ -198,7 +200,7 @@ def remove_build(out: Location) -> None:
     out.remove_tree(WORK_DIR)
     out.remove_tree(SCORES_DIR)
     for name in out.listdir():
-        if name.endswith((".tar", ".parquet")) or TMP_MARK in name or name in (MANIFEST_NAME, SHARD_INDEX):
+        if name.endswith((".tar", ".parquet")) or TMP_MARK in name or name in (MANIFEST_NAME, SHARD_INDEX, *CARD_FILES):
             out.remove(name)
 
 
@@ -389,6 +391,8 @@ class Runner:
                 self.build = check_output(replace(self.build))  # again, now that the output is ours
                 if self.build.state == "complete":
                     result = BuildResult("complete", read_run_manifest(self.out), 0.0)
+                    if result.manifest.get("sample_schema") and not all(self.out.isfile(n) for n in CARD_FILES):
+                        write_card(self.out, result.manifest)
                 else:
                     if taken:
                         self.notes.append(taken)
@@ -465,6 +469,7 @@ class Runner:
         content = self._run_manifest(ordered, identities, index, wall, len(pending))
         job.annotate(content)
         write_run_manifest(self.out, content)
+        write_card(self.out, content)
         return BuildResult("resumed" if resumed else "built", content, wall, len(pending), self.notes)
 
     def _run_manifest(self, records: list[dict[str, Any]], identities: dict[str, Any], index: str,
@@ -489,6 +494,7 @@ class Runner:
             "models": [*self.build.models],
             "model": model_description(m.model),
             "au_names": list(m.prompts.au_names),
+            "sample_schema": SAMPLE_SCHEMA_VERSION,
             "counts": {"identities": m.identities.count, "planned_samples": self.build.plan.total_samples,
                        "kept_samples": kept,
                        "duplicate_identities": identities["duplicates"]},

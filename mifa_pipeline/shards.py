@@ -81,7 +81,7 @@ def decode_image(data: bytes, mode: str = "RGB") -> np.ndarray:
 
 
 def metadata_json(metadata: dict[str, Any]) -> bytes:
-    return json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return json.dumps(metadata, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def to_wds(sample: ShardSample) -> dict[str, Any]:
@@ -139,7 +139,18 @@ def _column(values: list[Any]) -> pa.Array:
     return pa.array(values, type=kind)
 
 
-def sidecar_table(rows: list[dict[str, Any]]) -> pa.Table:
+def sidecar_table(rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> pa.Table:
+    """The sidecar of a shard's rows: with `schema` (the published one), exactly its columns and types, no null."""
+    if schema is not None:
+        for row in rows:
+            if list(row) != schema.names:
+                differ = sorted(set(row) ^ set(schema.names)) or "order"
+                raise ValueError(f"sidecar row {row.get('key')}: columns differ from the sidecar schema ({differ})")
+        table = pa.Table.from_pylist(rows, schema=schema)
+        nulls = [name for name, col in zip(table.column_names, table.columns) if col.null_count]
+        if nulls:
+            raise ValueError(f"sidecar: null in {nulls[:5]}; the sample schema allows none")
+        return table
     if not rows:  # a shard whose samples were all dropped: the columns every sidecar has
         return pa.table({"key": pa.array([], pa.string()), "shard": pa.array([], pa.string()),
                          "label": pa.array([], pa.int64()), "image_ext": pa.array([], pa.string()),
@@ -206,9 +217,10 @@ def file_digests(path: Path) -> tuple[str, str, int]:
 class ShardFileWriter:
     """Writes one shard (tar + parquet sidecar) sample by sample; `close()` commits both by rename."""
 
-    def __init__(self, out: "Location | Path | str", name: str):
+    def __init__(self, out: "Location | Path | str", name: str, sidecar_schema: pa.Schema | None = None):
         self.out = location(out)
         self.name = name
+        self.sidecar_schema = sidecar_schema
         self.tmp_path = self.out.stage(name)
         self._file = open(self.tmp_path, "wb")
         self._writer = wds.TarWriter(self._file, user="mifa", group="mifa", mode=0o644, encoder=False, mtime=FIXED_MTIME)
@@ -241,7 +253,7 @@ class ShardFileWriter:
         self._writer.close()  # closes the tar stream (and our file)
         if not self._file.closed:
             self._file.close()
-        self.out.write_parquet(self.name.removesuffix(".tar") + ".parquet", sidecar_table(self.rows))
+        self.out.write_parquet(self.name.removesuffix(".tar") + ".parquet", sidecar_table(self.rows, self.sidecar_schema))
         self.out.commit(self.tmp_path, self.name)
 
     def abort(self) -> None:

@@ -13,11 +13,13 @@ import tarfile
 from collections import Counter
 from typing import Any
 
+from mifa_pipeline.card import CARD_FILES
 from mifa_pipeline.done import file_mismatch
 from mifa_pipeline.identity_table import IDENTITIES_FILE
 from mifa_pipeline.lock import LOCK_NAME
 from mifa_pipeline.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_run_manifest
 from mifa_pipeline.records import sample_key
+from mifa_pipeline.sample_schema import SAMPLE_SCHEMA_VERSION, validator
 from mifa_pipeline.shards import KEY_PATTERN, ShardSample, shard_name, sidecar_row, tar_members
 from mifa_pipeline.storage import Location, location
 
@@ -48,7 +50,7 @@ def recomputed_fingerprint(manifest: dict[str, Any]) -> str:
 
 
 def _check_shard(folder: Location, shard: dict[str, Any], planned: range, spi: int, problems: list[str],
-                 reasons: Counter, keys_seen: set[str]) -> int:
+                 reasons: Counter, keys_seen: set[str], check_sample, schemas: dict[str, str]) -> int:
     """One shard's tar, sidecar and scores table; returns the number of planned rows found."""
     name = shard["path"]
     tar_ok = _check_file(folder, shard, problems)
@@ -68,7 +70,9 @@ def _check_shard(folder: Location, shard: dict[str, Any], planned: range, spi: i
         if not {"json", "cls"} <= set(exts) or not set(exts) & {"png", "jpg", "webp"}:
             problems.append(f"{name}: sample {key} has members {sorted(exts)}, expected image + json + cls")
     if _check_file(folder, shard["sidecar"], problems):
-        rows = folder.read_parquet(shard["sidecar"]["path"]).to_pylist()
+        table = folder.read_parquet(shard["sidecar"]["path"])
+        schemas.setdefault(str(table.schema), shard["sidecar"]["path"])
+        rows = table.to_pylist()
         if [r["key"] for r in rows] != list(members):
             problems.append(f"{shard['sidecar']['path']}: keys differ from {name}")
         for row in rows:
@@ -77,11 +81,18 @@ def _check_shard(folder: Location, shard: dict[str, Any], planned: range, spi: i
                 continue
             image_ext = row.get("image_ext")
             try:
+                meta = json.loads(exts["json"])
                 expected = sidecar_row(ShardSample(row["key"], exts.get(image_ext, b""), image_ext,
-                                                   json.loads(exts["json"]), int(exts.get("cls", b"-1"))), name)
+                                                   meta, int(exts.get("cls", b"-1"))), name)
             except (ValueError, TypeError) as exc:
                 problems.append(f"{name}: sample {row['key']}: unreadable .json/.cls ({exc})")
                 continue
+            if check_sample is not None:
+                error = next(iter(check_sample.iter_errors(meta)), None)
+                if error is not None:
+                    where = "/".join(str(p) for p in error.absolute_path) or "(top)"
+                    problems.append(f"{name}: sample {row['key']}: .json {where}: {error.message[:200]} "
+                                    f"(schema {check_sample.schema['$id']})")
             differ = sorted(k for k in set(row) | set(expected) if row.get(k) != expected.get(k))
             if differ:
                 problems.append(f"{shard['sidecar']['path']}: row {row['key']} disagrees with its tar member in {differ[:5]}")
@@ -124,9 +135,17 @@ def verify(where: "Location | str") -> list[str]:
     reasons: Counter = Counter()
     keys_seen: set[str] = set()
     planned_found = 0
+    check_sample = None  # data sets made before the sample schema (no `sample_schema`) are not held to it
+    if manifest.get("sample_schema") == SAMPLE_SCHEMA_VERSION:
+        check_sample = validator(list(manifest["au_names"]))
+    elif manifest.get("sample_schema") is not None:
+        problems.append(f"manifest.json: sample_schema {manifest['sample_schema']}, this mifa knows {SAMPLE_SCHEMA_VERSION}")
+    schemas: dict[str, str] = {}
     for i, shard in enumerate(manifest["shards"]):
         slots = range(i * per, min((i + 1) * per, counts["planned_samples"]))
-        planned_found += _check_shard(folder, shard, slots, spi, problems, reasons, keys_seen)
+        planned_found += _check_shard(folder, shard, slots, spi, problems, reasons, keys_seen, check_sample, schemas)
+    if check_sample is not None and len(schemas) > 1:
+        problems.append(f"sidecars: {len(schemas)} different column schemas ({', '.join(schemas.values())}); expected one")
     if manifest.get("identities"):
         _check_file(folder, manifest["identities"], problems)
     else:
@@ -159,7 +178,7 @@ def verify(where: "Location | str") -> list[str]:
         problems.append(f"stages: drops by reason {dict(recorded)} differ from the scores tables' {dict(reasons)}")
     if stages.get("write", {}).get("out") != kept:
         problems.append(f"stages.write: out {stages.get('write', {}).get('out')} != {kept} samples in the shards")
-    expected = {MANIFEST_NAME, index_name, IDENTITIES_FILE, LOCK_NAME, *COMPANIONS}
+    expected = {MANIFEST_NAME, index_name, IDENTITIES_FILE, LOCK_NAME, *COMPANIONS, *CARD_FILES}
     for s in manifest["shards"]:
         expected |= {s["path"], s["sidecar"]["path"], s["scores"]["path"]}
     for relative in folder.find():

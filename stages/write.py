@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
-from mifa_pipeline.shards import ShardFileWriter, ShardSample
+from mifa_pipeline.sample_schema import public_scores
+from mifa_pipeline.shards import ShardFileWriter, ShardSample, sidecar_row
 from mifa_pipeline.storage import Location
 
 ROUND = 5  # decimals of the float labels and scores in .json: stable, readable, far below label noise
@@ -50,26 +51,43 @@ def sample_row(sample: SampleRecord, person: IdentityRecord, image_ext: str) -> 
 
 
 def sample_metadata(row: dict[str, Any], dataset: dict[str, str], model: str) -> dict[str, Any]:
-    """The `.json` member of a sample, from its row."""
+    """The `.json` member of a sample, from its row: a pure function of the row (a re-filter that keeps a
+    sample copies these bytes), in the published schema (`sample_schema`: one type per field, no null)."""
+    requested = json.loads(row["requested"])
     prob = json.loads(row["occurrence_prob"])
     intensity = json.loads(row["intensity"])
     return {
         "key": row["key"],
         "dataset": dataset,
-        "identity": row["identity"],
-        "sample": row["sample"],
-        "seed": row["seed"],
+        "identity": int(row["identity"]),
+        "sample": int(row["sample"]),
+        "seed": int(row["seed"]),
         "model": model,
         "prompt": row["prompt"],
         "expression": row["expression"],
-        "demographics": json.loads(row["demographics"]),
-        "requested_aus": json.loads(row["requested"]),
-        "occurrence_prob": {au: round(p, ROUND) for au, p in prob.items()},
+        "demographics": {k: str(v) for k, v in json.loads(row["demographics"]).items()},
+        "requested_aus": {au: int(v) for au, v in requested.items()},
+        "occurrence_prob": {au: round(float(p), ROUND) for au, p in prob.items()},
         "occurrence": {au: int(p >= 0.5) for au, p in prob.items()},
-        "intensity": {au: round(v, ROUND) for au, v in intensity.items()},
+        "intensity": {au: round(float(v), ROUND) for au, v in intensity.items()},
         "intensity_rounded": {au: int(np.rint(v)) for au, v in intensity.items()},
-        "scores": json.loads(row["scores"]),
+        "scores": public_scores(json.loads(row["scores"]), list(requested)),
     }
+
+
+_ARROW_TYPES = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
+
+
+def sidecar_schema(row: dict[str, Any], dataset: dict[str, str], model: str, shard: str) -> pa.Schema:
+    """The sidecar's Arrow schema, from any planned row of the shard (kept or not: the AU order and the
+    demographic keys are the data set's): the same columns and types in every sidecar, an empty one too."""
+    aus = list(json.loads(row["requested"]))
+    template = {**row, "requested": json.dumps({au: 0 for au in aus}),
+                "occurrence_prob": json.dumps({au: 0.0 for au in aus}), "intensity": json.dumps({au: 0.0 for au in aus}),
+                "scores": "{}"}
+    meta = sample_metadata(template, dataset, model)
+    flat = sidecar_row(ShardSample(key=row["key"], image=b"", image_ext="png", metadata=meta, label=0), shard)
+    return pa.schema([pa.field(name, _ARROW_TYPES[type(value)], nullable=False) for name, value in flat.items()])
 
 
 def scores_path(name: str) -> str:
@@ -78,7 +96,7 @@ def scores_path(name: str) -> str:
 
 class ShardWriting:
     name = "write"
-    version = "2"
+    version = "3"  # 3: the published sample schema (sample_schema.py)
 
     def __init__(self, out: Location, dataset: dict[str, str], model: str):
         self.out = out
@@ -96,7 +114,8 @@ class ShardWriting:
         start = time.perf_counter()
         kept = [r for r in rows if r["keep"]]
         copies = copies or {}
-        writer = ShardFileWriter(self.out, f"{name}.tar")
+        schema = sidecar_schema(rows[0], self.dataset, self.model, f"{name}.tar") if rows else None
+        writer = ShardFileWriter(self.out, f"{name}.tar", schema)
         try:
             for row in kept:
                 if row["key"] in copies:

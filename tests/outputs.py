@@ -7,7 +7,9 @@ from mifa_pipeline.storage import location
 
 def digests(where) -> dict[str, str]:
     """Every published file (shards, sidecars, scores tables, identity table, index) by content; `where` is a
-    folder or any storage URL. The run manifest (it records times) and `_work/` are left out."""
+    folder or any storage URL. The run manifest and the card (they record times and dates) and `_work/` are
+    left out."""
     folder = location(str(where))
-    names = [n for n in folder.find() if not n.startswith(("_work", "manifest.json", ".mifa-lock"))]
+    names = [n for n in folder.find()
+             if not n.startswith(("_work", "manifest.json", ".mifa-lock", "README.md", "croissant.json"))]
     return {n: hashlib.sha256(folder.read_bytes(n)).hexdigest() for n in names}

@@ -50,6 +50,12 @@ def test_judges_and_teacher_share_no_code_with_the_model(path):
     assert not {m for m in imports_of(path) if m.startswith("mifa_pipeline.maugen")}
 
 
+def test_the_loader_imports_nothing_of_the_pipeline():
+    """`mifa_pipeline.data` is what downstream teams import: torch, webdataset, wids, numpy, PIL only."""
+    imports = imports_of(PKG / "data.py")
+    assert not {m for m in imports if m.startswith("mifa_pipeline") or m.split(".")[0] in ("ray", "diffusers", "transformers")}
+
+
 def test_only_the_ray_executor_imports_ray_and_shards_know_no_model():
     for path in sources(PKG):
         if path.name != "ray_executor.py":

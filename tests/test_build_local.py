@@ -99,6 +99,9 @@ def test_drops_are_counted_and_an_all_dropped_shard_is_empty(small_manifest, fak
     c = build_data(prepare(m, allow_empty=True), "local", progress=False).manifest
     assert c["stages"]["filter"]["dropped"] == {"blank_image": 18}
     assert [s["nsamples"] for s in c["shards"]] == [0, 0, 0, 0] and c["counts"]["kept_samples"] == 0
+    full = small_manifest(out=Path(m.output).parent / "full")
+    build(full)  # an empty sidecar has the columns and types of a full one (readers see one schema)
+    assert pq.read_schema(Path(m.output) / "train-000000.parquet") == pq.read_schema(Path(full.output) / "train-000000.parquet")
     assert list(wds.WebDataset(str(Path(m.output) / "train-000000.tar"), shardshuffle=False, empty_check=False)) == []
     assert verify(Path(m.output)) == []
 
@@ -512,7 +515,7 @@ def test_interrupted_refilter_resumes_to_the_same_bytes(small_manifest, fake_mod
     parent = small_manifest(out=tmp_path / "v1")
     build(parent)
     sets = ["filter.min_pixel_std=46"]
-    rf.run_refilter(rf.prepare_refilter(Path(parent.output), sets, tmp_path / "whole"), "local", progress=False)
+    rf.run_refilter(rf.prepare_refilter(Path(parent.output), sets, tmp_path / "a" / "whole"), "local", progress=False)
     real, calls = rf.RefilterWorker.make_shard, []
 
     def dies_on_the_third_shard(self, shard):
@@ -523,15 +526,15 @@ def test_interrupted_refilter_resumes_to_the_same_bytes(small_manifest, fake_mod
 
     monkeypatch.setattr(rf.RefilterWorker, "make_shard", dies_on_the_third_shard)
     with pytest.raises(KeyboardInterrupt):
-        rf.run_refilter(rf.prepare_refilter(Path(parent.output), sets, tmp_path / "cut"), "local", progress=False)
-    assert not (tmp_path / "cut" / "manifest.json").exists()
+        rf.run_refilter(rf.prepare_refilter(Path(parent.output), sets, tmp_path / "b" / "cut"), "local", progress=False)
+    assert not (tmp_path / "b" / "cut" / "manifest.json").exists()
     monkeypatch.setattr(rf.RefilterWorker, "make_shard", real)
-    again = rf.prepare_refilter(Path(parent.output), sets, tmp_path / "cut")
+    again = rf.prepare_refilter(Path(parent.output), sets, tmp_path / "b" / "cut")
     assert again.state == "resume"
     result = rf.run_refilter(again, "local", progress=False)
     assert result.state == "resumed" and result.units_run == 2
-    assert digests(tmp_path / "cut") == digests(tmp_path / "whole")
-    assert verify(tmp_path / "cut") == []
+    assert digests(tmp_path / "b" / "cut") == digests(tmp_path / "a" / "whole")
+    assert verify(tmp_path / "b" / "cut") == []
 
 
 def test_a_threshold_only_refilter_writes_the_bytes_a_build_with_that_threshold_writes(small_manifest, fake_model, tmp_path,
@@ -562,3 +565,22 @@ def test_a_threshold_only_refilter_writes_the_bytes_a_build_with_that_threshold_
     assert {t: digests(tmp_path / "v2")[t] for t in tars} == {t: digests(direct.output)[t] for t in tars}
     assert {t: digests(tmp_path / "v3")[t] for t in tars} == {t: digests(Path(parent.output))[t] for t in tars}
     assert again["counts"]["kept_samples"] == 18   # the samples v2 dropped come back from its scores tables
+
+
+def test_a_refilter_rewrites_the_samples_of_a_parent_of_another_sample_schema(small_manifest, fake_model, tmp_path,
+                                                                              monkeypatch):
+    """A parent made before the published sample schema (no `sample_schema` in its run manifest) holds other
+    .json bytes: a re-filter writes each kept sample again instead of copying it, so the version is uniform."""
+    from mifa_pipeline.refilter import prepare_refilter, run_refilter
+    from mifa_pipeline.shards import ShardFileWriter
+
+    parent = small_manifest(out=tmp_path / "v1")
+    build(parent)
+    _edit_json(Path(parent.output) / "manifest.json", lambda d: d.pop("sample_schema"))
+    copied = []
+    real = ShardFileWriter.copy
+    monkeypatch.setattr(ShardFileWriter, "copy", lambda self, *a: (copied.append(a[0]), real(self, *a))[1])
+    v2 = run_refilter(prepare_refilter(parent.output, ["filter.min_pixel_std=46"], tmp_path / "v2"), "local",
+                      progress=False).manifest
+    assert copied == [] and v2["counts"]["kept_samples"] > 0 and v2["sample_schema"] == 1
+    assert verify(tmp_path / "v2") == []

@@ -75,12 +75,12 @@ def test_refilter_on_ray_equals_local_and_keeps_the_parent(ray_fake_cluster, sma
     stds = sorted(json.loads(r["scores"])["pixel_std"] for f in sorted((Path(parent.output) / "scores").glob("*.parquet"))
                   for r in pq.read_table(f, columns=["scores"]).to_pylist())
     sets = [f"filter.min_pixel_std={stds[len(stds) // 2]}"]  # the median contrast: about half kept
-    on_ray = run_refilter(prepare_refilter(Path(parent.output), sets, tmp_path / "ray"), "ray", progress=False)
-    local = run_refilter(prepare_refilter(Path(parent.output), sets, tmp_path / "local"), "local", progress=False)
+    on_ray = run_refilter(prepare_refilter(Path(parent.output), sets, tmp_path / "a" / "ray"), "ray", progress=False)
+    local = run_refilter(prepare_refilter(Path(parent.output), sets, tmp_path / "b" / "local"), "local", progress=False)
     assert on_ray.manifest["parent"]["fingerprint"] == local.manifest["parent"]["fingerprint"]
     assert 0 < on_ray.manifest["counts"]["kept_samples"] < 18
-    assert digests(tmp_path / "ray") == digests(tmp_path / "local")
-    assert digests(Path(parent.output)) == before and verify(tmp_path / "ray") == []
+    assert digests(tmp_path / "a" / "ray") == digests(tmp_path / "b" / "local")
+    assert digests(Path(parent.output)) == before and verify(tmp_path / "a" / "ray") == []
 
 
 def test_sigterm_stops_a_ray_build_cleanly_and_it_resumes(tmp_path):

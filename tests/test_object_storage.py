@@ -158,6 +158,13 @@ def test_a_build_to_s3_is_the_local_build_and_every_command_reads_it(s3_server, 
         entry["url"] = f"{url}/{entry['url']}"
     dataset = wids.ShardListDataset(index["shardlist"], cache_dir=str(tmp_path / "wids-cache"))
     assert len(dataset) == len(samples) and dataset[0]["__key__"] == samples[0]["__key__"]
+    # and mifa's own loader, streaming and random access, straight from the bucket
+    from mifa_pipeline.data import MifaIndexed, MifaIterable
+
+    streamed = list(MifaIterable(url))
+    indexed = MifaIndexed(url, cache_dir=tmp_path / "mifa-cache")
+    assert len(streamed) == len(indexed) == len(samples)
+    assert (streamed[0]["image"] == indexed[0]["image"]).all()
 
 
 @s3

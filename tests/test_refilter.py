@@ -48,8 +48,8 @@ def test_build_stores_every_judge_score(judged_build):
     for row in rows:
         assert row["scores_face_count"] == 1
         assert row["scores_identity_cosine"] > 0.5  # same rendered person as the reference
-        assert 0 <= row["scores_au_agreement"] <= 1 and row["scores_au_est_AU12"] is not None
-        assert row["scores_identity_nearest_earlier_cosine"] is None or row["identity"] > 0
+        assert 0 <= row["scores_au_agreement"] <= 1 and row["scores_au_est_AU12_valid"]
+        assert row["scores_identity_nearest_earlier_cosine_valid"] == (row["identity"] > 0)
 
 
 def test_threshold_only_refilter_runs_no_model_and_leaves_the_parent_intact(judged_build, tmp_path, monkeypatch):
