@@ -129,7 +129,8 @@ class MAUGen(nn.Module):
         self.au_cue.data = self.au_cue.data.to(device=device, dtype=dtype or self.dtype)
         return self
 
-    def enable_speedups(self, channels_last: bool = True, compile: bool = False) -> "MAUGen":
+    def enable_speedups(self, channels_last: bool = True, compile: bool = False,
+                        compile_backend: str = "inductor") -> "MAUGen":
         """GPU options: channels_last memory format for the conv nets; ``torch.compile`` of the diffusers UNet
         and the VAE decoder (in place, so state-dict keys are unchanged; the label-branch taps still fire).
         Numerics change within float tolerance (tests/model/test_maugen_precision.py); off by default.
@@ -138,8 +139,8 @@ class MAUGen(nn.Module):
             self.dig.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         if compile:
-            self.dig.unet.compile(fullgraph=False, dynamic=False)
-            self.vae.decoder.compile(fullgraph=False, dynamic=False)
+            self.dig.unet.compile(fullgraph=False, dynamic=False, backend=compile_backend)
+            self.vae.decoder.compile(fullgraph=False, dynamic=False, backend=compile_backend)
         return self
 
     # ----------------------------------------------------------------- inference
