@@ -49,7 +49,7 @@ def start_ray_with(standin: float | None) -> None:
 
     from benchmarks.standin import ENV
 
-    ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False,
+    ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False,
              runtime_env={"worker_process_setup_hook": "benchmarks.standin.install",
                           "env_vars": {ENV: str(standin), "PYTHONPATH": os.pathsep.join(
                               [str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}})
