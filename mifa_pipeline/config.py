@@ -252,17 +252,36 @@ class ModelSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+AUTO_BATCH_CPU = 16  # sampler.batch_size 'auto' off CUDA (and under batch_invariant, where memory does not grow)
+MAX_BATCH = 4096
+
+
 class SamplerSection(_Section):
     steps: int = Field(30, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0, le=50, description="classifier-free guidance (SD-1.5 models: 7.5)")
     resolution: int | None = Field(None, ge=16, le=2048, description="square image size; default: the model's")
     scheduler: Literal["ddim", "dpm++", "euler", "pndm"] = "ddim"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    batch_size: int = Field(16, ge=1, le=4096, description="samples per model call")
+    batch_size: int | Literal["auto"] = Field(
+        16, description="samples per model call; 'auto': on CUDA the largest batch that fits the free device memory "
+        "at this resolution and dtype (found once per worker by trial steps, recorded in the run manifest), "
+        f"elsewhere {AUTO_BATCH_CPU}")
     batch_invariant: bool = Field(
         True, description="true: every sample runs alone inside the batch, so results are bitwise the same for any "
         "batch_size (slower); false: full batching (GPU throughput), results then depend on batch_size and "
         "resources.identities_per_unit within float tolerance, and both enter the fingerprint")
+    compile: bool = Field(False, description="torch.compile the UNet and the VAE decoder (GPU speed; the first "
+                          "batch waits for compilation; outputs differ from eager within float tolerance, so it "
+                          "enters the fingerprint)")
+    channels_last: bool = Field(False, description="channels_last memory format for the UNet and VAE (GPU speed; "
+                                "enters the fingerprint like compile)")
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_range(cls, value: Any) -> int | str:
+        if value == "auto" or (type(value) is int and 1 <= value <= MAX_BATCH):
+            return value
+        raise ValueError(f"batch_size must be 'auto' or an integer from 1 to {MAX_BATCH}, got {value!r}")
 
     @field_validator("resolution")
     @classmethod
@@ -419,6 +438,8 @@ LATER_OPTIONS_AT_DEFAULT = {
     ("prompts", "random_aus", "only"): None,
     ("identities", "non_face_references"): "error",
     ("dataset", "license"): "unknown",
+    ("sampler", "compile"): False,
+    ("sampler", "channels_last"): False,
 }
 
 

@@ -84,7 +84,9 @@ def start_ray(address: str | None) -> bool:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+            # "local": a new Ray of our own, never one that another user started on this machine (which
+            # ray.init() would join through /tmp/ray/ray_current_cluster); --ray-address auto joins that
+            ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
     except ConnectionError as exc:
         raise ClusterUnreachable(f"--ray-address {address}: could not join a Ray cluster ({str(exc).splitlines()[0][:200]}); "
                                  "for 'auto', start one on this machine first (`ray start --head`), or omit "

@@ -467,6 +467,7 @@ class Runner:
         index = write_shard_index(self.out, self.manifest.dataset.name, infos)
         wall = time.perf_counter() - start
         content = self._run_manifest(ordered, identities, index, wall, len(pending))
+        content["generation_last_run"] = generator_activity([records[s.name] for s in pending], wall)
         job.annotate(content)
         write_run_manifest(self.out, content)
         write_card(self.out, content)
@@ -507,6 +508,31 @@ class Runner:
             "shards_run_last": shards_run,
             "driver_received_bytes_last_run": self.executor.received_bytes,
         }
+
+
+def generator_activity(records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """Per generation worker, its seconds inside generation in this run's shards (`busy_seconds`) against the
+    build's wall seconds, and after its first shard (warm-up: model load, compilation, the pipeline filling):
+    busy / (end of its last shard - end of its first). A GPU that waits for CPU work shows here."""
+    workers: dict[str, dict[str, Any]] = {}
+    for r in sorted((r["generator"] for r in records if r.get("generator")), key=lambda g: g["started"]):
+        w = workers.setdefault(r["worker"], {"worker": r["worker"], "device": r["device"], "batch_size": r["batch_size"],
+                                             "batch_size_source": r["batch_size_source"], "shards": 0,
+                                             "busy_seconds": 0.0, "first": r, "last_ended": r["ended"]})
+        w["shards"] += 1
+        w["busy_seconds"] += r["busy_seconds"]
+        w["last_ended"] = max(w["last_ended"], r["ended"])
+    out = []
+    for w in workers.values():
+        first = w.pop("first")
+        after, span = w["busy_seconds"] - first["busy_seconds"], w.pop("last_ended") - first["ended"]
+        w["busy_seconds"] = round(w["busy_seconds"], 3)
+        w["busy_share_of_wall"] = round(w["busy_seconds"] / wall, 4) if wall > 0 else None
+        w["busy_share_after_first_shard"] = round(min(1.0, after / span), 4) if w["shards"] > 1 and span > 0 else None
+        out.append(w)
+    total = sum(w["busy_seconds"] for w in out)
+    return {"wall_seconds": round(wall, 3), "workers": out,
+            "busy_share_of_wall": round(total / (wall * len(out)), 4) if out and wall > 0 else None}
 
 
 def _file_record(path: str, record: dict[str, Any]) -> dict[str, Any]:

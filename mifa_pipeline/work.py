@@ -12,6 +12,8 @@ the driver never sees an image. Executors decide where workers run; this module 
 from __future__ import annotations
 
 import math
+import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -71,6 +73,7 @@ class BuildWorker:
         self.identities = None
         self.judges = None
         self.prompts = prompt_stage(manifest)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._setup, self._generating, self._finishing = threading.Lock(), threading.Lock(), threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # locks do not pickle; a copy gets its own
@@ -157,9 +160,19 @@ class BuildWorker:
         self.setup()
         forget(self.out, shard.name)
         with self._generating:
+            started = time.time()
             made = self._generate(shard)
+            activity = self._activity(started, made[-1][-1].seconds)
         with self._finishing:
-            return self._finish(shard, *made)
+            return self._finish(shard, *made, generator=activity)
+
+    def _activity(self, started: float, busy: float) -> dict[str, Any]:
+        """Which worker generated a shard, when, and its seconds inside generation (the GPU's busy time);
+        the run manifest sums them per worker (runner.generator_activity)."""
+        gen = self.generation
+        return {"worker": self.worker_id, "busy_seconds": round(busy, 4), "started": round(started, 4),
+                "ended": round(time.time(), 4), "batch_size": getattr(gen, "batch_size", None),
+                "batch_size_source": getattr(gen, "batch_size_source", None), "device": str(getattr(gen, "device", "cpu"))}
 
     def _generate(self, shard: ShardSlots):
         start = time.perf_counter()
@@ -181,7 +194,8 @@ class BuildWorker:
         generate, gen_stats = self.generation.run(generate, people)
         return people, rows, samples, generate, [prompt_stats, dup_stats, gen_stats]
 
-    def _finish(self, shard: ShardSlots, people, rows, samples, generate, stats) -> dict[str, Any]:
+    def _finish(self, shard: ShardSlots, people, rows, samples, generate, stats,
+                generator: dict[str, Any] | None = None) -> dict[str, Any]:
         m, w = self.manifest, self.manifest.writer
         generate, filter_stats = Filtering(m.filter, self.generation.resolution, self.judges).run(generate, people)
         encoding = time.perf_counter()
@@ -195,5 +209,6 @@ class BuildWorker:
         contents, files, write_stats = writing.run(shard.name, [sample_row(s, people[s.identity], w.image_format)
                                                                 for s in samples])
         stats = [*stats, filter_stats, write_stats]
+        extra = {} if generator is None else {"generator": generator}
         return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, **contents,
-                          stats={s.name: s.to_json() for s in stats})
+                          stats={s.name: s.to_json() for s in stats}, **extra)

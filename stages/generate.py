@@ -9,13 +9,14 @@ which batch a sample falls into.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mifa_pipeline.config import ModelSection, SamplerSection, checkpoint_dir
+from mifa_pipeline.config import AUTO_BATCH_CPU, ModelSection, SamplerSection, checkpoint_dir
 from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,7 +39,69 @@ def load_model(model: ModelSection, sampler: SamplerSection) -> Any:
     if device.type == "cpu" and dtype != torch.float32:
         raise ValueError(f"sampler.dtype {sampler.dtype!r} needs a GPU; use float32 on CPU")
     net = MAUGen.from_pretrained(checkpoint_dir(model.checkpoint))
-    return net.to(device=device, dtype=dtype)
+    net = net.to(device=device, dtype=dtype)
+    return net.enable_speedups(channels_last=sampler.channels_last, compile=sampler.compile)
+
+
+AUTO_BATCH_LIMIT = 256  # the search for sampler.batch_size 'auto' stops here
+
+
+def largest_batch(fits: Callable[[int], bool], limit: int = AUTO_BATCH_LIMIT) -> int:
+    """The largest b <= limit with fits(b), for fits monotone (true up to some size): doubling from 1, then
+    bisection between the last size that fitted and the first that did not; 0 when even 1 does not fit."""
+    if not fits(1):
+        return 0
+    good = 1
+    while good < limit:
+        trial = min(2 * good, limit)
+        if not fits(trial):
+            bad = trial
+            break
+        good = trial
+    else:
+        return good
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def cuda_trial(model: Any, resolution: int, sampler: SamplerSection, negative_prompt: str = "") -> Callable[[int], bool]:
+    """fits(b): one sampling step (CFG and labels as configured) plus the VAE decode of b samples at the build's
+    resolution and dtype, run on the device; False on torch.cuda.OutOfMemoryError (the cache is freed after)."""
+    device = next(iter(model.parameters())).device
+
+    def fits(b: int) -> bool:
+        try:
+            model.sample(prompts=["a face"] * b, masked_images=torch.zeros(b, 3, resolution, resolution, device=device),
+                         masks=torch.ones(b, 1, resolution, resolution, device=device), identity_embeds=None,
+                         generators=[torch.Generator(device=device).manual_seed(i) for i in range(b)],
+                         num_inference_steps=1, guidance_scale=sampler.guidance_scale,
+                         negative_prompt=negative_prompt, scheduler=sampler.scheduler)
+            torch.cuda.synchronize(device)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+    return fits
+
+
+def resolve_batch_size(config: SamplerSection, model: Any, resolution: int, negative_prompt: str = "",
+                       fits: Callable[[int], bool] | None = None) -> tuple[int, str]:
+    """(samples per model call, how it was chosen). 'auto' searches free device memory once (per worker) on
+    CUDA without batch_invariant (where a model call holds the whole batch); else AUTO_BATCH_CPU."""
+    if config.batch_size != "auto":
+        return int(config.batch_size), "manifest"
+    device = next(iter(model.parameters())).device if hasattr(model, "parameters") else torch.device("cpu")
+    if fits is None and (device.type != "cuda" or config.batch_invariant):
+        why = "batch_invariant: one sample per model call" if device.type == "cuda" else f"no CUDA ({device.type})"
+        return AUTO_BATCH_CPU, f"auto: default {AUTO_BATCH_CPU} ({why})"
+    found = largest_batch(fits or cuda_trial(model, resolution, config, negative_prompt))
+    if found == 0:
+        raise RuntimeError(f"sampler.batch_size 'auto': not even one sample at {resolution} px in {config.dtype} fits "
+                           f"the free memory of {device}")
+    return found, f"auto: largest batch that fit the free memory of {device} (limit {AUTO_BATCH_LIMIT})"
 
 
 def model_description(model: ModelSection) -> str:
@@ -76,6 +139,8 @@ class Generation:
         if hasattr(model, "micro_batch_size"):
             # fixed per-sample shapes inside each model call: the same bits whatever the batch
             model.micro_batch_size = 1 if config.batch_invariant else None
+        self.device = self._device()
+        self.batch_size, self.batch_size_source = resolve_batch_size(config, model, self.resolution, negative_prompt)
 
     def _device(self) -> torch.device:
         return next(iter(self.model.parameters())).device if hasattr(self.model, "parameters") else torch.device("cpu")
@@ -103,8 +168,8 @@ class Generation:
         """Reference faces from identity prompts: the whole frame is generated, no identity input."""
         size = self.resolution
         images: list[np.ndarray] = []
-        for start in range(0, len(prompts), self.config.batch_size):
-            p, s = prompts[start:start + self.config.batch_size], seeds[start:start + self.config.batch_size]
+        for start in range(0, len(prompts), self.batch_size):
+            p, s = prompts[start:start + self.batch_size], seeds[start:start + self.batch_size]
             canvases = torch.zeros(len(p), 3, size, size)
             masks = torch.ones(len(p), 1, size, size)
             images += _to_uint8(self._sample(p, canvases, masks, None, s).images)
@@ -119,8 +184,8 @@ class Generation:
             for i in sorted({s.identity for s in samples})
         }
         # 2. batches of samples, each with its own generator
-        for first in range(0, len(samples), self.config.batch_size):
-            batch = samples[first:first + self.config.batch_size]
+        for first in range(0, len(samples), self.batch_size):
+            batch = samples[first:first + self.batch_size]
             canvases = _to_tensor([people[s.identity].canvas for s in batch])
             masks = _masks([people[s.identity].mask for s in batch])
             ids = torch.cat([embed_of[s.identity] for s in batch])

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ray_fake_cluster():
     """A 2-CPU local Ray whose workers use the fake model (see tests/fake_model.install_in_worker)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=256 * 1024**2,
              runtime_env={"worker_process_setup_hook": "tests.fake_model.install_in_worker",
                           "env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
     yield

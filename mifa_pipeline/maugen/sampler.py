@@ -197,6 +197,19 @@ def _sample_batch(model, prompts, masked_images, masks, identity_embeds, generat
     label_rows = slice(b, 2 * b) if cfg else None
 
     readout = LabelReadout(timesteps)
+    latents = _denoise(model, sched, timesteps, timesteps_dev, latents, extra, text, au_cue, label_ident, label_rows,
+                       guidance_scale, step_kwargs, readout)
+    decoded = model.vae.decode((latents / model.vae.config.scaling_factor).to(dtype)).sample
+    images = (decoded.float() / 2 + 0.5).clamp(0, 1).cpu()
+    prob, intensity, rounded = readout.result()
+    return MAUGenOutput(images=images, occurrence_prob=prob, intensity=intensity, intensity_rounded=rounded)
+
+
+def _denoise(model, sched, timesteps, timesteps_dev, latents, extra, text, au_cue, label_ident, label_rows,
+             guidance_scale, step_kwargs, readout) -> torch.Tensor:
+    """The step loop: device work only, nothing here waits for the device (tests count host syncs in it)."""
+    dtype = model.dtype
+    cfg = label_rows is not None
     for i, t in enumerate(timesteps):
         x = torch.cat([latents, latents]) if cfg else latents
         x = torch.cat([sched.scale_model_input(x, t).to(dtype), extra], dim=1)  # [noisy 4 | mask 1 | masked 4]
@@ -207,8 +220,4 @@ def _sample_batch(model, prompts, masked_images, masks, identity_embeds, generat
             eps = uncond + guidance_scale * (cond - uncond)
         latents = sched.step(eps, t, latents, **step_kwargs).prev_sample
         readout.add(i, det, reg)
-
-    decoded = model.vae.decode((latents / model.vae.config.scaling_factor).to(dtype)).sample
-    images = (decoded.float() / 2 + 0.5).clamp(0, 1).cpu()
-    prob, intensity, rounded = readout.result()
-    return MAUGenOutput(images=images, occurrence_prob=prob, intensity=intensity, intensity_rounded=rounded)
+    return latents
