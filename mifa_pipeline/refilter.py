@@ -28,8 +28,8 @@ from mifa_pipeline.manifest import (REFILTER_STAGES, SCHEMA_VERSION, chain_finge
 from mifa_pipeline.plan import BuildPlan, IdentityBlock, ShardSlots
 from mifa_pipeline.records import StageStats
 from mifa_pipeline.sample_schema import SAMPLE_SCHEMA_VERSION
-from mifa_pipeline.runner import (BuildError, BuildResult, PreparedBuild, Runner, check_output, check_thresholds,
-                                  make_executor, make_identity_table)
+from mifa_pipeline.runner import (IDENTITIES_TASK, BuildError, BuildResult, PreparedBuild, Runner, check_output,
+                                  check_thresholds, make_executor, make_identity_table)
 from mifa_pipeline.shards import decode_image, tar_members, tar_segments
 from mifa_pipeline.stages.filter import Filtering, redecide
 from mifa_pipeline.stages.generate import model_description
@@ -190,7 +190,11 @@ class RefilterWorker:
         self.fingerprint = fingerprint
         self.rescore, self.removed = set(build.rescore), set(build.removed)
         # a parent of another sample schema has other .json bytes: its samples are re-written, never copied
-        self.copyable = (build.parent_manifest or {}).get("sample_schema") == SAMPLE_SCHEMA_VERSION
+        parent = build.parent_manifest or {}
+        self.copyable = parent.get("sample_schema") == SAMPLE_SCHEMA_VERSION
+        # the parent's files are what this code would write only when its write stage is this one
+        self.same_writer = any(s.get("stage") == ShardWriting.name and s.get("version") == ShardWriting.version
+                               for s in parent.get("stage_fingerprints", []))
         self.judges: Judges | None = None
 
     def _judges(self) -> Judges:
@@ -244,6 +248,8 @@ class RefilterWorker:
         filt = StageStats(Filtering.name, Filtering.version)
         dup = duplicate_stats(len(rows))
         unchanged: list[str] = []
+        decided_before = [(r["keep"], r["drop_reason"], r["scores"]) for r in rows]
+        need_image: list[dict[str, Any]] = []
         for row in rows:
             before = row["scores"]
             raw = json.loads(before)
@@ -275,8 +281,12 @@ class RefilterWorker:
             if reason is None and row["key"] in parent_kept and after == before and self.copyable:
                 unchanged.append(row["key"])  # same members as in the parent: copied, not rebuilt
             elif reason is None or scores.get("image_valid"):
-                row["image"] = image(row)
+                need_image.append(row)
         filt.seconds = time.perf_counter() - start
+        if self.copyable and self.same_writer and decided_before == [(r["keep"], r["drop_reason"], r["scores"]) for r in rows]:
+            return self._copy_shard(shard, rows, [dup, filt])
+        for row in need_image:
+            row["image"] = image(row)
         copies = {}
         if unchanged:  # the parent's tar and sidecar are read only when something is copied from them
             segments = tar_segments(self.parent.read_bytes(f"{shard.name}.tar"), f"{shard.name}.tar")
@@ -286,6 +296,30 @@ class RefilterWorker:
         contents, files, write_stats = writing.run(shard.name, rows, copies)
         return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, **contents,
                           stats={s.name: s.to_json() for s in (dup, filt, write_stats)})
+
+
+    def _copy_shard(self, shard: ShardSlots, rows: list[dict[str, Any]], stats: list[StageStats]) -> dict[str, Any]:
+        """Every sample of the shard is decided as in the parent with the same scores: its three files are the
+        parent's, byte for byte (what writing them again would give), so they are copied whole, decoding and
+        re-encoding nothing; the done record hashes the copies as for any shard."""
+        start = time.perf_counter()
+        files = [f"{shard.name}.tar", f"{shard.name}.parquet", scores_path(shard.name)]
+        for name in files:
+            self.out.copy_from(self.parent, name)
+        kept = [r["key"] for r in rows if r["keep"]]
+        write = StageStats(ShardWriting.name, ShardWriting.version, n_in=len(kept), n_out=len(kept),
+                           seconds=time.perf_counter() - start)
+        return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, nsamples=len(kept),
+                          first_key=kept[0] if kept else None, last_key=kept[-1] if kept else None,
+                          stats={s.name: s.to_json() for s in (*stats, write)})
+
+
+def copy_identity_table(parent: Location, counts: dict[str, Any], fingerprint: str, out: Location) -> dict[str, Any]:
+    """A CPU step: the parent's identities.parquet as this version's, recorded like a published one."""
+    forget(out, IDENTITIES_TASK)
+    out.copy_from(parent, identity_table.IDENTITIES_FILE)
+    return write_done(out, IDENTITIES_TASK, fingerprint, [identity_table.IDENTITIES_FILE],
+                      identities=counts["identities"], duplicates=counts["duplicate_identities"], stats={})
 
 
 class RefilterJob:
@@ -309,6 +343,12 @@ class RefilterJob:
         """The parent's identity table, re-embedded when the identity judge changed, duplicates re-decided."""
         if "identity" in self.build.rescore:
             return make_identity_table(runner, pool, "reembed_identities")
+        parent = self.build.parent_manifest
+        if self.build.manifest.filter.identity.duplicate_cosine == parent["build_manifest"]["filter"]["identity"]["duplicate_cosine"]:
+            # the same embeddings and threshold give the same table: the parent's file, copied where the work runs
+            _, record = next(runner.executor.map(copy_identity_table, [runner.out], self.build.parent_dir,
+                                                 parent["counts"], self.build.fingerprint))
+            return record
         return make_identity_table(runner, pool, None, (self.build.parent_dir, [identity_table.IDENTITIES_FILE]))
 
     def lineage(self) -> dict[str, Any]:

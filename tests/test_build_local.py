@@ -567,6 +567,29 @@ def test_a_threshold_only_refilter_writes_the_bytes_a_build_with_that_threshold_
     assert again["counts"]["kept_samples"] == 18   # the samples v2 dropped come back from its scores tables
 
 
+def test_a_refilter_copies_whole_the_shards_it_decides_as_the_parent(small_manifest, fake_model, tmp_path, monkeypatch):
+    """A shard whose every sample keeps its decision and scores is the parent's files, copied whole (no tar is
+    written); the changed shard alone is rebuilt; the identity table (same threshold) is copied too."""
+    from mifa_pipeline.refilter import prepare_refilter, run_refilter
+    from mifa_pipeline.shards import ShardFileWriter
+
+    parent = small_manifest(out=tmp_path / "v1")
+    build(parent)
+    stds = {r["key"]: json.loads(r["scores"])["pixel_std"] for f in sorted((Path(parent.output) / "scores").glob("*.parquet"))
+            for r in pq.read_table(f, columns=["key", "scores"]).to_pylist()}
+    lowest = min(stds, key=stds.get)  # a threshold just above it drops that one sample: one shard changes
+    written = []
+    real = ShardFileWriter.__init__
+    monkeypatch.setattr(ShardFileWriter, "__init__", lambda self, out, name, *a: (written.append(name), real(self, out, name, *a))[1])
+    v2 = run_refilter(prepare_refilter(Path(parent.output), [f"filter.min_pixel_std={stds[lowest] + 1e-6}"], tmp_path / "v2"),
+                      "local", progress=False).manifest
+    assert v2["counts"]["kept_samples"] == 17 and len(written) == 1
+    changed = written[0].removesuffix(".tar")
+    mine, theirs = digests(tmp_path / "v2"), digests(Path(parent.output))
+    assert sorted(n for n in mine if mine[n] != theirs.get(n) and n != "shardindex.json") == sorted([f"{changed}.parquet", f"{changed}.tar", f"scores/{changed}.parquet"])
+    assert verify(tmp_path / "v2") == []
+
+
 def test_a_refilter_rewrites_the_samples_of_a_parent_of_another_sample_schema(small_manifest, fake_model, tmp_path,
                                                                               monkeypatch):
     """A parent made before the published sample schema (no `sample_schema` in its run manifest) holds other

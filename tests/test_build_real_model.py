@@ -1,6 +1,5 @@
 """`mifa build` as a user runs it: the CLI, a real local Ray, the real (tiny) MAUGen; determinism and resume."""
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -9,6 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.outputs import digests  # (the card and run manifest name the folder: left out)
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,12 +22,6 @@ def mifa(*args, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     return subprocess.run([sys.executable, "-m", "mifa_pipeline.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600, **kwargs)
-
-
-def digests(folder: Path) -> dict[str, str]:
-    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                   if p.is_file() and not str(p.relative_to(folder)).startswith(("_work", "manifest.json")))
-    return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names}
 
 
 @pytest.fixture(scope="module")
