@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from mifa_pipeline.ray_executor import start_ray
 from mifa_pipeline.runner import build_data, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `python benchmarks/pipeline.py` from a checkout: benchmarks.standin importable
 
 
 def build(manifest_path: str, overrides: list[str], out: Path, runner: str) -> tuple[float, dict, object]:
