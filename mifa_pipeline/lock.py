@@ -27,7 +27,7 @@ How:
 
 Storage: this relies on POSIX exclusive create (and hard links / flock for the details above) on a
 local or shared POSIX filesystem (ext4, xfs, NFSv4, Lustre, ...). Object stores (S3, GCS) have no
-such primitive: `output_lock` gives them `lease_lock.LeaseLock` (a conditional create with a lease).
+such primitive: they get `lease_lock.LeaseLock` (a conditional create with a lease) instead.
 """
 
 from __future__ import annotations
@@ -380,11 +380,3 @@ def _unlink_quietly(path: Path) -> None:
     except FileNotFoundError:
         pass
 
-
-def output_lock(out, purpose: str = "build"):
-    """The lock for a `storage.Location`: this file lock on a disk, a lease lock (`lease_lock.py`) on an object store."""
-    if out.is_local:
-        return OutputLock(out.local(), purpose)
-    from mifa_pipeline.lease_lock import LeaseLock
-
-    return LeaseLock(out, purpose)

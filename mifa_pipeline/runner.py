@@ -24,7 +24,8 @@ from mifa_pipeline.config import BuildManifest, canonical_json, checkpoint_dir, 
 from mifa_pipeline.done import DONE_DIR, WORK_DIR, any_done, done_names, forget, write_done
 from mifa_pipeline.executors import Executor, WorkerSpec
 from mifa_pipeline.judging import JudgeFileError, judge_specs
-from mifa_pipeline.lock import LOCK_NAME, OutputLockError, output_lock
+from mifa_pipeline.lease_lock import LeaseLock
+from mifa_pipeline.lock import LOCK_NAME, OutputLock, OutputLockError
 from mifa_pipeline.manifest import (MANIFEST_NAME, SCHEMA_VERSION, chain_fingerprints, code_version, model_files,
                                     model_hash, now_iso, package_versions, read_run_manifest, stage_configs,
                                     write_run_manifest)
@@ -43,6 +44,11 @@ BUILD_STATE = "build.json"  # _work/build.json: which build this folder holds (w
 IDENTITIES_TASK = "identities"  # the done record of the published identity table
 REDO_LABELS = {IDENTITIES_TASK: identity_table.IDENTITIES_FILE}
 STAGE_ORDER = ("prompts", "identities", "duplicates", "generate", "filter", "write")
+
+
+def output_lock(out: "Location", purpose: str) -> "OutputLock | LeaseLock":
+    """One run per output: a lock file on a disk (lock.py), a leased lock object on an object store (lease_lock.py)."""
+    return OutputLock(out.local(), purpose) if out.is_local else LeaseLock(out, purpose)
 
 
 class BuildError(RuntimeError):
