@@ -97,14 +97,15 @@ def read_rows(out: Location, identities: range, columns: list[str] | None = None
     """The table's rows for a contiguous range of identities (only the row groups that hold them are read)."""
     if columns is not None and "identity" not in columns:
         columns = ["identity", *columns]
-    file = out.parquet_file(IDENTITIES_FILE)
-    groups, first = [], 0  # identities are the rows 0..N-1 in order: the groups that hold the range, by row counts
-    for g in range(file.metadata.num_row_groups):
-        n = file.metadata.row_group(g).num_rows
-        if first < identities.stop and first + n > identities.start:
-            groups.append((g, first))
-        first += n
-    table = file.read_row_groups([g for g, _ in groups], columns=columns) if groups else None
+    with out.open(IDENTITIES_FILE) as handle:
+        file = pq.ParquetFile(handle)
+        groups, first = [], 0  # identities are the rows 0..N-1 in order: the groups holding the range, by row counts
+        for g in range(file.metadata.num_row_groups):
+            n = file.metadata.row_group(g).num_rows
+            if first < identities.stop and first + n > identities.start:
+                groups.append((g, first))
+            first += n
+        table = file.read_row_groups([g for g, _ in groups], columns=columns) if groups else None
     start = groups[0][1] if groups else 0
     rows = [] if table is None else table.slice(identities.start - start, len(identities)).to_pylist()
     if [r["identity"] for r in rows] != list(identities):

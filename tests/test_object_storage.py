@@ -178,3 +178,15 @@ def test_a_second_build_into_a_held_s3_output_is_refused(s3_server, small_manife
     finally:
         holder.release()
     assert Location(url).find() == []  # refused before writing anything
+
+
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1:1", "no Ray cluster answers there (a TCP connection to 127.0.0.1:1 failed"),
+    ("nonsense", "expected HOST:PORT"),
+])
+def test_an_unreachable_ray_address_is_one_line_and_leaves_nothing(address, message, tmp_path):
+    result = cli.invoke(app, ["build", "--out", str(tmp_path / "o"), "--ray-address", address, "--no-progress",
+                              "--set", "identities.count=2"])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
