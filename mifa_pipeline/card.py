@@ -92,7 +92,7 @@ _SPDX = {"apache-2.0": "Apache-2.0", "mit": "MIT", "cc-by-4.0": "CC-BY-4.0", "cc
 
 
 def _sidecar_schema(folder: Location, manifest: dict[str, Any]):
-    return folder.parquet_file(manifest["shards"][0]["sidecar"]["path"]).schema_arrow
+    return folder.parquet_schema(manifest["shards"][0]["sidecar"]["path"])
 
 
 def statistics(folder: Location, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -61,9 +61,16 @@ def file_mismatch(out: Location, relative: str, want: dict[str, Any]) -> str | N
     if not out.isfile(relative):
         return f"{relative}: missing"
     size = out.size(relative)
+    if size != want.get("bytes"):  # (a truncated file is told without reading it)
+        return f"{relative}: {size} bytes, recorded {want.get('bytes')} (truncated or changed)"
+    return digests_mismatch(relative, out.digests(relative), want)
+
+
+def digests_mismatch(relative: str, got: tuple[str, str, int], want: dict[str, Any]) -> str | None:
+    """Why a file of digests `got` (sha256, md5, size) is not the one `want` describes, or None when it is."""
+    sha, md5, size = got
     if size != want.get("bytes"):
         return f"{relative}: {size} bytes, recorded {want.get('bytes')} (truncated or changed)"
-    sha, md5, _ = out.digests(relative)
     if sha != want.get("sha256"):
         return f"{relative}: sha256 {sha[:12]} != recorded {str(want.get('sha256'))[:12]} (changed or damaged)"
     if md5 != want.get("md5"):

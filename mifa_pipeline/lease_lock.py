@@ -50,7 +50,7 @@ class LeaseLock:
         """Take the lock; a message when a stale lock was taken over, else None; OutputLockError when held."""
         if self.holder is not None:
             return None
-        self.created_folder = self.out.is_empty()
+        self.created_folder = not self.out.exists()  # (one listing request, not a walk of the prefix)
         taken = None
         for _ in range(3):
             if self.out.create(LOCK_NAME, self._record()):
@@ -114,28 +114,31 @@ class LeaseLock:
         }, indent=1).encode("utf-8")
 
     def _read(self) -> tuple[Holder | None, float]:
+        holder, record = self._read_record()
+        return holder, float(record["lease_until"]) if record else 0.0
+
+    def _read_record(self) -> tuple[Holder | None, dict | None]:
         try:
             data = self.out.read_bytes(LOCK_NAME)
         except FileNotFoundError:
-            return None, 0.0
+            return None, None
         try:
-            holder = _parse(data)
-            lease_until = float(json.loads(data)["lease_until"])
+            record = json.loads(data)
+            float(record["lease_until"])
+            return _parse(data), record
         except (_Corrupt, KeyError, TypeError, ValueError):
             raise OutputLockError(
                 f"the lock object {self.out.full_url(LOCK_NAME)} is unreadable, so it is unknown which run holds "
                 f"{self.out}. If no build or filter is writing there, delete it and run again.") from None
-        return holder, lease_until
 
     def _renew(self) -> None:
         while not self._stop.wait(self.renew_s):
             try:
-                current, _ = self._read()
+                current, record = self._read_record()
                 if current is None or current.run_id != self.run_id:
                     self.lost = (f"the lock of {self.out} was {'removed' if current is None else 'taken by ' + current.describe()} "
                                  "while this run held it")
                     return
-                record = json.loads(self.out.read_bytes(LOCK_NAME))
                 record["lease_until"] = time.time() + self.lease_s
                 self.out.write_bytes(LOCK_NAME, json.dumps(record, indent=1).encode("utf-8"))
             except Exception:  # noqa: BLE001 (a failed renewal is retried; the lease outlives several)

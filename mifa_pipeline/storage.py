@@ -179,45 +179,23 @@ class Location:
         """Another location beside this one (a filter version next to its parent)."""
         return self.parent().child(name)
 
-    def subfolders(self) -> list["Location"]:
-        """The folders (prefixes) directly in this one."""
-        if self.is_local:
-            root = Path(self.root)
-            return [self.child(p.name) for p in sorted(root.iterdir()) if p.is_dir()] if root.is_dir() else []
-        try:
-            entries = self.fs.ls(self.root, detail=True)
-        except (FileNotFoundError, OSError):
-            return []
-        return [self.child(e["name"].rstrip("/").rsplit("/", 1)[-1]) for e in sorted(entries, key=lambda e: e["name"])
-                if e.get("type") == "directory"]
-
-    # ------------------------------------------------------------------ reading
+    # ------------------------------------------------------------------ reading (fsspec's, local or not)
     def exists(self, rel: str = "") -> bool:
-        if self.is_local:
-            return os.path.exists(self.path(rel))
         return bool(self.fs.exists(self.path(rel)))
 
     def isfile(self, rel: str) -> bool:
-        if self.is_local:
-            return os.path.isfile(self.path(rel))
         return bool(self.fs.isfile(self.path(rel)))
 
     def read_bytes(self, rel: str) -> bytes:
-        if self.is_local:
-            return Path(self.path(rel)).read_bytes()
         return self.fs.cat_file(self.path(rel))
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 
     def open(self, rel: str, mode: str = "rb"):
-        if self.is_local:
-            return open(self.path(rel), mode)
         return self.fs.open(self.path(rel), mode)
 
     def size(self, rel: str) -> int:
-        if self.is_local:
-            return os.path.getsize(self.path(rel))
         return int(self.fs.size(self.path(rel)))
 
     def read_parquet(self, rel: str, **kwargs: Any):
@@ -225,44 +203,39 @@ class Location:
         import pyarrow.parquet as pq
 
         if set(kwargs) <= {"columns"}:  # one file, whole columns: ParquetFile, without the dataset machinery
-            if self.is_local:
-                return pq.ParquetFile(self.path(rel)).read(**kwargs)
-            with self.fs.open(self.path(rel), "rb") as f:
+            with self.open(rel) as f:
                 return pq.ParquetFile(f).read(**kwargs)
-        if self.is_local:
-            return pq.read_table(self.path(rel), **kwargs)
-        return pq.read_table(self.path(rel), filesystem=self.fs, **kwargs)
+        return pq.read_table(self.path(rel), filesystem=None if self.is_local else self.fs, **kwargs)
 
-    def parquet_file(self, rel: str):
+    def parquet_schema(self, rel: str):
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(self.path(rel) if self.is_local else self.fs.open(self.path(rel), "rb"))
+        with self.open(rel) as f:
+            return pq.ParquetFile(f).schema_arrow
+
+    def _entries(self, rel: str, kind: str) -> list[str]:
+        try:
+            entries = self.fs.ls(self.path(rel), detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == kind)
 
     def listdir(self, rel: str = "") -> list[str]:
         """Names of the files directly under `rel` (sorted); [] when there is nothing there."""
-        if self.is_local:
-            folder = Path(self.path(rel))
-            return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-        try:
-            entries = self.fs.ls(self.path(rel), detail=True)
-        except FileNotFoundError:
-            return []
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file")
+        return self._entries(rel, "file")
+
+    def subfolders(self) -> list["Location"]:
+        """The folders (prefixes) directly in this one."""
+        return [self.child(name) for name in self._entries("", "directory")]
 
     def find(self) -> list[str]:
         """Every file under the location, as relative names (sorted)."""
-        if self.is_local:
-            root = Path(self.root)
-            return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
         try:
             found = self.fs.find(self.root)
         except FileNotFoundError:
             return []
         prefix = self.root.rstrip("/") + "/"
         return sorted(p[len(prefix):] for p in found if p.startswith(prefix))
-
-    def is_empty(self) -> bool:
-        return not self.find()
 
     def digests(self, rel: str) -> tuple[str, str, int]:
         """(sha256, md5, size) of a file, read once in 1 MiB pieces."""
@@ -369,24 +342,15 @@ class Location:
 
     def remove(self, rel: str) -> None:
         """Delete a file; nothing when it is not there."""
-        if self.is_local:
-            Path(self.path(rel)).unlink(missing_ok=True)
-            return
         try:
             self.fs.rm_file(self.path(rel))
         except FileNotFoundError:
             pass
 
     def remove_tree(self, rel: str) -> None:
-        if self.is_local:
-            import shutil
-
-            shutil.rmtree(self.path(rel), ignore_errors=True)
-            return
-        try:
+        """Delete a folder (prefix) and all it holds; nothing when it is not there."""
+        if self.exists(rel):
             self.fs.rm(self.path(rel), recursive=True)
-        except FileNotFoundError:
-            pass
 
     def prune(self, rel: str = "") -> None:
         """Remove empty local folders (object stores have none)."""
@@ -395,6 +359,11 @@ class Location:
                 os.rmdir(self.path(rel))
             except OSError:
                 pass
+
+
+def digest_bytes(data: bytes) -> tuple[str, str, int]:
+    """(sha256, md5, size) of bytes already in memory (`Location.digests` of a file, without reading it again)."""
+    return hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest(), len(data)
 
 
 def discard(staged: Path) -> None:

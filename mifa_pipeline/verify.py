@@ -8,20 +8,23 @@ the manifest does not list is reported. Every problem is named; an empty list me
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from collections import Counter
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from mifa_pipeline.card import CARD_FILES
-from mifa_pipeline.done import file_mismatch
+from mifa_pipeline.done import digests_mismatch, file_mismatch
 from mifa_pipeline.identity_table import IDENTITIES_FILE
 from mifa_pipeline.lock import LOCK_NAME
 from mifa_pipeline.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_run_manifest
 from mifa_pipeline.records import sample_key
 from mifa_pipeline.sample_schema import SAMPLE_SCHEMA_VERSION, validator
 from mifa_pipeline.shards import KEY_PATTERN, ShardSample, shard_name, sidecar_row, tar_members
-from mifa_pipeline.storage import Location, location
+from mifa_pipeline.storage import Location, digest_bytes, location
 
 DROP_STAGES = ("duplicates", "filter")
 COMPANIONS = {"identity_attributes.parquet"}  # written beside a finished data set by `mifa teacher`
@@ -33,6 +36,20 @@ def _check_file(folder: Location, entry: dict[str, Any], problems: list[str]) ->
     if why is not None:
         problems.append(why)
     return why is None
+
+
+def _read_checked(folder: Location, entry: dict[str, Any], problems: list[str]) -> tuple[bytes | None, bool]:
+    """(the file's bytes, whether they are what the entry records): each file is read once, then hashed and
+    parsed from memory (an object store is not asked for a tar twice)."""
+    try:
+        data = folder.read_bytes(entry["path"])
+    except FileNotFoundError:
+        problems.append(f"{entry['path']}: missing")
+        return None, False
+    why = digests_mismatch(entry["path"], digest_bytes(data), entry)
+    if why is not None:
+        problems.append(why)
+    return data, why is None
 
 
 def recomputed_fingerprint(manifest: dict[str, Any]) -> str:
@@ -53,10 +70,10 @@ def _check_shard(folder: Location, shard: dict[str, Any], planned: range, spi: i
                  reasons: Counter, keys_seen: set[str], check_sample, schemas: dict[str, str]) -> int:
     """One shard's tar, sidecar and scores table; returns the number of planned rows found."""
     name = shard["path"]
-    tar_ok = _check_file(folder, shard, problems)
+    data, tar_ok = _read_checked(folder, shard, problems)
     members: dict[str, dict[str, bytes]] = {}
     try:
-        members = tar_members(folder.read_bytes(name)) if folder.isfile(name) else {}
+        members = tar_members(data) if data is not None else {}
     except (tarfile.TarError, OSError) as exc:
         problems.append(f"{name}: not a readable tar ({exc})")
     if tar_ok and len(members) != shard["nsamples"]:
@@ -69,8 +86,9 @@ def _check_shard(folder: Location, shard: dict[str, Any], planned: range, spi: i
         keys_seen.add(key)
         if not {"json", "cls"} <= set(exts) or not set(exts) & {"png", "jpg", "webp"}:
             problems.append(f"{name}: sample {key} has members {sorted(exts)}, expected image + json + cls")
-    if _check_file(folder, shard["sidecar"], problems):
-        table = folder.read_parquet(shard["sidecar"]["path"])
+    data, ok = _read_checked(folder, shard["sidecar"], problems)
+    if ok:
+        table = pq.read_table(io.BytesIO(data))
         schemas.setdefault(str(table.schema), shard["sidecar"]["path"])
         rows = table.to_pylist()
         if [r["key"] for r in rows] != list(members):
@@ -97,8 +115,9 @@ def _check_shard(folder: Location, shard: dict[str, Any], planned: range, spi: i
             if differ:
                 problems.append(f"{shard['sidecar']['path']}: row {row['key']} disagrees with its tar member in {differ[:5]}")
     found = 0
-    if _check_file(folder, shard["scores"], problems):
-        table = folder.read_parquet(shard["scores"]["path"], columns=["key", "keep", "drop_reason"]).to_pylist()
+    data, ok = _read_checked(folder, shard["scores"], problems)
+    if ok:
+        table = pq.read_table(io.BytesIO(data), columns=["key", "keep", "drop_reason"]).to_pylist()
         found = len(table)
         want = [sample_key(slot // spi, slot % spi) for slot in planned]
         if [r["key"] for r in table] != want:

@@ -134,7 +134,7 @@ def _identity_table(folder: Location, idents: set[int]) -> dict[int, dict]:
             raise FileNotFoundError(f"{folder}: no {IDENTITIES_FILE}: a data set of mifa's earlier layout; rebuild it")
         return {}  # not a mifa build: references are chosen from the samples (see load_folder)
     columns = ["identity", "reference_png", "mask_png", "prompt"]
-    available = set(folder.parquet_file(IDENTITIES_FILE).schema_arrow.names)
+    available = set(folder.parquet_schema(IDENTITIES_FILE).names)
     missing_columns = [c for c in columns if c not in available]
     if missing_columns:
         raise ValueError(f"{path}: no column(s) {missing_columns} (columns: {sorted(available)})")
