@@ -5,6 +5,7 @@
     python benchmarks/scale.py --demo-before f6d39d6  # also the demo build (judges on), that commit vs this checkout
     python benchmarks/scale.py --n --no-duplicates --demo-before f6d39d6   # the demo comparison alone
     python benchmarks/scale.py --n --no-refilter --no-duplicates --storage 4096   # S3 and a 3-node cluster
+    python benchmarks/scale.py --n 8192 --executors local --no-refilter --no-duplicates --overlap  # + overlap
 
 Each build runs in a fresh child process (so its peak RSS is the driver's own: with the local executor the
 driver is also the worker) with the teacher renderer as a fast generator at 64 px and the judges off. Per N
@@ -12,7 +13,9 @@ it prints ms/sample, the driver's peak RSS and CPU time per sample (with Ray: it
 all the work), the bytes the driver received per sample (pickled results), and the plumbing (local only:
 wall time less the generator's and the filter's own seconds, i.e. scheduling, writing tars, sidecars, scores
 tables and done records, hashing) and the write stage alone against a floor measured in the same child: the
-same member bytes written by one `webdataset.TarWriter`. Then a threshold-only `mifa filter` of the largest
+same member bytes written by one `webdataset.TarWriter`. For those figures the local worker runs one call at a
+time (its stages' seconds would otherwise include the wait for the other thread); `--overlap` also times the
+largest local build as a user runs it, generating a shard while the one before is judged and written. Then a threshold-only `mifa filter` of the largest
 build against `cp` of its tars, its decision pass alone, and the duplicate search over 1M random 128-d
 identities. `--storage N` builds N samples to a real S3 server (SeaweedFS, started here) and on a simulated
 3-node Ray cluster (ray.cluster_utils: a head and two nodes with one fake GPU each) to S3 and to a local
@@ -84,6 +87,13 @@ def child(args: argparse.Namespace) -> None:
         sets += ["resources.generation_workers=2", "resources.gpus_per_worker=1", "resources.cpus_per_worker=0.5",
                  "resources.filter_cpus=0.25"]
     m = load_manifest(None, sets, output=args.out)
+    if args.executor == "local" and not args.overlap:  # one call at a time: stage seconds are the stage's own
+        from dataclasses import replace
+
+        from mifa_pipeline.runner import BuildJob
+
+        spec = BuildJob.worker_spec
+        BuildJob.worker_spec = lambda self, executor: replace(spec(self, executor), concurrency=1)
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     result = build_data(prepare(m), args.executor, progress=False, ray_address=args.ray_address)
@@ -96,7 +106,7 @@ def child(args: argparse.Namespace) -> None:
     workers = m.resources.generation_workers
     # Local: one thread does everything, so the wall time less the stages' own seconds is the plumbing. Ray
     # overlaps a worker's generation with its judging and writing, so that difference means nothing there.
-    plumbing = wall - generator / workers if args.executor == "local" else None
+    plumbing = wall - generator / workers if args.executor == "local" and not args.overlap else None
     floor = None if "://" in args.out else floor_seconds(Path(args.out))
     print(json.dumps({
         "executor": args.executor, "n": n, "kept": c["counts"]["kept_samples"], "wall_s": round(wall, 2),
@@ -112,9 +122,11 @@ def child(args: argparse.Namespace) -> None:
     }))
 
 
-def run_child(n: int, executor: str, out: Path | str, resolution: int, ray_address: str | None = None) -> dict:
+def run_child(n: int, executor: str, out: Path | str, resolution: int, ray_address: str | None = None,
+              overlap: bool = False) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", "--n", str(n), "--executor", executor, "--out", str(out),
-                           "--resolution", str(resolution), *(["--ray-address", ray_address] if ray_address else [])],
+                           "--resolution", str(resolution), *(["--ray-address", ray_address] if ray_address else []),
+                           *(["--overlap"] if overlap else [])],
                           cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"child build failed ({executor}, N={n}):\n{proc.stderr[-3000:]}")
@@ -238,6 +250,8 @@ def main() -> None:
     parser.add_argument("--no-duplicates", action="store_true")
     parser.add_argument("--demo-before", metavar="REV", help="also time the demo build at commit REV against this checkout")
     parser.add_argument("--storage", type=int, metavar="N", help="also N samples to S3 and on a 3-node simulated cluster")
+    parser.add_argument("--overlap", action="store_true",
+                        help="also the largest local build with generation and writing overlapped, as a user runs it")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ray-address", help=argparse.SUPPRESS)
     parser.add_argument("--executor", help=argparse.SUPPRESS)
@@ -261,6 +275,15 @@ def main() -> None:
                       f"({row['floor_ms_per_sample']:.3f} ms/sample); write stage {row['write_stage_over_floor']}x", flush=True)
                 if not (n == max(args.n) and executor == args.executors[0]):
                     shutil.rmtree(work / f"{executor}-{n}")
+        if args.overlap and args.n and "local" in args.executors:
+            n = max(args.n)
+            row = run_child(n, "local", work / f"overlap-{n}", args.resolution, overlap=True)
+            one = next(r for r in figures["builds"] if r["executor"] == "local" and r["n"] == n)
+            figures["overlap"] = {"n": n, "wall_s": row["wall_s"], "one_call_at_a_time_wall_s": one["wall_s"],
+                                  "speedup": round(one["wall_s"] / row["wall_s"], 3)}
+            shutil.rmtree(work / f"overlap-{n}")
+            print(f"local N={n} overlapped: {row['wall_s']} s against {one['wall_s']} s one call at a time "
+                  f"({figures['overlap']['speedup']}x)", flush=True)
         if not args.no_refilter and args.n:
             parent = work / f"{args.executors[0]}-{max(args.n)}"
             figures["refilter"] = refilter_figures(parent, work)

@@ -122,6 +122,7 @@ def _resume_hint(folder) -> str:
 
 def _run(work, folder):
     """Run a build or filter; every failure a user can meet ends in one message and a non-zero exit."""
+    from mifa_pipeline.done import CommitConflict, DamagedSource
     from mifa_pipeline.ray_executor import ClusterUnreachable, TaskFailed
     from mifa_pipeline.runner import BuildError
     from mifa_pipeline.stages.identities import ReferenceImageError
@@ -130,7 +131,7 @@ def _run(work, folder):
         return work()
     except ClusterUnreachable as exc:
         raise fail(str(exc)) from None
-    except (BuildError, TaskFailed, ReferenceImageError) as exc:
+    except (BuildError, TaskFailed, ReferenceImageError, DamagedSource, CommitConflict) as exc:
         raise fail(f"{exc}\n({_resume_hint(folder)})") from None
     except KeyboardInterrupt:
         raise fail(f"interrupted; {_resume_hint(folder)}", 130) from None

@@ -9,6 +9,7 @@ task alone. The record is what a worker returns to the driver: a few hundred byt
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -31,11 +32,15 @@ def file_entry(out: Location, relative: str) -> dict[str, Any]:
     return {"sha256": sha, "md5": md5, "bytes": size}
 
 
-def write_done(out: Location, name: str, fingerprint: str, files: list[str], **extra: Any) -> dict[str, Any]:
-    """Hash `files` (names relative to `out`) and record them. The record is created last and exclusively
+def write_done(out: Location, name: str, fingerprint: str, files: list[str],
+               known: dict[str, dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
+    """Hash `files` (names relative to `out`) and record them; `known` gives the entries of files whose bytes
+    were already proven (`read_verified`), which are not read again. The record is created last and exclusively
     (`Location.create`: link(2) on a disk, `If-None-Match: *` on S3), so no second writer commits the same
     task: one that finds the record there already accepts it only when it names the very same files."""
-    record = {"name": name, "fingerprint": fingerprint, "files": {f: file_entry(out, f) for f in files}, **extra}
+    known = known or {}
+    entries = {f: known[f] if f in known else file_entry(out, f) for f in files}
+    record = {"name": name, "fingerprint": fingerprint, "files": entries, **extra}
     data = (json.dumps(record, indent=1) + "\n").encode("utf-8")
     if not out.create(done_path(name), data):
         there, _ = read_done(out, name)
@@ -76,6 +81,28 @@ def digests_mismatch(relative: str, got: tuple[str, str, int], want: dict[str, A
     if md5 != want.get("md5"):
         return f"{relative}: md5 {md5} != recorded {want.get('md5')}"
     return None
+
+
+class DamagedSource(RuntimeError):
+    """A file copied from another data set is not the file that data set recorded."""
+
+
+def read_verified(source: Location, relative: str, want: dict[str, Any]) -> bytes:
+    """The bytes of `source`'s file `relative`, read once and proven to be the file `want` (its published
+    {sha256, md5, bytes}) describes. The sha256 alone is checked: bytes with the recorded sha256 are the
+    recorded bytes, so `want` is their entry as it stands (md5 included) and they need no hashing again."""
+    data = source.read_bytes(relative)
+    sha = hashlib.sha256(data).hexdigest()
+    if len(data) != want.get("bytes") or sha != want.get("sha256"):
+        raise DamagedSource(f"{source.full_url(relative)}: {len(data)} bytes, sha256 {sha[:12]}; its data set recorded "
+                            f"{want.get('bytes')} bytes, sha256 {str(want.get('sha256'))[:12]} (changed or damaged "
+                            f"since it was built; `mifa verify {source.url}` lists what else is)")
+    return data
+
+
+def entry_of(want: dict[str, Any]) -> dict[str, Any]:
+    """A done-record entry from a published one (which may carry more keys, such as its path)."""
+    return {"sha256": want["sha256"], "md5": want["md5"], "bytes": want["bytes"]}
 
 
 def read_done(out: Location, name: str) -> tuple[dict[str, Any] | None, str]:

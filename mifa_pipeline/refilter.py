@@ -11,16 +11,18 @@ its own folder, identity table, shards and run manifest (`parent` names the old 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from mifa_pipeline import identity_table
 from mifa_pipeline.config import BuildManifest, ManifestError, _format_validation_error, apply_overrides, parse_override
-from mifa_pipeline.done import forget, write_done
+from mifa_pipeline.done import entry_of, forget, read_verified, write_done
 from mifa_pipeline.executors import WorkerSpec
 from mifa_pipeline.judging import JudgeFileError, Judges, judge_specs, raw_keys
 from mifa_pipeline.manifest import (REFILTER_STAGES, SCHEMA_VERSION, chain_fingerprints, filter_config, read_run_manifest,
@@ -31,13 +33,19 @@ from mifa_pipeline.sample_schema import SAMPLE_SCHEMA_VERSION
 from mifa_pipeline.runner import (IDENTITIES_TASK, BuildError, BuildResult, PreparedBuild, Runner, check_output,
                                   check_thresholds, make_executor, make_identity_table)
 from mifa_pipeline.shards import decode_image, tar_members, tar_segments
-from mifa_pipeline.stages.filter import Filtering, redecide
+from mifa_pipeline.stages.filter import Filtering, decide, redecide
 from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.stages.write import SCORES_SCHEMA, ShardWriting, scores_path
 from mifa_pipeline.storage import Location, StorageError, location
 from mifa_pipeline.work import duplicate_stats
 
 METADATA = [n for n in SCORES_SCHEMA.names if n != "image"]
+
+
+def _table(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """A parquet file's bytes as a table (ParquetFile: pq.read_table would import pyarrow.dataset, ~0.3 s)."""
+    with pq.ParquetFile(pa.BufferReader(data)) as f:
+        return f.read(columns=columns)
 
 
 def next_version(version: str) -> str:
@@ -193,15 +201,33 @@ class RefilterWorker:
         parent = build.parent_manifest or {}
         self.copyable = parent.get("sample_schema") == SAMPLE_SCHEMA_VERSION
         # the parent's files are what this code would write only when its write stage is this one
-        self.same_writer = any(s.get("stage") == ShardWriting.name and s.get("version") == ShardWriting.version
-                               for s in parent.get("stage_fingerprints", []))
+        stages = {s.get("stage"): s.get("version") for s in parent.get("stage_fingerprints", [])}
+        self.same_writer = stages.get(ShardWriting.name) == ShardWriting.version
+        # every stored score stays as it is (only the decision can change) when no judge runs again or goes,
+        # the derived scores' inputs and code are the parent's and so is the identity table
+        before = parent.get("build_manifest", {}).get("filter", {})
+        au = self.manifest.filter.au
+        self.same_scores = (not self.rescore and not self.removed and stages.get(Filtering.name) == Filtering.version
+                            and before.get("au", {}).get("aus") == au.aus
+                            and before.get("au", {}).get("present_threshold") == au.present_threshold
+                            and before.get("identity", {}).get("duplicate_cosine")
+                            == self.manifest.filter.identity.duplicate_cosine)
+        self.published = {}  # shard name -> {file: its published sha256, md5, bytes}: what is read from the parent
+        for entry in parent.get("shards", []):
+            self.published[entry["path"].removesuffix(".tar")] = {
+                entry["path"]: entry, **{entry[k]["path"]: entry[k] for k in ("sidecar", "scores")}}
         self.judges: Judges | None = None
+        self._judging = threading.Lock()  # two shards may run at once (local threads); the judges are not shared
 
     def _judges(self) -> Judges:
         if self.judges is None:
             cfg = self.manifest.filter
             self.judges = Judges(cfg, judge_specs(cfg), run=self.rescore)
         return self.judges
+
+    def _score(self, image: bytes, embedding: Any) -> dict[str, Any]:
+        with self._judging:
+            return self._judges().score(decode_image(image), embedding)
 
     def close(self) -> None:
         if self.judges is not None:
@@ -212,7 +238,8 @@ class RefilterWorker:
         forget(self.out, block.name)
         rows = identity_table.read_rows(self.parent, block.identities)
         images = {r["identity"]: decode_image(r["reference_png"]) for r in rows}
-        embeddings = self._judges().reference_embeddings(images)
+        with self._judging:
+            embeddings = self._judges().reference_embeddings(images)
         table = pa.Table.from_pylist([{**r, "embedding": embeddings[r["identity"]]} for r in rows],
                                      schema=identity_table.IDENTITY_SCHEMA)
         relative = identity_table.block_path(block.name)
@@ -226,7 +253,13 @@ class RefilterWorker:
         start = time.perf_counter()
         m, cfg = self.manifest, self.manifest.filter
         scores_file = scores_path(shard.name)
-        rows = self.parent.read_parquet(scores_file, columns=METADATA).to_pylist()
+        published = self.published[shard.name]
+        scores_bytes = read_verified(self.parent, scores_file, published[scores_file])
+        rows = _table(scores_bytes, METADATA).to_pylist()
+        if self.same_scores and self.copyable and self.same_writer and all(
+                r["drop_reason"] == "duplicate_identity" or decide(json.loads(r["scores"]), cfg) == r["drop_reason"]
+                for r in rows):
+            return self._copy_shard(shard, rows, {scores_file: scores_bytes}, start)
         people = {r["identity"]: r for r in identity_table.read_rows(
             self.out, shard.identities, ["embedding", "nearest_earlier_cosine", "duplicate"])}
         parent_kept = {r["key"] for r in rows if r["keep"]}
@@ -238,10 +271,10 @@ class RefilterWorker:
             nonlocal stored, members
             if row["key"] in parent_kept:
                 if members is None:
-                    members = tar_members(self.parent.read_bytes(f"{shard.name}.tar"))
+                    members = tar_members(self._read(shard, f"{shard.name}.tar"))
                 return members[row["key"]][row["image_ext"]]
             if stored is None:  # dropped images are read only when some are needed
-                table = self.parent.read_parquet(scores_file, columns=["key", "image"])
+                table = _table(scores_bytes, ["key", "image"])
                 stored = dict(zip(table.column("key").to_pylist(), table.column("image").to_pylist()))
             return stored[row["key"]]
 
@@ -263,7 +296,7 @@ class RefilterWorker:
                     for key in raw_keys(judge, raw):
                         del raw[key]
                 if self.rescore and raw.get("image_valid"):
-                    raw.update(self._judges().score(decode_image(image(row)), person["embedding"]))
+                    raw.update(self._score(image(row), person["embedding"]))
                 scores, reason = redecide(raw, json.loads(row["requested"]), json.loads(row["occurrence_prob"]), cfg)
                 if person["duplicate"]:
                     reason = "duplicate_identity"
@@ -284,13 +317,13 @@ class RefilterWorker:
                 need_image.append(row)
         filt.seconds = time.perf_counter() - start
         if self.copyable and self.same_writer and decided_before == [(r["keep"], r["drop_reason"], r["scores"]) for r in rows]:
-            return self._copy_shard(shard, rows, [dup, filt])
+            return self._copy_shard(shard, rows, {scores_file: scores_bytes}, start)
         for row in need_image:
             row["image"] = image(row)
         copies = {}
         if unchanged:  # the parent's tar and sidecar are read only when something is copied from them
-            segments = tar_segments(self.parent.read_bytes(f"{shard.name}.tar"), f"{shard.name}.tar")
-            sidecar = {r["key"]: r for r in self.parent.read_parquet(f"{shard.name}.parquet").to_pylist()}
+            segments = tar_segments(self._read(shard, f"{shard.name}.tar"), f"{shard.name}.tar")
+            sidecar = {r["key"]: r for r in _table(self._read(shard, f"{shard.name}.parquet")).to_pylist()}
             copies = {key: (segments[key], sidecar[key]) for key in unchanged}
         writing = ShardWriting(self.out, {"name": m.dataset.name}, model_description(m.model))
         contents, files, write_stats = writing.run(shard.name, rows, copies)
@@ -298,27 +331,48 @@ class RefilterWorker:
                           stats={s.name: s.to_json() for s in (dup, filt, write_stats)})
 
 
-    def _copy_shard(self, shard: ShardSlots, rows: list[dict[str, Any]], stats: list[StageStats]) -> dict[str, Any]:
+    def _read(self, shard: ShardSlots, relative: str) -> bytes:
+        """A file of the parent's shard, proven to be the one its run manifest published."""
+        return read_verified(self.parent, relative, self.published[shard.name][relative])
+
+    def _copy_shard(self, shard: ShardSlots, rows: list[dict[str, Any]], read: dict[str, bytes],
+                    start: float) -> dict[str, Any]:
         """Every sample of the shard is decided as in the parent with the same scores: its three files are the
-        parent's, byte for byte (what writing them again would give), so they are copied whole, decoding and
-        re-encoding nothing; the done record hashes the copies as for any shard."""
-        start = time.perf_counter()
+        parent's, byte for byte (what writing them again would give), so they are copied whole, each read once
+        and proven against the parent's published digests (`read` holds those already read), decoding and
+        re-encoding nothing, and hashed no more."""
+        decided = time.perf_counter()
         files = [f"{shard.name}.tar", f"{shard.name}.parquet", scores_path(shard.name)]
         for name in files:
-            self.out.copy_from(self.parent, name)
+            self.out.write_bytes(name, read[name] if name in read else self._read(shard, name))
+        dup, filt = duplicate_stats(len(rows)), StageStats(Filtering.name, Filtering.version)
+        for r in rows:
+            if r["drop_reason"] == "duplicate_identity":
+                dup.drop(r["drop_reason"])
+                continue
+            dup.n_out += 1
+            filt.n_in += 1
+            if r["keep"]:
+                filt.n_out += 1
+            else:
+                filt.drop(r["drop_reason"])
+        filt.seconds = decided - start
         kept = [r["key"] for r in rows if r["keep"]]
         write = StageStats(ShardWriting.name, ShardWriting.version, n_in=len(kept), n_out=len(kept),
-                           seconds=time.perf_counter() - start)
-        return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, nsamples=len(kept),
-                          first_key=kept[0] if kept else None, last_key=kept[-1] if kept else None,
-                          stats={s.name: s.to_json() for s in (*stats, write)})
+                           seconds=time.perf_counter() - decided)
+        published = self.published[shard.name]
+        return write_done(self.out, shard.name, self.fingerprint, files, known={f: entry_of(published[f]) for f in files},
+                          planned=shard.planned, nsamples=len(kept), first_key=kept[0] if kept else None,
+                          last_key=kept[-1] if kept else None, stats={s.name: s.to_json() for s in (dup, filt, write)})
 
 
-def copy_identity_table(parent: Location, counts: dict[str, Any], fingerprint: str, out: Location) -> dict[str, Any]:
-    """A CPU step: the parent's identities.parquet as this version's, recorded like a published one."""
+def copy_identity_table(parent: Location, counts: dict[str, Any], published: dict[str, Any], fingerprint: str,
+                        out: Location) -> dict[str, Any]:
+    """A CPU step: the parent's identities.parquet (proven against its `published` digests) as this version's."""
     forget(out, IDENTITIES_TASK)
-    out.copy_from(parent, identity_table.IDENTITIES_FILE)
-    return write_done(out, IDENTITIES_TASK, fingerprint, [identity_table.IDENTITIES_FILE],
+    name = identity_table.IDENTITIES_FILE
+    out.write_bytes(name, read_verified(parent, name, published))
+    return write_done(out, IDENTITIES_TASK, fingerprint, [name], known={name: entry_of(published)},
                       identities=counts["identities"], duplicates=counts["duplicate_identities"], stats={})
 
 
@@ -332,12 +386,13 @@ class RefilterJob:
         self.build = build
 
     def worker_spec(self, executor) -> WorkerSpec:
-        """CPU workers: as many as the cluster holds beside one CPU step (one here, in-process)."""
+        """CPU workers: as many as the cluster holds beside one CPU step; in-process, one worker running two
+        shards at once (reading, hashing and writing release the GIL, so one shard's I/O hides the other's)."""
         share = self.build.manifest.resources.filter_cpus
-        count = 1
         if hasattr(executor, "cluster"):
             count = max(1, min(len(self.build.plan.shards), int((executor.cluster().get("CPU", 1.0) - share) / share)))
-        return WorkerSpec(RefilterWorker, (self.build, self.build.fingerprint), count, share, 0.0)
+            return WorkerSpec(RefilterWorker, (self.build, self.build.fingerprint), count, share, 0.0)
+        return WorkerSpec(RefilterWorker, (self.build, self.build.fingerprint), 1, share, 0.0, concurrency=2)
 
     def identity_phase(self, runner: Runner, pool) -> dict[str, Any]:
         """The parent's identity table, re-embedded when the identity judge changed, duplicates re-decided."""
@@ -347,7 +402,7 @@ class RefilterJob:
         if self.build.manifest.filter.identity.duplicate_cosine == parent["build_manifest"]["filter"]["identity"]["duplicate_cosine"]:
             # the same embeddings and threshold give the same table: the parent's file, copied where the work runs
             _, record = next(runner.executor.map(copy_identity_table, [runner.out], self.build.parent_dir,
-                                                 parent["counts"], self.build.fingerprint))
+                                                 parent["counts"], parent["identities"], self.build.fingerprint))
             return record
         return make_identity_table(runner, pool, None, (self.build.parent_dir, [identity_table.IDENTITIES_FILE]))
 

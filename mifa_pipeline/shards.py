@@ -97,8 +97,12 @@ def to_wds(sample: ShardSample) -> dict[str, Any]:
 
 def _flatten(prefix: str, value: Any, row: dict[str, Any]) -> None:
     if isinstance(value, dict):
-        for k in value:
-            _flatten(f"{prefix}_{k}" if prefix else str(k), value[k], row)
+        for k, v in value.items():
+            name = f"{prefix}_{k}" if prefix else str(k)
+            if isinstance(v, (dict, list, tuple)):
+                _flatten(name, v, row)
+            else:  # (most values: a scalar, set here without another call)
+                row[name] = v
     elif isinstance(value, (list, tuple)):
         row[prefix] = json.dumps(value)
     else:

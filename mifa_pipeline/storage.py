@@ -292,30 +292,6 @@ class Location:
         finally:
             discard(staged)
 
-    def copy_from(self, source: "Location", rel: str) -> None:
-        """`source`'s file `rel` as this location's `rel`, whole or absent: a kernel copy between local folders,
-        a server-side copy within one object store, else through a local staging file."""
-        if self.is_local and source.is_local:
-            import shutil
-
-            staged = self.stage(rel)
-            try:
-                shutil.copyfile(source.path(rel), staged)
-                self.commit(staged, rel)
-            finally:
-                discard(staged)
-        elif not self.is_local and type(self.fs) is type(source.fs) and self.storage_options == source.storage_options:
-            self.fs.cp_file(source.path(rel), self.path(rel))
-        else:
-            staged = self.stage(rel)
-            try:
-                with source.open(rel) as src, open(staged, "wb") as dst:
-                    while chunk := src.read(1 << 22):
-                        dst.write(chunk)
-                self.commit(staged, rel)
-            finally:
-                discard(staged)
-
     def create(self, rel: str, data: bytes) -> bool:
         """Exclusive create: True when `rel` was created with `data`, False when it already existed."""
         if self.is_local:

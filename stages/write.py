@@ -70,7 +70,7 @@ def sample_metadata(row: dict[str, Any], dataset: dict[str, str], model: str) ->
         "occurrence_prob": {au: round(float(p), ROUND) for au, p in prob.items()},
         "occurrence": {au: int(p >= 0.5) for au, p in prob.items()},
         "intensity": {au: round(float(v), ROUND) for au, v in intensity.items()},
-        "intensity_rounded": {au: int(np.rint(v)) for au, v in intensity.items()},
+        "intensity_rounded": {au: round(float(v)) for au, v in intensity.items()},  # half to even, as np.rint
         "scores": public_scores(json.loads(row["scores"]), list(requested)),
     }
 

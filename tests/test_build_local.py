@@ -607,3 +607,65 @@ def test_a_refilter_rewrites_the_samples_of_a_parent_of_another_sample_schema(sm
                       progress=False).manifest
     assert copied == [] and v2["counts"]["kept_samples"] > 0 and v2["sample_schema"] == 1
     assert verify(tmp_path / "v2") == []
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda o: _flip(o / "train-000001.tar"), "train-000001.tar"),           # copied whole
+    (lambda o: _flip(o / "scores" / "train-000002.parquet", 300), "scores/train-000002.parquet"),  # decided from
+    (lambda o: _flip(o / "identities.parquet", 300), "identities.parquet"),  # copied as the version's table
+    (lambda o: (o / "train-000003.tar").write_bytes((o / "train-000003.tar").read_bytes()[:-1024]), "train-000003.tar"),
+], ids=["tar", "scores", "identities", "truncated"])
+def test_a_refilter_ships_no_byte_of_a_damaged_parent(small_manifest, fake_model, tmp_path, damage, named):
+    """What a re-filter reads or copies from its parent is proven against the parent's published digests
+    first: a damaged parent file ends the run in one line naming it, and the new version is never finished."""
+    from typer.testing import CliRunner
+
+    from mifa_pipeline.cli import app
+
+    parent = small_manifest(out=tmp_path / "v1")
+    build(parent)
+    damage(Path(parent.output))
+    result = CliRunner().invoke(app, ["filter", str(parent.output), "--set", "filter.min_pixel_std=1.5", "--out",
+                                      str(tmp_path / "v2"), "--runner", "local", "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert f"{named}:" in result.output and "damaged" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "v2" / "manifest.json").exists()
+    v2 = tmp_path / "v2"
+    assert not [p for p in v2.rglob(Path(named).name) if p.is_file()] if v2.exists() else True
+
+
+def test_the_local_pool_overlaps_two_calls_and_starts_none_after_a_failure():
+    """A worker allowing two calls at once gets two (a build generates a shard while it writes the one before);
+    results come in completion order; after a failure the call under way finishes and no new one starts."""
+    import threading
+
+    from mifa_pipeline.executors import LocalExecutor, WorkerSpec
+
+    class Worker:
+        def __init__(self, log):
+            self.log, self.running, self.most = log, 0, 0
+            self.lock = threading.Lock()
+
+        def make(self, item):
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            self.log.append(("start", item))
+            time.sleep(0.2 if item == 0 else 0.02)
+            with self.lock:
+                self.running -= 1
+            self.log.append(("end", item))
+            if item == 3:
+                raise ValueError("item 3 failed")
+            return item * 10
+
+    log = []
+    pool = LocalExecutor().workers(WorkerSpec(Worker, (log,), concurrency=2))
+    got = list(pool.run("make", [0, 1, 2]))
+    assert sorted(got) == [(0, 0), (1, 10), (2, 20)] and got[0] == (1, 10)  # item 1 ended first
+    assert pool.worker.most == 2
+    log.clear()
+    with pytest.raises(ValueError, match="item 3"):
+        list(pool.run("make", [0, 3, 4, 5]))
+    started = [item for what, item in log if what == "start"]
+    assert ("end", 0) in log and 5 not in started  # the slow call under way finished; none started after
