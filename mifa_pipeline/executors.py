@@ -11,9 +11,10 @@ the data path, which must stay a few hundred bytes per shard whatever the images
 from __future__ import annotations
 
 import pickle
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from queue import SimpleQueue
 from typing import Any, Protocol
 
 
@@ -46,6 +47,9 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+_END = object()
+
+
 def pickled_size(value: Any) -> int:
     return len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
 
@@ -53,8 +57,10 @@ def pickled_size(value: Any) -> int:
 class LocalPool:
     """One worker in this process, running up to `spec.concurrency` calls at once in threads (a build worker
     generates the next shard while it judges and writes the one before, as a Ray actor does); results arrive
-    in completion order. When a call fails or the caller stops (Ctrl-C), the calls under way are let finish
-    (their files are committed whole) and none is started after."""
+    in completion order. When a call fails, none starts after it and the calls under way finish (their files
+    are committed whole) before the error is raised. On Ctrl-C or SIGTERM nothing waits: the threads are
+    daemons, so the process ends at once, as a killed run does (the unfinished shards have no done record
+    and are redone by the next run)."""
 
     def __init__(self, spec: WorkerSpec, executor: "LocalExecutor"):
         self.worker = spec.cls(*spec.args)
@@ -63,28 +69,41 @@ class LocalPool:
 
     def run(self, method: str, items: list[Any]) -> Iterator[tuple[Any, Any]]:
         call = getattr(self.worker, method)
-        if self.concurrency == 1:
-            for item in items:
-                result = call(item)
-                self.executor.received_bytes += pickled_size(result)
+        calls = self._threads(call, items) if self.concurrency > 1 and len(items) > 1 else ((i, call(i)) for i in items)
+        for item, result in calls:
+            self.executor.received_bytes += pickled_size(result)
+            yield item, result
+
+    def _threads(self, call: Callable[[Any], Any], items: list[Any]) -> Iterator[tuple[Any, Any]]:
+        todo, finished = iter(items), SimpleQueue()
+        take, stop = threading.Lock(), threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                with take:
+                    item = next(todo, _END)
+                if item is _END:
+                    return
+                try:
+                    finished.put((item, call(item), None))
+                except BaseException as exc:  # noqa: BLE001 (handed to the caller's thread)
+                    stop.set()
+                    finished.put((item, None, exc))
+
+        threads = [threading.Thread(target=serve, name=f"mifa-local-{k}", daemon=True)
+                   for k in range(min(self.concurrency, len(items)))]
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in items:
+                item, result, error = finished.get()
+                if error is not None:
+                    for thread in threads:
+                        thread.join()
+                    raise error
                 yield item, result
-            return
-        queue = list(reversed(list(enumerate(items))))
-        running: dict[Future, tuple[int, Any]] = {}
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="mifa-local") as threads:
-            try:
-                while queue or running:
-                    while queue and len(running) < self.concurrency:
-                        position, item = queue.pop()
-                        running[threads.submit(call, item)] = (position, item)
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in sorted(done, key=lambda f: running[f][0]):
-                        _, item = running.pop(future)
-                        result = future.result()
-                        self.executor.received_bytes += pickled_size(result)
-                        yield item, result
-            finally:
-                queue.clear()  # the pool's exit waits for the calls under way; nothing new starts
+        finally:
+            stop.set()  # nothing new starts; on an interrupt the calls under way are not waited for
 
     def close(self) -> None:
         close = getattr(self.worker, "close", None)
