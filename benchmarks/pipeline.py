@@ -14,8 +14,8 @@ run manifest's `generation_last_run` (per worker; "after warm-up" leaves out eac
 waits for the model load and has nothing to overlap with). `--standin SECONDS`: the generator is
 benchmarks/standin.py, which sleeps SECONDS per batch (GIL released, as while a GPU computes) and returns the
 reference faces, so judging, encoding and writing are the real ones: the figure then shows whether the CPU work
-keeps up with a GPU of that speed. `--compare-local`: the same build with `--runner local` first, and the Ray
-wall time over the local one. Prints every figure, last one JSON line.
+keeps up with a GPU of that speed. `--compare-local`: the same build with `--runner local` first (its generator's
+busy share too), and the Ray wall time over the local one. Prints every figure, last one JSON line.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def main() -> None:
 
             install(args.standin)  # this process (the local runner); Ray workers get it from their setup hook
         if args.compare_local:
-            local_wall, _, _ = build(args.manifest, args.overrides, Path(tmp) / "local", "local")
+            local_wall, local, _ = build(args.manifest, args.overrides, Path(tmp) / "local", "local")
             figures["local_wall_s"] = round(local_wall, 2)
+            figures["local_generator_busy"] = local["generation_last_run"]["busy_share_of_wall"]
         start = time.perf_counter()
         start_ray_with(args.standin)  # started here so that its start-up is reported apart from the build
         ray_start = time.perf_counter() - start
@@ -101,7 +102,8 @@ def main() -> None:
           f"{gen['busy_share_of_wall']:.0%} of the wall time ({len(workers)} worker(s)), "
           f"{figures['generator_busy_after_warmup'] or 0:.0%} after warm-up (the least busy worker)")
     if "ray_over_local" in figures:
-        print(f"Ray {wall:.1f} s / local {figures['local_wall_s']:.1f} s = {figures['ray_over_local']:.2f}")
+        print(f"Ray {wall:.1f} s / local {figures['local_wall_s']:.1f} s = {figures['ray_over_local']:.2f}; the local "
+              f"generator busy {figures['local_generator_busy']:.0%} of its wall time")
     print(json.dumps(figures))
 
 
