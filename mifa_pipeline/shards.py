@@ -218,6 +218,53 @@ def file_digests(path: Path) -> tuple[str, str, int]:
     return Location(path.parent).digests(path.name)
 
 
+@dataclass
+class _Written:
+    """A sample written to a shard, as its sidecar row needs it (the image's sha256, not the image)."""
+
+    key: str
+    label: int
+    image_ext: str
+    image_sha256: str
+    metadata: dict[str, Any]
+
+    def row(self, shard: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"key": self.key, "shard": shard, "label": self.label, "image_ext": self.image_ext,
+                               "image_sha256": self.image_sha256}
+        _flatten("", self.metadata, row)
+        return row
+
+
+def _layout(metadata: dict[str, Any]) -> tuple:
+    return tuple((k, tuple(v) if type(v) is dict else None) for k, v in metadata.items())
+
+
+def _columnar_sidecar(written: list[_Written], shard: str, schema: pa.Schema) -> pa.Table | None:
+    """The sidecar of samples whose metadata share one layout of scalars and flat dicts, as `sidecar_table`
+    makes it from their rows; None when they do not (the row path then says what differs)."""
+    layout = _layout(written[0].metadata)
+    if any(type(v) in (list, tuple) or (type(v) is dict and any(type(x) in (dict, list, tuple) for x in v.values()))
+           for v in written[0].metadata.values()) or any(_layout(w.metadata) != layout for w in written[1:]):
+        return None
+    columns: dict[str, list[Any]] = {"key": [w.key for w in written], "shard": [shard] * len(written),
+                                     "label": [w.label for w in written], "image_ext": [w.image_ext for w in written],
+                                     "image_sha256": [w.image_sha256 for w in written]}
+    metas = [w.metadata for w in written]
+    for top, inner in layout:
+        if inner is None:
+            columns[top] = [m[top] for m in metas]
+        else:
+            for sub in inner:
+                columns[f"{top}_{sub}"] = [m[top][sub] for m in metas]
+    if list(columns) != schema.names:
+        return None
+    table = pa.Table.from_pydict(columns, schema=schema)
+    nulls = [name for name, col in zip(table.column_names, table.columns) if col.null_count]
+    if nulls:
+        raise ValueError(f"sidecar: null in {nulls[:5]}; the sample schema allows none")
+    return table
+
+
 class ShardFileWriter:
     """Writes one shard (tar + parquet sidecar) sample by sample; `close()` commits both by rename."""
 
@@ -228,13 +275,15 @@ class ShardFileWriter:
         self.tmp_path = self.out.stage(name)
         self._file = open(self.tmp_path, "wb")
         self._writer = wds.TarWriter(self._file, user="mifa", group="mifa", mode=0o644, encoder=False, mtime=FIXED_MTIME)
-        self.rows: list[dict[str, Any]] = []
+        # per sample, in order: its sidecar row (copied) or what makes it (written; the image is not kept)
+        self.entries: list[dict[str, Any] | _Written] = []
         self.keys: list[str] = []
 
     def write(self, sample: ShardSample) -> None:
         self._check_order(sample.key)
         self._writer.write(to_wds(sample))
-        self.rows.append(sidecar_row(sample, self.name))
+        self.entries.append(_Written(sample.key, int(sample.label), sample.image_ext,
+                                     hashlib.sha256(sample.image).hexdigest(), sample.metadata))
         self.keys.append(sample.key)
 
     def copy(self, key: str, segment: bytes, row: dict[str, Any]) -> None:
@@ -244,8 +293,20 @@ class ShardFileWriter:
         stream = self._writer.tarstream
         stream.fileobj.write(segment)
         stream.offset += len(segment)  # tarfile pads the archive's end from its offset
-        self.rows.append(row)
+        self.entries.append(row)
         self.keys.append(key)
+
+    def sidecar(self) -> pa.Table:
+        """The sidecar of the samples so far. Written samples of one layout (what a build writes) are laid out
+        column by column (about twice as fast as a row each); copies, or a sample of another layout, go
+        through rows, whose check names what differs."""
+        written = [e for e in self.entries if isinstance(e, _Written)]
+        if self.sidecar_schema is not None and written and len(written) == len(self.entries):
+            table = _columnar_sidecar(written, self.name, self.sidecar_schema)
+            if table is not None:
+                return table
+        rows = [e.row(self.name) if isinstance(e, _Written) else e for e in self.entries]
+        return sidecar_table(rows, self.sidecar_schema)
 
     def _check_order(self, key: str) -> None:
         if self.keys and key <= self.keys[-1]:
@@ -257,7 +318,7 @@ class ShardFileWriter:
         self._writer.close()  # closes the tar stream (and our file)
         if not self._file.closed:
             self._file.close()
-        self.out.write_parquet(self.name.removesuffix(".tar") + ".parquet", sidecar_table(self.rows, self.sidecar_schema))
+        self.out.write_parquet(self.name.removesuffix(".tar") + ".parquet", self.sidecar())
         self.out.commit(self.tmp_path, self.name)
 
     def abort(self) -> None:

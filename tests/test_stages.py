@@ -187,9 +187,36 @@ def test_tar_segments_are_the_bytes_tarwriter_writes_for_each_sample(tmp_path):
     second = ShardFileWriter(tmp_path / "again", "a.tar")  # the same shard, written anew
     for i, s in enumerate(samples):
         if i % 2:
-            second.copy(s.key, segments[s.key], first.rows[i])
+            second.copy(s.key, segments[s.key], first.entries[i].row("a.tar"))
         else:
             second.write(s)
     second.close()
     for name in ("a.tar", "a.parquet"):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / name).read_bytes()
+
+
+def test_the_sidecar_is_the_same_table_by_columns_as_by_rows(tmp_path):
+    """A build's sidecar is laid out column by column; a shard with copies, or a sample of another layout,
+    row by row: both give the same table, and a sample whose metadata lacks a field is refused by name."""
+    import pyarrow as pa
+    import pytest
+
+    from mifa_pipeline.shards import ShardFileWriter, ShardSample, sidecar_table
+
+    def sample(i, **extra):
+        return ShardSample(f"id{i:07d}-s0000", bytes([i]) * 50, "png",
+                           {"identity": i, "scores": {"x": i / 3, "x_valid": True, **extra}, "name": "n"}, i)
+
+    schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("label", pa.int64()), ("image_ext", pa.string()),
+                        ("image_sha256", pa.string()), ("identity", pa.int64()), ("scores_x", pa.float64()),
+                        ("scores_x_valid", pa.bool_()), ("name", pa.string())])
+    writer = ShardFileWriter(tmp_path, "a.tar", schema)
+    for i in range(4):
+        writer.write(sample(i))
+    by_columns = writer.sidecar()
+    assert by_columns.schema == schema and by_columns.column("scores_x").to_pylist() == [i / 3 for i in range(4)]
+    assert by_columns.equals(sidecar_table([e.row("a.tar") for e in writer.entries], schema))
+    writer.write(sample(5, extra_score=1.0))  # another layout: the row path names the column
+    with pytest.raises(ValueError, match="scores_extra_score"):
+        writer.sidecar()
+    writer.abort()
