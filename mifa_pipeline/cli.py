@@ -285,7 +285,7 @@ def schema(
 
 @app.command()
 def teacher(
-    out_dir: Annotated[Path, typer.Argument(help="output folder of the teacher data set")],
+    out_dir: Annotated[str, typer.Argument(help="output of the teacher data set: a folder or a URL (s3://bucket/prefix, ...)")],
     identities: Annotated[int, typer.Option("--identities", "-n", help="number of identities")] = 100,
     per_identity: Annotated[int, typer.Option("--per-identity", "-m", help="samples per identity")] = 20,
     resolution: Annotated[int, typer.Option(help="image size in pixels")] = 128,
@@ -306,7 +306,7 @@ def teacher(
         f"identities.samples_per_identity={per_identity}", f"sampler.resolution={resolution}",
         "writer.samples_per_shard=1000", "resources.identities_per_unit=16", "sampler.batch_size=64",
     ]
-    build(None, str(out_dir), [*defaults, *(overrides or [])], fresh, False, ray_address, runner, progress, allow_empty)
+    build(None, out_dir, [*defaults, *(overrides or [])], fresh, False, ray_address, runner, progress, allow_empty)
     from mifa_pipeline.stages.teacher import write_identity_attributes
 
     out.print(f"identity shape attributes: {write_identity_attributes(out_dir)}")

@@ -11,11 +11,15 @@ from __future__ import annotations
 import time
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
 from mifa_pipeline.teacher import AU_NAMES, IdentityParams, render_face, sample_identity
+
+if TYPE_CHECKING:
+    from mifa_pipeline.storage import Location
 
 # Named colours for describing a rendered identity (nearest in RGB).
 _COLOUR_NAMES = {
@@ -46,8 +50,9 @@ SHAPE_ATTRIBUTES: tuple[str, ...] = tuple(f.name for f in fields(IdentityParams)
 ATTRIBUTES_FILE = "identity_attributes.parquet"
 
 
-def write_identity_attributes(out_dir: Path) -> Path:
-    """``identity_attributes.parquet`` beside a teacher data set's shards: per identity, its shape parameters.
+def write_identity_attributes(out: "Location | str | Path") -> str:
+    """``identity_attributes.parquet`` beside a teacher data set's shards (a folder or any storage URL): per
+    identity, its shape parameters; returns where it was written.
 
     Why: the teacher knows each face's eye, brow, nose and mouth geometry exactly, and an identity encoder
     trained only to tell identities apart learns their colours instead (a linear probe from the demo
@@ -55,27 +60,25 @@ def write_identity_attributes(out_dir: Path) -> Path:
     the build publishes beside its shards (``OUT/identities.parquet``; never ``OUT/_work``), and raises
     FileNotFoundError when it is missing. Every row is kept, duplicate identities too (their samples were
     dropped, so nothing reads their row: harmless, and simpler than filtering). Columns: ``identity`` (as in
-    the shards) and one float column per name in ``SHAPE_ATTRIBUTES``. Written atomically; rewriting it gives
-    the same bytes.
+    the shards) and one float column per name in ``SHAPE_ATTRIBUTES``. Written whole or not at all
+    (`Location.write_parquet`); rewriting it gives the same bytes.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    table = Path(out_dir) / "identities.parquet"
-    if not table.is_file():
-        raise FileNotFoundError(f"{out_dir}: no identities.parquet (a data set built by mifa before the shard "
+    from mifa_pipeline.storage import location
+
+    out = location(out)
+    if not out.isfile("identities.parquet"):
+        raise FileNotFoundError(f"{out}: no identities.parquet (a data set built by mifa before the shard "
                                 "redesign? rebuild it)")
     rows = sorted({(int(r["identity"]), int(r["seed"]))
-                   for r in pq.read_table(table, columns=["identity", "seed"]).to_pylist()})
+                   for r in out.read_parquet("identities.parquet", columns=["identity", "seed"]).to_pylist()})
     params = [identity_params(seed) for _, seed in rows]
     columns = {"identity": pa.array([i for i, _ in rows], pa.int64())}
     for name in SHAPE_ATTRIBUTES:
         columns[name] = pa.array([float(getattr(p, name)) for p in params], pa.float64())
-    path = Path(out_dir) / ATTRIBUTES_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.table(columns), tmp, compression="zstd")
-    tmp.replace(path)
-    return path
+    out.write_parquet(ATTRIBUTES_FILE, pa.table(columns))
+    return out.full_url(ATTRIBUTES_FILE)
 
 
 def describe(reference_seed: int) -> dict[str, str]:

@@ -77,6 +77,23 @@ def test_a_build_to_memory_equals_a_local_build(small_manifest, fake_model, tmp_
     assert (remote.ref_images == here.ref_images).all()
 
 
+def test_the_teacher_command_writes_to_a_url_and_training_reads_it():
+    """`mifa teacher URL` writes its data set and identity_attributes.parquet through the storage layer, and
+    `mifa train`'s loader reads both from the URL."""
+    from typer.testing import CliRunner
+
+    from mifa_pipeline.cli import app
+    from mifa_pipeline.training.data import load_folder
+
+    url = f"memory://teacher-{time.monotonic_ns()}/t"
+    result = CliRunner().invoke(app, ["teacher", url, "-n", "3", "-m", "2", "--resolution", "32", "--runner", "local",
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"{url.removeprefix('memory://')}/identity_attributes.parquet" in result.output and verify(url) == []
+    data = load_folder(url, 32)
+    assert len(data.keys) == 6 and data.identity_attributes is not None and data.identity_attributes.shape[0] == 3
+
+
 # ------------------------------------------------------------------------------------ exactly once
 @pytest.mark.parametrize("where", ["local", "memory"])
 def test_a_done_record_is_committed_once(where, tmp_path):
