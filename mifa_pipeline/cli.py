@@ -120,6 +120,22 @@ def _resume_hint(folder) -> str:
     return "nothing was finished, so nothing is kept; run the same command again to start over"
 
 
+def _end_now_if_shards_under_way(code: int) -> None:
+    """A stopped local run whose threads are still inside a shard ends here, as a killed run does (those shards
+    have no done record and are redone on resume): the threads cannot be stopped, and an interpreter that
+    finalizes under them can abort in their C code (exit 134 instead of 130)."""
+    import os
+    import sys
+    import threading
+
+    from mifa_pipeline.executors import THREAD_PREFIX
+
+    if any(t.name.startswith(THREAD_PREFIX) and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def _run(work, folder):
     """Run a build or filter; every failure a user can meet ends in one message and a non-zero exit."""
     from mifa_pipeline.done import CommitConflict, DamagedSource
@@ -134,7 +150,9 @@ def _run(work, folder):
     except (BuildError, TaskFailed, ReferenceImageError, DamagedSource, CommitConflict) as exc:
         raise fail(f"{exc}\n({_resume_hint(folder)})") from None
     except KeyboardInterrupt:
-        raise fail(f"interrupted; {_resume_hint(folder)}", 130) from None
+        stopped = fail(f"interrupted; {_resume_hint(folder)}", 130)
+        _end_now_if_shards_under_way(130)
+        raise stopped from None
     except OSError as exc:
         where = exc.filename or folder
         hint = "free some space" if exc.errno == 28 else "fix it"

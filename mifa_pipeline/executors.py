@@ -48,6 +48,7 @@ class Executor(Protocol):
 
 
 _END = object()
+THREAD_PREFIX = "mifa-local"  # the local pool's threads (the CLI ends a stopped run at once while they work)
 
 
 def pickled_size(value: Any) -> int:
@@ -90,7 +91,7 @@ class LocalPool:
                     stop.set()
                     finished.put((item, None, exc))
 
-        threads = [threading.Thread(target=serve, name=f"mifa-local-{k}", daemon=True)
+        threads = [threading.Thread(target=serve, name=f"{THREAD_PREFIX}-{k}", daemon=True)
                    for k in range(min(self.concurrency, len(items)))]
         for thread in threads:
             thread.start()
