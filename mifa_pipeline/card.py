@@ -98,9 +98,10 @@ def _sidecar_schema(folder: Location, manifest: dict[str, Any]):
     return folder.parquet_schema(manifest["shards"][0]["sidecar"]["path"])
 
 
-def statistics(folder: Location, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Demographic balance as drawn (identities) and as kept (samples), and the agreement figures."""
-    columns = [n for n in _sidecar_schema(folder, manifest).names
+def statistics(folder: Location, manifest: dict[str, Any], schema) -> dict[str, Any]:
+    """Demographic balance as drawn (identities) and as kept (samples), and the agreement figures; `schema`
+    is the sidecars' (`_sidecar_schema`)."""
+    columns = [n for n in schema.names
                if n.startswith("demographics_") or n.startswith("scores_au_agree")]
     kept: dict[str, Counter] = {}
     agreement: dict[str, list[float]] = {}  # name -> [sum, count] of its valid values
@@ -333,7 +334,7 @@ def write_card(where: "Location | str | Path", manifest: dict[str, Any]) -> list
     """README.md and croissant.json for the finished version in `where` (each whole or absent)."""
     folder = location(where)
     schema = _sidecar_schema(folder, manifest)
-    stats = statistics(folder, manifest)
+    stats = statistics(folder, manifest, schema)
     folder.write_text(CARD_NAME, dataset_card(manifest, stats, schema))
     folder.write_text(CROISSANT_NAME, json.dumps(croissant(manifest, stats, schema), indent=2, allow_nan=False) + "\n")
     return list(CARD_FILES)

@@ -126,11 +126,10 @@ def _end_now_if_shards_under_way(code: int) -> None:
     finalizes under them can abort in their C code (exit 134 instead of 130)."""
     import os
     import sys
-    import threading
 
-    from mifa_pipeline.executors import THREAD_PREFIX
+    from mifa_pipeline.executors import calls_under_way
 
-    if any(t.name.startswith(THREAD_PREFIX) and t.is_alive() for t in threading.enumerate()):
+    if calls_under_way():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

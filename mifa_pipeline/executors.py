@@ -48,7 +48,12 @@ class Executor(Protocol):
 
 
 _END = object()
-THREAD_PREFIX = "mifa-local"  # the local pool's threads (the CLI ends a stopped run at once while they work)
+THREAD_PREFIX = "mifa-local"  # the local pool's threads
+
+
+def calls_under_way() -> bool:
+    """Whether a local pool's thread is still inside a call (after its caller stopped, e.g. on Ctrl-C)."""
+    return any(t.name.startswith(THREAD_PREFIX) and t.is_alive() for t in threading.enumerate())
 
 
 def pickled_size(value: Any) -> int:

@@ -209,11 +209,6 @@ def tar_segments(data: bytes, label: str = "tar") -> dict[str, bytes]:
     return {key: data[a:b] for key, (a, b) in keys.items()}
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """A local parquet file, whole or absent (see `storage.Location.commit`)."""
-    Location(path.parent).write_parquet(path.name, table)
-
-
 def file_digests(path: Path) -> tuple[str, str, int]:
     return Location(path.parent).digests(path.name)
 

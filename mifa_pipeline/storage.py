@@ -84,6 +84,11 @@ def _filesystem(protocol: str, options: dict[str, Any]):
         raise StorageError(f"storage_options for {protocol}://: {exc}") from None
 
 
+def _url(protocol: str, root: str) -> str:
+    """The URL of a store path (fsspec's memory paths keep their leading slash)."""
+    return f"{protocol}://{root if protocol == 'memory' else root.lstrip('/')}"
+
+
 class Location:
     """A data set's folder (local) or prefix (object store); files are named relative to it ('a/b.tar')."""
 
@@ -114,7 +119,7 @@ class Location:
             self.root = self.fs._strip_protocol(text).rstrip("/")
             if not self.root.strip("/"):
                 raise StorageError(f"location {text!r}: names no folder or prefix")
-            self.url = f"{protocol}://{self.root.lstrip('/') if protocol != 'memory' else self.root}"
+            self.url = _url(protocol, self.root)
             self.is_local = False
         else:
             self._local(Path(text))
@@ -165,7 +170,7 @@ class Location:
     def _at(self, root: str) -> "Location":
         if self.is_local:
             return Location(root, self.storage_options)
-        return Location(f"{self.protocol}://{root.lstrip('/') if self.protocol != 'memory' else root}", self.storage_options)
+        return Location(_url(self.protocol, root), self.storage_options)
 
     def child(self, name: str) -> "Location":
         return self._at(f"{self.root.rstrip('/')}/{name}")

@@ -132,8 +132,9 @@ class BuildWorker:
                 embeddings = self.judges.reference_embeddings({p.identity: p.reference for p in people})
                 for p in people:
                     p.embedding = embeddings[p.identity]
-            table = identity_table.block_table(people)  # encodes the reference faces: the stage's work, as a
-        stats.seconds = time.perf_counter() - start     # sample's encoding is the filter stage's
+            # encoding the reference faces is the stage's work, as a sample's encoding is the filter stage's
+            table = identity_table.block_table(people)
+        stats.seconds = time.perf_counter() - start
         relative = identity_table.block_path(block.name)
         self.out.write_parquet(relative, table)
         return write_done(self.out, block.name, self.fingerprint, [relative], stats={stats.name: stats.to_json()})

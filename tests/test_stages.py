@@ -201,7 +201,7 @@ def test_the_sidecar_is_the_same_table_by_columns_as_by_rows(tmp_path):
     import pyarrow as pa
     import pytest
 
-    from mifa_pipeline.shards import ShardFileWriter, ShardSample, sidecar_table
+    from mifa_pipeline.shards import ShardFileWriter, ShardSample, _columnar_sidecar, sidecar_table
 
     def sample(i, **extra):
         return ShardSample(f"id{i:07d}-s0000", bytes([i]) * 50, "png",
@@ -213,7 +213,8 @@ def test_the_sidecar_is_the_same_table_by_columns_as_by_rows(tmp_path):
     writer = ShardFileWriter(tmp_path, "a.tar", schema)
     for i in range(4):
         writer.write(sample(i))
-    by_columns = writer.sidecar()
+    by_columns = _columnar_sidecar(writer.entries, "a.tar", schema)  # the path a build's shards take
+    assert by_columns is not None and writer.sidecar().equals(by_columns)
     assert by_columns.schema == schema and by_columns.column("scores_x").to_pylist() == [i / 3 for i in range(4)]
     assert by_columns.equals(sidecar_table([e.row("a.tar") for e in writer.entries], schema))
     writer.write(sample(5, extra_score=1.0))  # another layout: the row path names the column
