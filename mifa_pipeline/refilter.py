@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from mifa_pipeline import identity_table
@@ -36,16 +35,10 @@ from mifa_pipeline.shards import decode_image, tar_members, tar_segments
 from mifa_pipeline.stages.filter import Filtering, decide, redecide
 from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.stages.write import SCORES_SCHEMA, ShardWriting, scores_path
-from mifa_pipeline.storage import Location, StorageError, location
+from mifa_pipeline.storage import Location, StorageError, location, parquet_from_bytes
 from mifa_pipeline.work import duplicate_stats
 
 METADATA = [n for n in SCORES_SCHEMA.names if n != "image"]
-
-
-def _table(data: bytes, columns: list[str] | None = None) -> pa.Table:
-    """A parquet file's bytes as a table (ParquetFile: pq.read_table would import pyarrow.dataset, ~0.3 s)."""
-    with pq.ParquetFile(pa.BufferReader(data)) as f:
-        return f.read(columns=columns)
 
 
 def next_version(version: str) -> str:
@@ -255,7 +248,7 @@ class RefilterWorker:
         scores_file = scores_path(shard.name)
         published = self.published[shard.name]
         scores_bytes = read_verified(self.parent, scores_file, published[scores_file])
-        rows = _table(scores_bytes, METADATA).to_pylist()
+        rows = parquet_from_bytes(scores_bytes, METADATA).to_pylist()
         if self.same_scores and self.copyable and self.same_writer and all(
                 r["drop_reason"] == "duplicate_identity" or decide(json.loads(r["scores"]), cfg) == r["drop_reason"]
                 for r in rows):
@@ -274,7 +267,7 @@ class RefilterWorker:
                     members = tar_members(self._read(shard, f"{shard.name}.tar"))
                 return members[row["key"]][row["image_ext"]]
             if stored is None:  # dropped images are read only when some are needed
-                table = _table(scores_bytes, ["key", "image"])
+                table = parquet_from_bytes(scores_bytes, ["key", "image"])
                 stored = dict(zip(table.column("key").to_pylist(), table.column("image").to_pylist()))
             return stored[row["key"]]
 
@@ -323,7 +316,7 @@ class RefilterWorker:
         copies = {}
         if unchanged:  # the parent's tar and sidecar are read only when something is copied from them
             segments = tar_segments(self._read(shard, f"{shard.name}.tar"), f"{shard.name}.tar")
-            sidecar = {r["key"]: r for r in _table(self._read(shard, f"{shard.name}.parquet")).to_pylist()}
+            sidecar = {r["key"]: r for r in parquet_from_bytes(self._read(shard, f"{shard.name}.parquet")).to_pylist()}
             copies = {key: (segments[key], sidecar[key]) for key in unchanged}
         writing = ShardWriting(self.out, {"name": m.dataset.name}, model_description(m.model))
         contents, files, write_stats = writing.run(shard.name, rows, copies)

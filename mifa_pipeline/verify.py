@@ -8,13 +8,10 @@ the manifest does not list is reported. Every problem is named; an empty list me
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections import Counter
 from typing import Any
-
-import pyarrow.parquet as pq
 
 from mifa_pipeline.card import CARD_FILES
 from mifa_pipeline.done import digests_mismatch, file_mismatch
@@ -24,7 +21,7 @@ from mifa_pipeline.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_run_manif
 from mifa_pipeline.records import sample_key
 from mifa_pipeline.sample_schema import SAMPLE_SCHEMA_VERSION, validator
 from mifa_pipeline.shards import KEY_PATTERN, ShardSample, shard_name, sidecar_row, tar_members
-from mifa_pipeline.storage import Location, digest_bytes, location
+from mifa_pipeline.storage import Location, digest_bytes, location, parquet_from_bytes
 
 DROP_STAGES = ("duplicates", "filter")
 COMPANIONS = {"identity_attributes.parquet"}  # written beside a finished data set by `mifa teacher`
@@ -88,7 +85,7 @@ def _check_shard(folder: Location, shard: dict[str, Any], planned: range, spi: i
             problems.append(f"{name}: sample {key} has members {sorted(exts)}, expected image + json + cls")
     data, ok = _read_checked(folder, shard["sidecar"], problems)
     if ok:
-        table = pq.read_table(io.BytesIO(data))
+        table = parquet_from_bytes(data)
         schemas.setdefault(str(table.schema), shard["sidecar"]["path"])
         rows = table.to_pylist()
         if [r["key"] for r in rows] != list(members):
@@ -117,7 +114,7 @@ def _check_shard(folder: Location, shard: dict[str, Any], planned: range, spi: i
     found = 0
     data, ok = _read_checked(folder, shard["scores"], problems)
     if ok:
-        table = pq.read_table(io.BytesIO(data), columns=["key", "keep", "drop_reason"]).to_pylist()
+        table = parquet_from_bytes(data, ["key", "keep", "drop_reason"]).to_pylist()
         found = len(table)
         want = [sample_key(slot // spi, slot % spi) for slot in planned]
         if [r["key"] for r in table] != want:
