@@ -15,7 +15,8 @@ with A the data set's AU order (`au_names` of its run manifest, also `MifaData.a
   names each cached shard by the md5 the index records (a symlink for a local file, nothing copied), so a
   data set rebuilt into a folder of the same name is never served from an older build's cache.
 
-Only torch, webdataset, wids, numpy and PIL are imported: no pipeline or model module.
+Only torch, webdataset, wids, fsspec (for URLs), numpy and PIL are imported: no pipeline or model module, so a
+training job needs nothing of the pipeline (this is why it opens URLs with fsspec itself, not through storage.py).
 """
 
 from __future__ import annotations
