@@ -1,8 +1,8 @@
 """The shard format: byte-reproducible WebDataset tars, a parquet sidecar per shard, the wids index.
 
 This module knows samples only as (key, encoded image, metadata dict, class index); it knows no model.
-Tars are written through webdataset's TarWriter with a fixed mtime, owner and mode and members in sorted
-order, to a local staging file that is then committed whole (`storage.Location.commit`: an atomic rename
+Tars are the bytes webdataset's TarWriter writes with a fixed mtime, owner and mode and members in sorted
+order (headers come from a template it made, `_MemberHeaders`, as that is 4x faster), to a local staging file that is then committed whole (`storage.Location.commit`: an atomic rename
 on a disk, one PUT or completed multipart upload on an object store): a shard name holds a whole shard or
 nothing. Local staging names are hidden and unique (`.NAME.tmp-<random>`), so two writers never share one
 and a reader globbing `*.tar` never meets one.
@@ -209,6 +209,35 @@ def tar_segments(data: bytes, label: str = "tar") -> dict[str, bytes]:
     return {key: data[a:b] for key, (a, b) in keys.items()}
 
 
+class _MemberHeaders:
+    """The ustar header tarfile writes for a member, from a template tarfile made once per shard, with the name,
+    size and checksum filled in: byte for byte what `TarWriter` writes (a test compares them), at a quarter of
+    its cost per sample (a `TarInfo`, `tobuf` and `addfile` per member are most of a shard's writing time).
+    `None` for a member tarfile would give more than one header (a long or non-ASCII name, a size past ustar's
+    11 octal digits): the caller then lets `TarWriter` write the sample."""
+
+    NAME, SIZE, CHECKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
+
+    def __init__(self, tarstream: tarfile.TarFile, writer: wds.TarWriter, mtime: int):
+        info = tarfile.TarInfo("-")
+        info.mtime, info.mode, info.uname, info.gname = mtime, writer.mode, writer.user, writer.group
+        template = bytearray(info.tobuf(tarstream.format, tarstream.encoding, tarstream.errors))
+        if len(template) != tarfile.BLOCKSIZE:
+            raise AssertionError("tarfile wrote more than one header block for the template member")
+        template[self.NAME] = bytes(100)
+        template[self.CHECKSUM] = b" " * 8  # how tarfile sums a header: its checksum field as spaces
+        self.template = bytes(template)
+
+    def header(self, name: str, size: int) -> bytes | None:
+        if not name.isascii() or len(name) > 100 or not 0 <= size < 8 ** 11:
+            return None
+        header = bytearray(self.template)
+        header[:len(name)] = name.encode("ascii")
+        header[self.SIZE] = b"%011o\0" % size
+        header[self.CHECKSUM] = b"%06o\0 " % sum(header)
+        return bytes(header)
+
+
 def file_digests(path: Path) -> tuple[str, str, int]:
     return Location(path.parent).digests(path.name)
 
@@ -270,13 +299,25 @@ class ShardFileWriter:
         self.tmp_path = self.out.stage(name)
         self._file = open(self.tmp_path, "wb")
         self._writer = wds.TarWriter(self._file, user="mifa", group="mifa", mode=0o644, encoder=False, mtime=FIXED_MTIME)
+        self._headers = _MemberHeaders(self._writer.tarstream, self._writer, FIXED_MTIME)
         # per sample, in order: its sidecar row (copied) or what makes it (written; the image is not kept)
         self.entries: list[dict[str, Any] | _Written] = []
         self.keys: list[str] = []
 
     def write(self, sample: ShardSample) -> None:
         self._check_order(sample.key)
-        self._writer.write(to_wds(sample))
+        members = to_wds(sample)
+        key = members.pop("__key__")
+        parts = []
+        for ext in sorted(members):  # TarWriter's member order
+            data = members[ext]
+            header = self._headers.header(f"{key}.{ext}", len(data))
+            if header is None:  # tarfile's own path (extended headers)
+                self._writer.write({"__key__": key, **members})
+                break
+            parts += (header, data, bytes(-len(data) % tarfile.BLOCKSIZE))
+        else:
+            self._append(b"".join(parts))
         self.entries.append(_Written(sample.key, int(sample.label), sample.image_ext,
                                      hashlib.sha256(sample.image).hexdigest(), sample.metadata))
         self.keys.append(sample.key)
@@ -285,11 +326,15 @@ class ShardFileWriter:
         """Append a sample as the raw tar bytes another mifa shard holds for it (see `tar_segments`), with its
         sidecar row: the same bytes `write` would produce for the same members, without re-encoding anything."""
         self._check_order(key)
-        stream = self._writer.tarstream
-        stream.fileobj.write(segment)
-        stream.offset += len(segment)  # tarfile pads the archive's end from its offset
+        self._append(segment)
         self.entries.append(row)
         self.keys.append(key)
+
+    def _append(self, members: bytes) -> None:
+        """Whole members (headers, data, padding) onto the tar stream."""
+        stream = self._writer.tarstream
+        stream.fileobj.write(members)
+        stream.offset += len(members)  # tarfile pads the archive's end from its offset
 
     def sidecar(self) -> pa.Table:
         """The sidecar of the samples so far. Written samples of one layout (what a build writes) are laid out

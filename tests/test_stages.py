@@ -195,6 +195,32 @@ def test_tar_segments_are_the_bytes_tarwriter_writes_for_each_sample(tmp_path):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / name).read_bytes()
 
 
+def test_a_shard_is_byte_for_byte_what_webdataset_tarwriter_writes(tmp_path):
+    """Members are written from a header template (not a TarInfo each): the tar must stay exactly the one
+    webdataset's TarWriter writes for the same samples, whatever the member sizes (block edges, empty, large)
+    and name lengths (up to ustar's 100 bytes, and past it, where tarfile adds an extended header)."""
+    import io
+
+    import webdataset as wds
+
+    from mifa_pipeline.shards import FIXED_MTIME, ShardFileWriter, ShardSample, to_wds
+
+    sizes = [0, 1, 511, 512, 513, 1023, 1024, 5000, 70_000]
+    samples = [ShardSample(f"k{i:03d}" + "x" * n_pad, bytes(range(256)) * (size // 256) + b"\x07" * (size % 256),
+                           ("png", "jpg", "webp")[i % 3], {"i": i, "text": "é✓" * i}, 10 ** i)
+               for i, (size, n_pad) in enumerate(zip(sizes, [0, 5, 60, 91, 92, 95, 96, 120, 3]))]
+    writer = ShardFileWriter(tmp_path, "a.tar")
+    for s in samples:
+        writer.write(s)
+    writer.close()
+    expected = io.BytesIO()
+    reference = wds.TarWriter(expected, user="mifa", group="mifa", mode=0o644, encoder=False, mtime=FIXED_MTIME)
+    for s in samples:
+        reference.write(to_wds(s))
+    reference.close()
+    assert (tmp_path / "a.tar").read_bytes() == expected.getvalue()
+
+
 def test_the_sidecar_is_the_same_table_by_columns_as_by_rows(tmp_path):
     """A build's sidecar is laid out column by column; a shard with copies, or a sample of another layout,
     row by row: both give the same table, and a sample whose metadata lacks a field is refused by name."""
