@@ -13,6 +13,7 @@ The internal scores (`scores/` tables, what `mifa filter` re-decides from) keep 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Iterable
 
@@ -49,13 +50,20 @@ def score_names(au_names: Iterable[str]) -> list[str]:
     return names
 
 
+@functools.lru_cache(maxsize=16)
+def _numeric_fields(au_names: tuple[str, ...]) -> tuple[tuple[str, str, type], ...]:
+    """(score, its flag, its type) of every numeric score, in order (made once per AU order: a sample's
+    `public_scores` runs once per kept sample)."""
+    fields = list(NUMBERS) + [(f"{prefix}{au}", kind) for prefix, kind in PER_AU for au in au_names]
+    return tuple((name, f"{name}_valid", kind) for name, kind in fields)
+
+
 def public_scores(raw: dict[str, Any], au_names: Iterable[str]) -> dict[str, Any]:
     """A sample's internal scores -> the published `scores`: every key present, one type each, no null.
     Scores outside the data set's AU order (an estimator's extra AUs) stay in the `scores/` tables only."""
     out: dict[str, Any] = {name: bool(raw.get(name)) for name in FLAGS}
-    fields = list(NUMBERS) + [(f"{prefix}{au}", kind) for prefix, kind in PER_AU for au in au_names]
-    for name, kind in fields:
-        out[name], out[f"{name}_valid"] = _number(raw.get(name), kind)
+    for name, valid, kind in _numeric_fields(tuple(au_names)):
+        out[name], out[valid] = _number(raw.get(name), kind)
     return out
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pydantic_core
 import webdataset as wds
 from PIL import Image
 
@@ -81,7 +82,13 @@ def decode_image(data: bytes, mode: str = "RGB") -> np.ndarray:
 
 
 def metadata_json(metadata: dict[str, Any]) -> bytes:
-    return json.dumps(metadata, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    """Compact UTF-8 JSON, by pydantic-core's encoder (a third of `json.dumps`'s time per sample; the same
+    text but for floats below 1e-4, which it writes as 0.00001 where Python writes 1e-05). No NaN or infinity:
+    JSON has none, so such a value is refused (by `json.dumps`, which names it) rather than written."""
+    data = pydantic_core.to_json(metadata, inf_nan_mode="constants")
+    if b"NaN" in data or b"Infinity" in data:  # (or in a string: then json.dumps finds nothing to refuse)
+        json.dumps(metadata, allow_nan=False)
+    return data
 
 
 def to_wds(sample: ShardSample) -> dict[str, Any]:

@@ -15,8 +15,8 @@ import json
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
+import pydantic_core
 
 from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
 from mifa_pipeline.sample_schema import public_scores
@@ -36,7 +36,11 @@ SCORES_SCHEMA = pa.schema([
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    """Compact JSON (pydantic-core's encoder: a third of `json.dumps`'s time; NaN stays `NaN`, as there)."""
+    return pydantic_core.to_json(value, inf_nan_mode="constants").decode("utf-8")
+
+
+_parse = pydantic_core.from_json  # twice as fast as json.loads on these short strings; the same values
 
 
 def sample_row(sample: SampleRecord, person: IdentityRecord, image_ext: str) -> dict[str, Any]:
@@ -53,9 +57,9 @@ def sample_row(sample: SampleRecord, person: IdentityRecord, image_ext: str) -> 
 def sample_metadata(row: dict[str, Any], dataset: dict[str, str], model: str) -> dict[str, Any]:
     """The `.json` member of a sample, from its row: a pure function of the row (a re-filter that keeps a
     sample copies these bytes), in the published schema (`sample_schema`: one type per field, no null)."""
-    requested = json.loads(row["requested"])
-    prob = json.loads(row["occurrence_prob"])
-    intensity = json.loads(row["intensity"])
+    requested = _parse(row["requested"])
+    prob = _parse(row["occurrence_prob"])
+    intensity = _parse(row["intensity"])
     return {
         "key": row["key"],
         "dataset": dataset,
@@ -65,13 +69,13 @@ def sample_metadata(row: dict[str, Any], dataset: dict[str, str], model: str) ->
         "model": model,
         "prompt": row["prompt"],
         "expression": row["expression"],
-        "demographics": {k: str(v) for k, v in json.loads(row["demographics"]).items()},
+        "demographics": {k: str(v) for k, v in _parse(row["demographics"]).items()},
         "requested_aus": {au: int(v) for au, v in requested.items()},
         "occurrence_prob": {au: round(float(p), ROUND) for au, p in prob.items()},
         "occurrence": {au: int(p >= 0.5) for au, p in prob.items()},
         "intensity": {au: round(float(v), ROUND) for au, v in intensity.items()},
         "intensity_rounded": {au: round(float(v)) for au, v in intensity.items()},  # half to even, as np.rint
-        "scores": public_scores(json.loads(row["scores"]), list(requested)),
+        "scores": public_scores(_parse(row["scores"]), list(requested)),
     }
 
 
@@ -96,7 +100,7 @@ def scores_path(name: str) -> str:
 
 class ShardWriting:
     name = "write"
-    version = "3"  # 3: the published sample schema (sample_schema.py)
+    version = "4"  # 3: the published sample schema (sample_schema.py); 4: JSON by pydantic-core (0.00001, not 1e-05)
 
     def __init__(self, out: Location, dataset: dict[str, str], model: str):
         self.out = out

@@ -247,3 +247,23 @@ def test_the_sidecar_is_the_same_table_by_columns_as_by_rows(tmp_path):
     with pytest.raises(ValueError, match="scores_extra_score"):
         writer.sidecar()
     writer.abort()
+
+
+def test_a_sample_json_reads_back_as_written_and_refuses_non_finite_numbers():
+    """`KEY.json` is what training parses: every value reads back equal (small floats, non-ASCII text, key
+    order); NaN or infinity, which JSON has not, is refused by name rather than written as `NaN`."""
+    import json
+    import math
+
+    import pytest
+
+    from mifa_pipeline.shards import metadata_json
+
+    metadata = {"key": "id0000001-s0000", "prompt": "é ✓ \"quoted\" \\ \u2028 tab\t", "p": {"AU1": 1e-05, "AU2": 0.00015,
+                "AU4": 0.99999, "AU6": 1e16, "AU9": 0.0}, "n": -3, "ok": True, "text": "NaN and Infinity are words here"}
+    data = metadata_json(metadata)
+    assert json.loads(data) == metadata and list(json.loads(data)) == list(metadata)
+    assert data.decode("utf-8").count("\n") == 0 and "é ✓" in data.decode("utf-8")
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="JSON compliant"):
+            metadata_json({**metadata, "p": {"AU1": bad}})
