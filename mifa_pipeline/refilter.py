@@ -34,7 +34,7 @@ from mifa_pipeline.runner import (IDENTITIES_TASK, BuildError, BuildResult, Prep
 from mifa_pipeline.shards import decode_image, tar_members, tar_segments
 from mifa_pipeline.stages.filter import Filtering, decide, redecide
 from mifa_pipeline.stages.generate import model_description
-from mifa_pipeline.stages.write import SCORES_SCHEMA, ShardWriting, scores_path
+from mifa_pipeline.stages.write import SCORES_SCHEMA, ShardWriting, compact_json, scores_path
 from mifa_pipeline.storage import Location, StorageError, location, parquet_from_bytes
 from mifa_pipeline.work import duplicate_stats
 
@@ -302,7 +302,7 @@ class RefilterWorker:
                     else:
                         filt.drop(reason)
             scores["identity_nearest_earlier_cosine"] = person["nearest_earlier_cosine"]
-            after = json.dumps(scores, separators=(",", ":"))
+            after = compact_json(scores)  # as the build wrote `before`
             row.update(scores=after, keep=reason is None, drop_reason=reason, image=None)
             if reason is None and row["key"] in parent_kept and after == before and self.copyable:
                 unchanged.append(row["key"])  # same members as in the parent: copied, not rebuilt

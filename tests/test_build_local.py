@@ -537,14 +537,20 @@ def test_interrupted_refilter_resumes_to_the_same_bytes(small_manifest, fake_mod
     assert verify(tmp_path / "b" / "cut") == []
 
 
+@pytest.mark.parametrize("tiny_scores", [False, True], ids=["scores", "scores-below-1e-4"])
 def test_a_threshold_only_refilter_writes_the_bytes_a_build_with_that_threshold_writes(small_manifest, fake_model, tmp_path,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, tiny_scores):
     """Kept samples are copied as raw tar bytes (and sidecar rows) from the parent, the others rebuilt: the
-    shards equal those of a build made with the new threshold from the start."""
+    shards equal those of a build made with the new threshold from the start. Scores below 1e-4 (which JSON
+    encoders spell differently) must not make the re-filter see a changed score."""
+    import mifa_pipeline.stages.filter as filter_stage
     from mifa_pipeline.refilter import prepare_refilter, run_refilter
-
     from mifa_pipeline.shards import ShardFileWriter
 
+    if tiny_scores:
+        real_labels = filter_stage.label_scores
+        monkeypatch.setattr(filter_stage, "label_scores", lambda sample: {
+            **real_labels(sample), "au_mae_requested": round(1e-5 + sample.sample * 1e-5 + sample.identity * 1e-6, 7)})
     parent = small_manifest(out=tmp_path / "v1")
     build(parent)
     direct = small_manifest("filter.min_pixel_std=46", out=tmp_path / "direct")
