@@ -27,9 +27,14 @@ def done_path(name: str) -> str:
     return f"{DONE_DIR}/{name}.json"
 
 
-def file_entry(out: Location, relative: str) -> dict[str, Any]:
-    sha, md5, size = out.digests(relative)
+def digest_entry(digests: tuple[str, str, int]) -> dict[str, Any]:
+    """A done-record entry from (sha256, md5, size), as `Location.digests` and the writers return them."""
+    sha, md5, size = digests
     return {"sha256": sha, "md5": md5, "bytes": size}
+
+
+def file_entry(out: Location, relative: str) -> dict[str, Any]:
+    return digest_entry(out.digests(relative))
 
 
 def write_done(out: Location, name: str, fingerprint: str, files: list[str],

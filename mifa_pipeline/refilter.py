@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from mifa_pipeline import identity_table
 from mifa_pipeline.config import BuildManifest, ManifestError, _format_validation_error, apply_overrides, parse_override
-from mifa_pipeline.done import entry_of, forget, read_verified, write_done
+from mifa_pipeline.done import digest_entry, entry_of, forget, read_verified, write_done
 from mifa_pipeline.executors import WorkerSpec
 from mifa_pipeline.judging import JudgeFileError, Judges, judge_specs, raw_keys
 from mifa_pipeline.manifest import (REFILTER_STAGES, SCHEMA_VERSION, chain_fingerprints, filter_config, read_run_manifest,
@@ -34,7 +34,7 @@ from mifa_pipeline.runner import (IDENTITIES_TASK, BuildError, BuildResult, Prep
 from mifa_pipeline.shards import decode_image, tar_members, tar_segments
 from mifa_pipeline.stages.filter import Filtering, decide, redecide
 from mifa_pipeline.stages.generate import model_description
-from mifa_pipeline.stages.write import SCORES_SCHEMA, ShardWriting, compact_json, scores_path
+from mifa_pipeline.stages.write import SCORES_SCHEMA, ShardWriting, compact_json, scores_path, shard_files
 from mifa_pipeline.storage import Location, StorageError, location, parquet_from_bytes
 from mifa_pipeline.work import duplicate_stats
 
@@ -236,8 +236,9 @@ class RefilterWorker:
         table = pa.Table.from_pylist([{**r, "embedding": embeddings[r["identity"]]} for r in rows],
                                      schema=identity_table.IDENTITY_SCHEMA)
         relative = identity_table.block_path(block.name)
-        self.out.write_parquet(relative, table)
-        return write_done(self.out, block.name, self.fingerprint, [relative], stats={})
+        written = {relative: digest_entry(self.out.write_parquet(relative, table))}
+        return write_done(self.out, block.name, self.fingerprint, [relative], known=written,
+                          stats={})
 
     def make_shard(self, shard: ShardSlots) -> dict[str, Any]:
         """Re-decide one shard of the parent from its scores table; kept samples whose scores did not change
@@ -320,7 +321,8 @@ class RefilterWorker:
             copies = {key: (segments[key], sidecar[key]) for key in unchanged}
         writing = ShardWriting(self.out, {"name": m.dataset.name}, model_description(m.model))
         contents, files, write_stats = writing.run(shard.name, rows, copies)
-        return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, **contents,
+        return write_done(self.out, shard.name, self.fingerprint, list(files), known=files, planned=shard.planned,
+                          **contents,
                           stats={s.name: s.to_json() for s in (dup, filt, write_stats)})
 
 
@@ -335,7 +337,7 @@ class RefilterWorker:
         and proven against the parent's published digests (`read` holds those already read), decoding and
         re-encoding nothing, and hashed no more."""
         decided = time.perf_counter()
-        files = [f"{shard.name}.tar", f"{shard.name}.parquet", scores_path(shard.name)]
+        files = shard_files(shard.name)
         for name in files:
             self.out.write_bytes(name, read[name] if name in read else self._read(shard, name))
         dup, filt = duplicate_stats(len(rows)), StageStats(Filtering.name, Filtering.version)

@@ -10,11 +10,13 @@ and a reader globbing `*.tar` never meets one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import re
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pydantic_core
-import webdataset as wds
 from PIL import Image
 
 from mifa_pipeline.storage import TMP_MARK, Location, discard, location  # noqa: F401 (TMP_MARK: re-exported)
@@ -217,32 +218,53 @@ def tar_segments(data: bytes, label: str = "tar") -> dict[str, bytes]:
 
 
 class _MemberHeaders:
-    """The ustar header tarfile writes for a member, from a template tarfile made once per shard, with the name,
-    size and checksum filled in: byte for byte what `TarWriter` writes (a test compares them), at a quarter of
-    its cost per sample (a `TarInfo`, `tobuf` and `addfile` per member are most of a shard's writing time).
-    `None` for a member tarfile would give more than one header (a long or non-ASCII name, a size past ustar's
-    11 octal digits): the caller then lets `TarWriter` write the sample."""
+    """The ustar header tarfile writes for a member, from a template tarfile made, with the name, size and
+    checksum filled in: byte for byte what `TarWriter` writes (a test compares them), at a quarter of its cost
+    per sample (a `TarInfo`, `tobuf` and `addfile` per member were most of a shard's writing time). A member
+    tarfile gives more than one header (a long or non-ASCII name, a size past ustar's 11 octal digits) gets
+    tarfile's own `tobuf`, with the format, encoding and errors `TarWriter`'s stream uses."""
 
     NAME, SIZE, CHECKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
+    FORMAT, ENCODING, ERRORS = tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape"
 
-    def __init__(self, tarstream: tarfile.TarFile, writer: wds.TarWriter, mtime: int):
-        info = tarfile.TarInfo("-")
-        info.mtime, info.mode, info.uname, info.gname = mtime, writer.mode, writer.user, writer.group
-        template = bytearray(info.tobuf(tarstream.format, tarstream.encoding, tarstream.errors))
+    def __init__(self, mtime: int, mode: int, user: str, group: str):
+        self.mtime, self.mode, self.user, self.group = mtime, mode, user, group
+        template = bytearray(self._tobuf("-", 0))
         if len(template) != tarfile.BLOCKSIZE:
             raise AssertionError("tarfile wrote more than one header block for the template member")
         template[self.NAME] = bytes(100)
         template[self.CHECKSUM] = b" " * 8  # how tarfile sums a header: its checksum field as spaces
         self.template = bytes(template)
 
-    def header(self, name: str, size: int) -> bytes | None:
-        if not name.isascii() or len(name) > 100 or not 0 <= size < 8 ** 11:
-            return None
-        header = bytearray(self.template)
-        header[:len(name)] = name.encode("ascii")
-        header[self.SIZE] = b"%011o\0" % size
-        header[self.CHECKSUM] = b"%06o\0 " % sum(header)
-        return bytes(header)
+    def _tobuf(self, name: str, size: int) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = size, self.mtime, self.mode, self.user, self.group
+        return info.tobuf(self.FORMAT, self.ENCODING, self.ERRORS)
+
+    def member(self, name: str, data: bytes) -> list[bytes]:
+        """Header, data and padding of one member, as tarfile's `addfile` writes them."""
+        size = len(data)
+        if not name.isascii() or len(name) > 100 or size >= 8 ** 11:
+            header = self._tobuf(name, size)
+        else:
+            block = bytearray(self.template)
+            block[:len(name)] = name.encode("ascii")
+            block[self.SIZE] = b"%011o\0" % size
+            block[self.CHECKSUM] = b"%06o\0 " % sum(block)
+            header = bytes(block)
+        return [header, data, bytes(-size % tarfile.BLOCKSIZE)]
+
+
+def archive_end(offset: int) -> bytes:
+    """What tarfile writes on closing an archive of `offset` bytes: two zero blocks, then zeros to a record."""
+    offset += 2 * tarfile.BLOCKSIZE
+    return bytes(2 * tarfile.BLOCKSIZE + -offset % tarfile.RECORDSIZE)
+
+
+@functools.cache
+def _hashing() -> ThreadPoolExecutor:
+    """Threads that hash finished tars while their shard's sidecar is built (sha256 and md5 release the GIL)."""
+    return ThreadPoolExecutor(2, thread_name_prefix="mifa-hash")
 
 
 def file_digests(path: Path) -> tuple[str, str, int]:
@@ -297,34 +319,31 @@ def _columnar_sidecar(written: list[_Written], shard: str, schema: pa.Schema) ->
 
 
 class ShardFileWriter:
-    """Writes one shard (tar + parquet sidecar) sample by sample; `close()` commits both by rename."""
+    """Writes one shard (tar + parquet sidecar) sample by sample; `close()` commits both by rename and returns
+    their done-record entries (digests of the bytes written)."""
 
     def __init__(self, out: "Location | Path | str", name: str, sidecar_schema: pa.Schema | None = None):
         self.out = location(out)
         self.name = name
         self.sidecar_schema = sidecar_schema
         self.tmp_path = self.out.stage(name)
-        self._file = open(self.tmp_path, "wb")
-        self._writer = wds.TarWriter(self._file, user="mifa", group="mifa", mode=0o644, encoder=False, mtime=FIXED_MTIME)
-        self._headers = _MemberHeaders(self._writer.tarstream, self._writer, FIXED_MTIME)
+        self._file = open(self.tmp_path, "wb", buffering=1 << 20)
+        self._offset = 0
+        self._headers = _MemberHeaders(FIXED_MTIME, 0o644, "mifa", "mifa")
         # per sample, in order: its sidecar row (copied) or what makes it (written; the image is not kept)
         self.entries: list[dict[str, Any] | _Written] = []
         self.keys: list[str] = []
+
+    @property
+    def sidecar_name(self) -> str:
+        return self.name.removesuffix(".tar") + ".parquet"
 
     def write(self, sample: ShardSample) -> None:
         self._check_order(sample.key)
         members = to_wds(sample)
         key = members.pop("__key__")
-        parts = []
         for ext in sorted(members):  # TarWriter's member order
-            data = members[ext]
-            header = self._headers.header(f"{key}.{ext}", len(data))
-            if header is None:  # tarfile's own path (extended headers)
-                self._writer.write({"__key__": key, **members})
-                break
-            parts += (header, data, bytes(-len(data) % tarfile.BLOCKSIZE))
-        else:
-            self._append(b"".join(parts))
+            self._append(self._headers.member(f"{key}.{ext}", members[ext]))
         self.entries.append(_Written(sample.key, int(sample.label), sample.image_ext,
                                      hashlib.sha256(sample.image).hexdigest(), sample.metadata))
         self.keys.append(sample.key)
@@ -333,15 +352,14 @@ class ShardFileWriter:
         """Append a sample as the raw tar bytes another mifa shard holds for it (see `tar_segments`), with its
         sidecar row: the same bytes `write` would produce for the same members, without re-encoding anything."""
         self._check_order(key)
-        self._append(segment)
+        self._append([segment])
         self.entries.append(row)
         self.keys.append(key)
 
-    def _append(self, members: bytes) -> None:
-        """Whole members (headers, data, padding) onto the tar stream."""
-        stream = self._writer.tarstream
-        stream.fileobj.write(members)
-        stream.offset += len(members)  # tarfile pads the archive's end from its offset
+    def _append(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self._file.write(part)
+            self._offset += len(part)
 
     def sidecar(self) -> pa.Table:
         """The sidecar of the samples so far. Written samples of one layout (what a build writes) are laid out
@@ -359,23 +377,26 @@ class ShardFileWriter:
         if self.keys and key <= self.keys[-1]:
             raise ValueError(f"shard {self.name}: key {key!r} is not after {self.keys[-1]!r}")
 
-    def close(self) -> None:
-        """Commit the sidecar, then the tar (each whole or absent, see `storage.Location.commit`). Hashes are
-        the done record's business (`done.py`)."""
-        self._writer.close()  # closes the tar stream (and our file)
-        if not self._file.closed:
-            self._file.close()
-        self.out.write_parquet(self.name.removesuffix(".tar") + ".parquet", self.sidecar())
+    def close(self) -> dict[str, tuple[str, str, int]]:
+        """Commit the sidecar, then the tar (each whole or absent, see `storage.Location.commit`); returns
+        {file: (sha256, md5, size)} of both, for the done record (the tar is hashed while the sidecar is built)."""
+        self._append([archive_end(self._offset)])
+        self._file.close()
+        hashing = _hashing().submit(file_digests, self.tmp_path)
+        try:
+            sidecar = self.out.write_parquet(self.sidecar_name, self.sidecar())
+        finally:
+            tar = hashing.result()
         self.out.commit(self.tmp_path, self.name)
+        return {self.sidecar_name: sidecar, self.name: tar}
 
     def abort(self) -> None:
         """Drop the half-written shard. Errors while closing (a full disk again) are swallowed: the file is
         discarded anyway, and the error that made us abort is the one the user must see."""
-        for close in (self._writer.close, self._file.close):
-            try:
-                close()
-            except Exception:  # noqa: BLE001
-                pass
+        try:
+            self._file.close()
+        except Exception:  # noqa: BLE001
+            pass
         discard(self.tmp_path)
 
 

@@ -89,6 +89,11 @@ def _url(protocol: str, root: str) -> str:
     return f"{protocol}://{root if protocol == 'memory' else root.lstrip('/')}"
 
 
+def digests_of(data: bytes) -> tuple[str, str, int]:
+    """(sha256, md5, size) of bytes in memory, as `Location.digests` gives them for a file."""
+    return hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest(), len(data)
+
+
 class Location:
     """A data set's folder (local) or prefix (object store); files are named relative to it ('a/b.tar')."""
 
@@ -243,10 +248,10 @@ class Location:
         return sorted(p[len(prefix):] for p in found if p.startswith(prefix))
 
     def digests(self, rel: str) -> tuple[str, str, int]:
-        """(sha256, md5, size) of a file, read once in 1 MiB pieces."""
+        """(sha256, md5, size) of a file, read once in 8 MiB pieces."""
         sha, md5, size = hashlib.sha256(), hashlib.md5(), 0
         with self.open(rel) as f:
-            while chunk := f.read(1 << 20):
+            while chunk := f.read(8 << 20):
                 sha.update(chunk)
                 md5.update(chunk)
                 size += len(chunk)
@@ -287,15 +292,17 @@ class Location:
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
 
-    def write_parquet(self, rel: str, table, **kwargs: Any) -> None:
+    def write_parquet(self, rel: str, table, **kwargs: Any) -> tuple[str, str, int]:
+        """`table` as zstd parquet at `rel`, whole or absent; returns (sha256, md5, size) of the bytes written,
+        which a done record takes instead of reading the file back."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        staged = self.stage(rel)
-        try:
-            pq.write_table(table, staged, compression="zstd", **kwargs)
-            self.commit(staged, rel)
-        finally:
-            discard(staged)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd", **kwargs)
+        data = sink.getvalue().to_pybytes()
+        self.write_bytes(rel, data)
+        return digests_of(data)
 
     def create(self, rel: str, data: bytes) -> bool:
         """Exclusive create: True when `rel` was created with `data`, False when it already existed."""

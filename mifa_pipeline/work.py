@@ -21,7 +21,7 @@ from typing import Any
 
 from mifa_pipeline import identity_table
 from mifa_pipeline.config import BuildManifest
-from mifa_pipeline.done import check_done, forget, write_done
+from mifa_pipeline.done import check_done, digest_entry, forget, write_done
 from mifa_pipeline.judging import Judges, judge_specs
 from mifa_pipeline.plan import IdentityBlock, ShardSlots
 from mifa_pipeline.records import IdentityRecord, StageStats
@@ -136,8 +136,9 @@ class BuildWorker:
             table = identity_table.block_table(people)
         stats.seconds = time.perf_counter() - start
         relative = identity_table.block_path(block.name)
-        self.out.write_parquet(relative, table)
-        return write_done(self.out, block.name, self.fingerprint, [relative], stats={stats.name: stats.to_json()})
+        written = {relative: digest_entry(self.out.write_parquet(relative, table))}
+        return write_done(self.out, block.name, self.fingerprint, [relative], known=written,
+                          stats={stats.name: stats.to_json()})
 
     # ------------------------------------------------------------------ sample phase
     def _people(self, shard: ShardSlots) -> tuple[dict[int, IdentityRecord], dict[int, dict[str, Any]]]:
@@ -212,5 +213,6 @@ class BuildWorker:
                                                                 for s in samples])
         stats = [*stats, filter_stats, write_stats]
         extra = {} if generator is None else {"generator": generator}
-        return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, **contents,
+        return write_done(self.out, shard.name, self.fingerprint, list(files), known=files, planned=shard.planned,
+                          **contents,
                           stats={s.name: s.to_json() for s in stats}, **extra)

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pydantic_core
 
+from mifa_pipeline.done import digest_entry
 from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
 from mifa_pipeline.sample_schema import public_scores
 from mifa_pipeline.shards import ShardFileWriter, ShardSample, sidecar_row
@@ -98,6 +99,11 @@ def scores_path(name: str) -> str:
     return f"{SCORES_DIR}/{name}.parquet"
 
 
+def shard_files(name: str) -> list[str]:
+    """A shard's files, in the order its done record lists them."""
+    return [f"{name}.tar", f"{name}.parquet", scores_path(name)]
+
+
 class ShardWriting:
     name = "write"
     version = "4"  # 3: the published sample schema (sample_schema.py); 4: JSON by pydantic-core (0.00001, not 1e-05)
@@ -109,9 +115,10 @@ class ShardWriting:
 
     def run(self, name: str, rows: list[dict[str, Any]],
             copies: dict[str, tuple[bytes, dict[str, Any]]] | None = None
-            ) -> tuple[dict[str, Any], list[str], StageStats]:
+            ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], StageStats]:
         """Write shard `name` from its rows in slot order; returns what it holds (nsamples, first and last
-        key: for its done record), its files, its stats.
+        key: for its done record), its files with the digests of the bytes written (the done record's entries,
+        so nothing is read back), its stats.
 
         `copies` (a re-filter's): key -> (the raw tar bytes and the sidecar row another shard holds for a kept
         sample whose members are unchanged); those samples are copied as they are, nothing re-encoded."""
@@ -127,15 +134,16 @@ class ShardWriting:
                     continue
                 writer.write(ShardSample(key=row["key"], image=row["image"], image_ext=row["image_ext"],
                                          metadata=sample_metadata(row, self.dataset, self.model), label=row["identity"]))
-            writer.close()
+            written = writer.close()
         except BaseException:
             writer.abort()
             raise
         table = pa.Table.from_pylist([{**r, "image": None if r["keep"] else r["image"]} for r in rows],
                                      schema=SCORES_SCHEMA)
-        self.out.write_parquet(scores_path(name), table)
+        written[scores_path(name)] = self.out.write_parquet(scores_path(name), table)
         stats = StageStats(self.name, self.version, n_in=len(kept), n_out=len(kept),
                            seconds=time.perf_counter() - start)
         keys = writer.keys
         contents = {"nsamples": len(keys), "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None}
-        return contents, [f"{name}.tar", f"{name}.parquet", scores_path(name)], stats
+        files = {f: digest_entry(written[f]) for f in shard_files(name)}
+        return contents, files, stats

@@ -219,6 +219,10 @@ def test_a_shard_is_byte_for_byte_what_webdataset_tarwriter_writes(tmp_path):
         reference.write(to_wds(s))
     reference.close()
     assert (tmp_path / "a.tar").read_bytes() == expected.getvalue()
+    empty, nothing = ShardFileWriter(tmp_path, "empty.tar"), io.BytesIO()  # a shard whose samples were all dropped
+    empty.close()
+    wds.TarWriter(nothing, encoder=False).close()
+    assert (tmp_path / "empty.tar").read_bytes() == nothing.getvalue()
 
 
 def test_the_sidecar_is_the_same_table_by_columns_as_by_rows(tmp_path):
