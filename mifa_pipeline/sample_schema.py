@@ -51,19 +51,26 @@ def score_names(au_names: Iterable[str]) -> list[str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _numeric_fields(au_names: tuple[str, ...]) -> tuple[tuple[str, str, type], ...]:
-    """(score, its flag, its type) of every numeric score, in order (made once per AU order: a sample's
-    `public_scores` runs once per kept sample)."""
+def _numeric_fields(au_names: tuple[str, ...]) -> tuple[tuple[str, str, type, Any], ...]:
+    """(score, its flag, its type, its zero) of every numeric score, in order (made once per AU order:
+    `public_scores` runs for every kept sample)."""
     fields = list(NUMBERS) + [(f"{prefix}{au}", kind) for prefix, kind in PER_AU for au in au_names]
-    return tuple((name, f"{name}_valid", kind) for name, kind in fields)
+    return tuple((name, f"{name}_valid", kind, kind(0)) for name, kind in fields)
 
 
 def public_scores(raw: dict[str, Any], au_names: Iterable[str]) -> dict[str, Any]:
     """A sample's internal scores -> the published `scores`: every key present, one type each, no null.
     Scores outside the data set's AU order (an estimator's extra AUs) stay in the `scores/` tables only."""
     out: dict[str, Any] = {name: bool(raw.get(name)) for name in FLAGS}
-    for name, valid, kind in _numeric_fields(tuple(au_names)):
-        out[name], out[valid] = _number(raw.get(name), kind)
+    get, isfinite = raw.get, math.isfinite
+    for name, valid, kind, zero in _numeric_fields(tuple(au_names)):
+        value = get(name)
+        if value is None:  # (the common cases first: `_number`'s answer without its call)
+            out[name], out[valid] = zero, False
+        elif value.__class__ is kind and isfinite(value):
+            out[name], out[valid] = value, True
+        else:
+            out[name], out[valid] = _number(value, kind)
     return out
 
 

@@ -251,6 +251,13 @@ def test_the_sidecar_is_the_same_table_by_columns_as_by_rows(tmp_path):
     with pytest.raises(ValueError, match="scores_extra_score"):
         writer.sidecar()
     writer.abort()
+    nested = ShardFileWriter(tmp_path, "b.tar", schema)  # same keys, a dict where a score goes: named too
+    nested.write(sample(1))
+    nested.write(ShardSample("id0000002-s0000", b"x", "png", {"identity": 2, "scores": {"x": {"deep": 1.0}, "x_valid": True},
+                                                               "name": "n"}, 2))
+    with pytest.raises(ValueError, match="scores_x_deep"):
+        nested.sidecar()
+    nested.abort()
 
 
 def test_a_sample_json_reads_back_as_written_and_refuses_non_finite_numbers():
@@ -271,3 +278,28 @@ def test_a_sample_json_reads_back_as_written_and_refuses_non_finite_numbers():
     for bad in (math.nan, math.inf, -math.inf):
         with pytest.raises(ValueError, match="JSON compliant"):
             metadata_json({**metadata, "p": {"AU1": bad}})
+
+
+def test_public_scores_give_every_score_one_type_and_a_validity_flag():
+    """Whatever a judge stored (a float, an int for a float score, a float count, nothing, NaN, infinity, a
+    bool or a string by mistake), the published score has its one type and says whether it was computed."""
+    import math
+
+    from mifa_pipeline.sample_schema import NUMBERS, public_scores, score_names
+
+    raw = {"image_valid": 1, "pixel_std": 12.5, "au_mae_requested": 2, "face_count": 2.0, "face_fraction": math.nan,
+           "face_score": math.inf, "identity_cosine": True, "au_agreement": "0.5", "au_est_AU1": 0.25,
+           "au_agree_AU1": 1, "au_est_AU2": -math.inf, "au_extra_AU99": 1.0}
+    scores = public_scores(raw, ["AU1", "AU2"])
+    assert list(scores) == score_names(["AU1", "AU2"])
+    kinds = dict(NUMBERS) | {"au_est_AU1": float, "au_est_AU2": float, "au_agree_AU1": int, "au_agree_AU2": int}
+    for name, kind in kinds.items():
+        assert type(scores[name]) is kind and type(scores[f"{name}_valid"]) is bool, name
+    assert scores["image_valid"] is True and scores["labels_in_range"] is False
+    assert (scores["pixel_std"], scores["pixel_std_valid"]) == (12.5, True)
+    assert (scores["au_mae_requested"], scores["au_mae_requested_valid"]) == (2.0, True)
+    assert (scores["face_count"], scores["face_count_valid"]) == (2, True)
+    for name in ("face_fraction", "face_score", "identity_cosine", "au_agreement", "au_est_AU2", "au_agree_AU2",
+                 "identity_nearest_earlier_cosine"):
+        assert (scores[name], scores[f"{name}_valid"]) == (0, False), name
+    assert (scores["au_est_AU1"], scores["au_agree_AU1"]) == (0.25, 1) and "au_extra_AU99" not in str(list(scores))
