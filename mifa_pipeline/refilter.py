@@ -236,7 +236,7 @@ class RefilterWorker:
         table = pa.Table.from_pylist([{**r, "embedding": embeddings[r["identity"]]} for r in rows],
                                      schema=identity_table.IDENTITY_SCHEMA)
         relative = identity_table.block_path(block.name)
-        written = {relative: digest_entry(self.out.write_parquet(relative, table))}
+        written = {relative: digest_entry(self.out.write_parquet(relative, table, identity_table.COMPRESSION))}
         return write_done(self.out, block.name, self.fingerprint, [relative], known=written,
                           stats={})
 

@@ -292,14 +292,15 @@ class Location:
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
 
-    def write_parquet(self, rel: str, table, **kwargs: Any) -> tuple[str, str, int]:
-        """`table` as zstd parquet at `rel`, whole or absent; returns (sha256, md5, size) of the bytes written,
-        which a done record takes instead of reading the file back."""
+    def write_parquet(self, rel: str, table, compression: str | dict[str, str] = "zstd",
+                      **kwargs: Any) -> tuple[str, str, int]:
+        """`table` as parquet at `rel`, whole or absent; returns (sha256, md5, size) of the bytes written, which
+        a done record takes instead of reading the file back."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd", **kwargs)
+        pq.write_table(table, sink, compression=compression, **kwargs)
         data = sink.getvalue().to_pybytes()
         self.write_bytes(rel, data)
         return digests_of(data)

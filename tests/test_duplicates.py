@@ -145,3 +145,44 @@ def test_blas_thread_count_does_not_change_results():
                              check=True)
         digests.add(run.stdout.strip())
     assert len(digests) == 1
+
+
+def test_the_identity_table_publishes_nearest_earlier_cosines_across_blocks(tmp_path):
+    """Blocks (some identities without an embedding: no face found) are published in global order, each with
+    the cosine to its nearest earlier identity and `duplicate` at the threshold; blocks of several embedding
+    sizes are refused by name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mifa_pipeline import identity_table
+    from mifa_pipeline.storage import location
+
+    out = location(tmp_path)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((7, 4)).astype(np.float32)
+    vectors[5] = vectors[1]  # identity 5 repeats identity 1
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    embeddings = [None if i in (2, 6) else vectors[i].tolist() for i in range(7)]
+
+    def block(ids, values):
+        return pa.Table.from_pylist([{"identity": i, "seed": i, "prompt": "p", "demographics": "{}", "source": "teacher",
+                                      "reference_png": b"png", "mask_png": b"m", "embedding": values[k],
+                                      "nearest_earlier_cosine": None, "duplicate": False} for k, i in enumerate(ids)],
+                                    schema=identity_table.IDENTITY_SCHEMA)
+
+    parts = []
+    for name, ids in (("b0", [0, 1, 2]), ("b1", [3, 4, 5, 6])):
+        parts.append(identity_table.block_path(name))
+        out.write_parquet(parts[-1], block(ids, [embeddings[i] for i in ids]), identity_table.COMPRESSION)
+    assert identity_table.publish(out, out, parts, 0.99) == {"identities": 7, "duplicates": 1}
+    table = pq.read_table(tmp_path / identity_table.IDENTITIES_FILE)
+    cosines = table.column("nearest_earlier_cosine").to_pylist()
+    unit = {i: vectors[i] for i in range(7) if embeddings[i] is not None}
+    for i in (1, 3, 4, 5):
+        expected = max(float(unit[i] @ unit[j]) for j in unit if j < i)
+        assert cosines[i] == pytest.approx(expected, abs=1e-5)
+    assert cosines[0] is None and cosines[2] is None and cosines[6] is None
+    assert table.column("duplicate").to_pylist() == [False] * 5 + [True, False]
+    out.write_parquet(parts[1], block([3, 4, 5, 6], [[1.0, 0.0]] * 4))  # another embedding size
+    with pytest.raises(ValueError, match=r"several sizes \(\[2, 4\]\)"):
+        identity_table.publish(out, out, parts, 0.99)
