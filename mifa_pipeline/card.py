@@ -15,11 +15,12 @@ The only date is the day the version was finished (`datePublished`).
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from mifa_pipeline.sample_schema import SAMPLE_SCHEMA_VERSION, SCHEMA_ID
@@ -27,6 +28,7 @@ from mifa_pipeline.storage import Location, location
 
 CARD_NAME = "README.md"
 READERS = 8  # sidecars read at once for the statistics
+COUNT_BATCH = 65_536  # sidecar rows counted together: a few compute calls per column, memory bounded in N
 CROISSANT_NAME = "croissant.json"
 CARD_FILES = (CARD_NAME, CROISSANT_NAME)
 IDENTITIES_FILE = "identities.parquet"
@@ -109,28 +111,38 @@ def statistics(folder: Location, manifest: dict[str, Any], schema) -> dict[str, 
     def read(shard: dict[str, Any]):
         return folder.read_parquet(shard["sidecar"]["path"], columns=columns)
 
-    # a few sidecars read at once (an object store answers each request in tens of ms), taken in shard order,
-    # each counted and summed by Arrow (no Python object per value)
+    # a few sidecars read at once (an object store answers each request in tens of ms), taken in shard order and
+    # counted and summed by Arrow a batch of sidecars at a time (no Python object per value, few compute calls)
+    def count(tables: list[pa.Table]) -> None:
+        table = pa.concat_tables(tables)
+        for name in table.column_names:
+            values = table.column(name)
+            if name.startswith("demographics_"):
+                counts = kept.setdefault(name.removeprefix("demographics_"), Counter())
+                for entry in pc.value_counts(values).to_pylist():
+                    counts[entry["values"]] += entry["counts"]
+            elif not name.endswith("_valid"):
+                if f"{name}_valid" in table.column_names:
+                    values = pc.filter(values, table.column(f"{name}_valid"))
+                total = agreement.setdefault(name.removeprefix("scores_"), [0, 0])
+                total[0] += pc.sum(values).as_py() or 0
+                total[1] += len(values)
+
+    batch: list[pa.Table] = []
     with ThreadPoolExecutor(READERS) as threads:
         for table in threads.map(read, manifest["shards"]):
-            for name in table.column_names:
-                values = table.column(name)
-                if name.startswith("demographics_"):
-                    counts = kept.setdefault(name.removeprefix("demographics_"), Counter())
-                    for entry in pc.value_counts(values).to_pylist():
-                        counts[entry["values"]] += entry["counts"]
-                elif not name.endswith("_valid"):
-                    if f"{name}_valid" in table.column_names:
-                        values = pc.filter(values, table.column(f"{name}_valid"))
-                    total = agreement.setdefault(name.removeprefix("scores_"), [0, 0])
-                    total[0] += pc.sum(values).as_py() or 0
-                    total[1] += len(values)
-    drawn: dict[str, Counter] = {}
+            batch.append(table)
+            if sum(t.num_rows for t in batch) >= COUNT_BATCH:
+                count(batch)
+                batch = []
+    if batch:
+        count(batch)
+    drawn: dict[str, Counter] = defaultdict(Counter)
     identities = folder.read_parquet(manifest["identities"]["path"], columns=["demographics"])
-    for text in identities.column("demographics").to_pylist():
-        for attribute, value in json.loads(text or "{}").items():
-            drawn.setdefault(attribute, Counter())[value] += 1
-    return {"drawn": drawn, "kept": kept,
+    for entry in pc.value_counts(identities.column("demographics")).to_pylist():  # each distinct text parsed once
+        for attribute, value in json.loads(entry["values"] or "{}").items():
+            drawn[attribute][value] += entry["counts"]
+    return {"drawn": dict(drawn), "kept": kept,
             "agreement": {k: (total / n, n) for k, (total, n) in agreement.items() if n}}
 
 
@@ -330,11 +342,20 @@ def croissant(manifest: dict[str, Any], stats: dict[str, Any], schema) -> dict[s
     }
 
 
-def write_card(where: "Location | str | Path", manifest: dict[str, Any]) -> list[str]:
-    """README.md and croissant.json for the finished version in `where` (each whole or absent)."""
+def card_texts(where: "Location | str | Path", manifest: dict[str, Any]) -> dict[str, str]:
+    """{file name: text} of README.md and croissant.json for the version in `where` (its sidecars are read)."""
     folder = location(where)
     schema = _sidecar_schema(folder, manifest)
     stats = statistics(folder, manifest, schema)
-    folder.write_text(CARD_NAME, dataset_card(manifest, stats, schema))
-    folder.write_text(CROISSANT_NAME, json.dumps(croissant(manifest, stats, schema), indent=2, allow_nan=False) + "\n")
+    return {CARD_NAME: dataset_card(manifest, stats, schema),
+            CROISSANT_NAME: json.dumps(croissant(manifest, stats, schema), indent=2, allow_nan=False) + "\n"}
+
+
+def write_card(where: "Location | str | Path", manifest: dict[str, Any],
+               texts: dict[str, str] | None = None) -> list[str]:
+    """README.md and croissant.json for the finished version in `where` (each whole or absent); `texts` when
+    `card_texts` made them already."""
+    folder = location(where)
+    for name, text in (texts or card_texts(folder, manifest)).items():
+        folder.write_text(name, text)
     return list(CARD_FILES)

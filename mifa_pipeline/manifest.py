@@ -71,9 +71,9 @@ def filter_config(manifest: BuildManifest) -> dict[str, Any]:
 def _generator_version(manifest: BuildManifest) -> str:
     """The teacher fills stage 3 with its own code: its version enters the fingerprint too."""
     if manifest.model.checkpoint == "teacher":
-        from mifa_pipeline.stages.teacher import TeacherRendering
+        from mifa_pipeline.teacher import VERSION  # (the renderer's version alone: no drawing code imported)
 
-        return TeacherRendering.version
+        return VERSION
     return Generation.version
 
 

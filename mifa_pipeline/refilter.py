@@ -34,11 +34,13 @@ from mifa_pipeline.runner import (IDENTITIES_TASK, BuildError, BuildResult, Prep
 from mifa_pipeline.shards import decode_image, tar_members, tar_segments
 from mifa_pipeline.stages.filter import Filtering, decide, redecide
 from mifa_pipeline.stages.generate import model_description
-from mifa_pipeline.stages.write import SCORES_SCHEMA, ShardWriting, compact_json, scores_path, shard_files
+from mifa_pipeline.stages.write import (SCORES_SCHEMA, ShardWriting, compact_json, parse_json, scores_path,
+                                         shard_files)
 from mifa_pipeline.storage import Location, StorageError, location, parquet_from_bytes
 from mifa_pipeline.work import duplicate_stats
 
 METADATA = [n for n in SCORES_SCHEMA.names if n != "image"]
+DECISION = ["key", "scores", "keep", "drop_reason"]  # what a decision from stored scores alone reads
 
 
 def next_version(version: str) -> str:
@@ -236,7 +238,8 @@ class RefilterWorker:
         table = pa.Table.from_pylist([{**r, "embedding": embeddings[r["identity"]]} for r in rows],
                                      schema=identity_table.IDENTITY_SCHEMA)
         relative = identity_table.block_path(block.name)
-        written = {relative: digest_entry(self.out.write_parquet(relative, table, identity_table.COMPRESSION))}
+        written = {relative: digest_entry(self.out.write_parquet(relative, table, identity_table.COMPRESSION,
+                                                                  durable=False))}
         return write_done(self.out, block.name, self.fingerprint, [relative], known=written,
                           stats={})
 
@@ -249,11 +252,12 @@ class RefilterWorker:
         scores_file = scores_path(shard.name)
         published = self.published[shard.name]
         scores_bytes = read_verified(self.parent, scores_file, published[scores_file])
+        if self.same_scores and self.copyable and self.same_writer:  # the columns a decision needs, nothing else
+            rows = parquet_from_bytes(scores_bytes, DECISION).to_pylist()
+            if all(r["drop_reason"] == "duplicate_identity" or decide(parse_json(r["scores"]), cfg) == r["drop_reason"]
+                   for r in rows):
+                return self._copy_shard(shard, rows, {scores_file: scores_bytes}, start)
         rows = parquet_from_bytes(scores_bytes, METADATA).to_pylist()
-        if self.same_scores and self.copyable and self.same_writer and all(
-                r["drop_reason"] == "duplicate_identity" or decide(json.loads(r["scores"]), cfg) == r["drop_reason"]
-                for r in rows):
-            return self._copy_shard(shard, rows, {scores_file: scores_bytes}, start)
         people = {r["identity"]: r for r in identity_table.read_rows(
             self.out, shard.identities, ["embedding", "nearest_earlier_cosine", "duplicate"])}
         parent_kept = {r["key"] for r in rows if r["keep"]}
@@ -339,7 +343,7 @@ class RefilterWorker:
         decided = time.perf_counter()
         files = shard_files(shard.name)
         for name in files:
-            self.out.write_bytes(name, read[name] if name in read else self._read(shard, name))
+            self.out.write_bytes(name, read[name] if name in read else self._read(shard, name), durable=False)
         dup, filt = duplicate_stats(len(rows)), StageStats(Filtering.name, Filtering.version)
         for r in rows:
             if r["drop_reason"] == "duplicate_identity":

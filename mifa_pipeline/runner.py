@@ -13,13 +13,14 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mifa_pipeline import identity_table
-from mifa_pipeline.card import CARD_FILES, write_card
+from mifa_pipeline.card import CARD_FILES, card_texts, write_card
 from mifa_pipeline.config import BuildManifest, canonical_json, checkpoint_dir, sha256_text, thresholds_no_sample_passes
 from mifa_pipeline.done import DONE_DIR, WORK_DIR, any_done, done_names, forget, write_done
 from mifa_pipeline.executors import Executor, WorkerSpec
@@ -469,14 +470,20 @@ class Runner:
         if getattr(self.lock, "lost", None):  # an object store's lease lock lost to another run
             raise BuildError(f"{self.lock.lost}; the shards are kept but nothing is published: run again")
         ordered = [records[s.name] for s in shards]
-        infos = [_shard_info(r) for r in ordered]
-        index = write_shard_index(self.out, self.manifest.dataset.name, infos)
-        wall = time.perf_counter() - start
-        content = self._run_manifest(ordered, identities, index, wall, len(pending))
-        content["generation_last_run"] = generator_activity([records[s.name] for s in pending], wall)
-        job.annotate(content)
+        with ThreadPoolExecutor(1) as flush:
+            # the tasks' files (committed without fsync: a resume proves them by hash) made durable before the run
+            # manifest publishes them, while the index, that manifest and the card are worked out
+            durable = flush.submit(self.out.sync, [f for r in ordered for f in r["files"]])
+            infos = [_shard_info(r) for r in ordered]
+            index = write_shard_index(self.out, self.manifest.dataset.name, infos)
+            wall = time.perf_counter() - start
+            content = self._run_manifest(ordered, identities, index, wall, len(pending))
+            content["generation_last_run"] = generator_activity([records[s.name] for s in pending], wall)
+            job.annotate(content)
+            card = card_texts(self.out, content)
+            durable.result()
         write_run_manifest(self.out, content)
-        write_card(self.out, content)
+        write_card(self.out, content, card)
         return BuildResult("resumed" if resumed else "built", content, wall, len(pending), self.notes)
 
     def _run_manifest(self, records: list[dict[str, Any]], identities: dict[str, Any], index: str,

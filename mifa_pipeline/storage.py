@@ -5,7 +5,9 @@ pipeline needs and says what each guarantees on each kind of store:
 
 - `commit(staged, rel)`: a file written to a local staging path appears whole at `rel`. Locally: fsync, then
   an atomic rename beside it. On an object store: one `put_file` (a single PUT, or a multipart upload that
-  only becomes visible when completed), so a reader never sees half an object.
+  only becomes visible when completed), so a reader never sees half an object. `durable=False` leaves out
+  the fsync, for a task's files, which a resume proves by their hashes anyway (a power cut that loses their
+  bytes makes that task redone): a run makes them durable together at its end (`sync`), before publishing.
 - `create(rel, data)`: exclusive create, the commit point of a task (its done record) and of the output
   lock. Locally: link(2) of a finished temporary file, which fails if the name exists. On S3 (and stores
   that honour it): a PUT with `If-None-Match: *`, refused when the key exists. Elsewhere fsspec's generic
@@ -24,6 +26,7 @@ import os
 import re
 import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +90,6 @@ def _filesystem(protocol: str, options: dict[str, Any]):
 def _url(protocol: str, root: str) -> str:
     """The URL of a store path (fsspec's memory paths keep their leading slash)."""
     return f"{protocol}://{root if protocol == 'memory' else root.lstrip('/')}"
-
-
-def digests_of(data: bytes) -> tuple[str, str, int]:
-    """(sha256, md5, size) of bytes in memory, as `Location.digests` gives them for a file."""
-    return hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest(), len(data)
 
 
 class Location:
@@ -269,30 +267,50 @@ class Location:
         os.close(fd)
         return Path(name)
 
-    def commit(self, staged: Path, rel: str) -> None:
+    def commit(self, staged: Path, rel: str, durable: bool = True) -> None:
         """Make the finished local file `staged` appear whole at `rel` (see the module docstring)."""
         try:
             if self.is_local:
-                with open(staged, "rb") as f:
-                    os.fsync(f.fileno())
+                if durable:
+                    with open(staged, "rb") as f:
+                        os.fsync(f.fileno())
                 os.replace(staged, self.path(rel))
             else:
                 self.fs.put_file(str(staged), self.path(rel))
         finally:
             discard(staged)
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
+    def write_bytes(self, rel: str, data: bytes, durable: bool = True) -> None:
         staged = self.stage(rel)
         try:
             staged.write_bytes(data)
-            self.commit(staged, rel)
+            self.commit(staged, rel, durable)
         finally:
             discard(staged)
+
+    def sync(self, rels: list[str]) -> None:
+        """Make files committed with `durable=False` durable, and their renames: one fsync per file (cheap once
+        the kernel has written it back) and per folder. Nothing on an object store (a stored object is)."""
+        if not self.is_local:
+            return
+
+        def fsync(path: str) -> None:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        files = [self.path(rel) for rel in rels]
+        with ThreadPoolExecutor(8) as threads:  # several writes in flight: the device orders them, as sync(1) does
+            list(threads.map(fsync, files))
+        for folder in sorted({os.path.dirname(path) for path in files}):
+            fsync(folder)
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
 
-    def write_parquet(self, rel: str, table, compression: str | dict[str, str] = "zstd",
+    def write_parquet(self, rel: str, table, compression: str | dict[str, str] = "zstd", durable: bool = True,
                       **kwargs: Any) -> tuple[str, str, int]:
         """`table` as parquet at `rel`, whole or absent; returns (sha256, md5, size) of the bytes written, which
         a done record takes instead of reading the file back."""
@@ -302,10 +320,10 @@ class Location:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression=compression, **kwargs)
         data = sink.getvalue().to_pybytes()
-        self.write_bytes(rel, data)
-        return digests_of(data)
+        self.write_bytes(rel, data, durable)
+        return digest_bytes(data)
 
-    def create(self, rel: str, data: bytes) -> bool:
+    def create(self, rel: str, data: bytes, durable: bool = True) -> bool:
         """Exclusive create: True when `rel` was created with `data`, False when it already existed."""
         if self.is_local:
             staged = self.stage(rel)
@@ -313,7 +331,8 @@ class Location:
                 with open(staged, "wb") as f:
                     f.write(data)
                     f.flush()
-                    os.fsync(f.fileno())
+                    if durable:
+                        os.fsync(f.fileno())
                 try:
                     os.link(staged, self.path(rel))
                 except FileExistsError:

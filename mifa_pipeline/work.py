@@ -136,7 +136,8 @@ class BuildWorker:
             table = identity_table.block_table(people)
         stats.seconds = time.perf_counter() - start
         relative = identity_table.block_path(block.name)
-        written = {relative: digest_entry(self.out.write_parquet(relative, table, identity_table.COMPRESSION))}
+        written = {relative: digest_entry(self.out.write_parquet(relative, table, identity_table.COMPRESSION,
+                                                                  durable=False))}
         return write_done(self.out, block.name, self.fingerprint, [relative], known=written,
                           stats={stats.name: stats.to_json()})
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
-from mifa_pipeline.teacher import AU_NAMES, IdentityParams, render_face, sample_identity
+from mifa_pipeline.teacher import VERSION, AU_NAMES, IdentityParams, render_face, sample_identity
 
 if TYPE_CHECKING:
     from mifa_pipeline.storage import Location
@@ -96,7 +96,7 @@ def describe(reference_seed: int) -> dict[str, str]:
 
 class TeacherRendering:
     name = "generate"
-    version = "teacher-1"
+    version = VERSION
 
     def __init__(self, resolution: int, au_names: list[str]):
         unknown = [a for a in au_names if a not in AU_NAMES]

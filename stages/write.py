@@ -41,7 +41,7 @@ def compact_json(value: Any) -> str:
     return pydantic_core.to_json(value, inf_nan_mode="constants").decode("utf-8")
 
 
-_parse = pydantic_core.from_json  # twice as fast as json.loads on these short strings; the same values
+parse_json = pydantic_core.from_json  # twice as fast as json.loads on these short strings; the same values
 
 
 def sample_row(sample: SampleRecord, person: IdentityRecord, image_ext: str) -> dict[str, Any]:
@@ -58,9 +58,9 @@ def sample_row(sample: SampleRecord, person: IdentityRecord, image_ext: str) -> 
 def sample_metadata(row: dict[str, Any], dataset: dict[str, str], model: str) -> dict[str, Any]:
     """The `.json` member of a sample, from its row: a pure function of the row (a re-filter that keeps a
     sample copies these bytes), in the published schema (`sample_schema`: one type per field, no null)."""
-    requested = _parse(row["requested"])
-    prob = _parse(row["occurrence_prob"])
-    intensity = _parse(row["intensity"])
+    requested = parse_json(row["requested"])
+    prob = parse_json(row["occurrence_prob"])
+    intensity = parse_json(row["intensity"])
     return {
         "key": row["key"],
         "dataset": dataset,
@@ -70,13 +70,13 @@ def sample_metadata(row: dict[str, Any], dataset: dict[str, str], model: str) ->
         "model": model,
         "prompt": row["prompt"],
         "expression": row["expression"],
-        "demographics": {k: str(v) for k, v in _parse(row["demographics"]).items()},
+        "demographics": {k: str(v) for k, v in parse_json(row["demographics"]).items()},
         "requested_aus": {au: int(v) for au, v in requested.items()},
         "occurrence_prob": {au: round(float(p), ROUND) for au, p in prob.items()},
         "occurrence": {au: int(p >= 0.5) for au, p in prob.items()},
         "intensity": {au: round(float(v), ROUND) for au, v in intensity.items()},
         "intensity_rounded": {au: round(float(v)) for au, v in intensity.items()},  # half to even, as np.rint
-        "scores": public_scores(_parse(row["scores"]), list(requested)),
+        "scores": public_scores(parse_json(row["scores"]), list(requested)),
     }
 
 
@@ -126,7 +126,7 @@ class ShardWriting:
         kept = [r for r in rows if r["keep"]]
         copies = copies or {}
         schema = sidecar_schema(rows[0], self.dataset, self.model, f"{name}.tar") if rows else None
-        writer = ShardFileWriter(self.out, f"{name}.tar", schema)
+        writer = ShardFileWriter(self.out, f"{name}.tar", schema, durable=False)  # (the run syncs its tasks' files)
         try:
             for row in kept:
                 if row["key"] in copies:
@@ -140,7 +140,7 @@ class ShardWriting:
             raise
         table = pa.Table.from_pylist([{**r, "image": None if r["keep"] else r["image"]} for r in rows],
                                      schema=SCORES_SCHEMA)
-        written[scores_path(name)] = self.out.write_parquet(scores_path(name), table)
+        written[scores_path(name)] = self.out.write_parquet(scores_path(name), table, durable=False)
         stats = StageStats(self.name, self.version, n_in=len(kept), n_out=len(kept),
                            seconds=time.perf_counter() - start)
         keys = writer.keys

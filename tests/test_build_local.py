@@ -586,7 +586,7 @@ def test_a_refilter_copies_whole_the_shards_it_decides_as_the_parent(small_manif
     lowest = min(stds, key=stds.get)  # a threshold just above it drops that one sample: one shard changes
     written = []
     real = ShardFileWriter.__init__
-    monkeypatch.setattr(ShardFileWriter, "__init__", lambda self, out, name, *a: (written.append(name), real(self, out, name, *a))[1])
+    monkeypatch.setattr(ShardFileWriter, "__init__", lambda self, out, name, *a, **k: (written.append(name), real(self, out, name, *a, **k))[1])
     v2 = run_refilter(prepare_refilter(Path(parent.output), [f"filter.min_pixel_std={stds[lowest] + 1e-6}"], tmp_path / "v2"),
                       "local", progress=False).manifest
     assert v2["counts"]["kept_samples"] == 17 and len(written) == 1
@@ -674,3 +674,33 @@ def test_the_local_pool_overlaps_two_calls_and_starts_none_after_a_failure():
         list(pool.run("make", [0, 3, 4, 5]))
     started = sorted(item for what, item in log if what == "start")
     assert ("end", 0) in log and started == [0, 3]  # the slow call under way finished; none started after
+
+
+def test_every_published_file_is_durable_before_the_run_manifest(small_manifest, fake_model, monkeypatch):
+    """Shard files are committed without an fsync each (a resume proves them by hash); the run makes every one
+    of them durable before `manifest.json` publishes it, and the published run-level files are fsynced too."""
+    import os
+
+    m = small_manifest()
+    synced: list[str] = []
+    published_at: list[int] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd):
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def link(src, dst, *a, **k):
+        if os.path.basename(dst) == "manifest.json":
+            published_at.append(len(synced))
+        return real_link(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    result = build(m).manifest
+    out = os.path.realpath(m.output)
+    files = [f for s in result["shards"] for f in (s["path"], s["sidecar"]["path"], s["scores"]["path"])]
+    before = set(synced[:published_at[0]])
+    assert [f for f in files if os.path.join(out, f) not in before] == []
+    assert out in before  # and the folder, for the renames
+    assert any(p.startswith(os.path.join(out, ".identities.parquet.tmp-")) for p in before)  # fsynced, then renamed

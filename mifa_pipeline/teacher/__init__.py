@@ -8,11 +8,21 @@
 controls (one small function per AU group), `render.py` the drawing.
 """
 
-from .geometry import AU_NAMES, Geometry, face_geometry
-from .identity import FACIAL_HAIR, HAIR_STYLES, IdentityParams, sample_identity
-from .render import Rendered, render_face
+import importlib
+from typing import Any
 
-__all__ = [
-    "AU_NAMES", "FACIAL_HAIR", "HAIR_STYLES", "Geometry", "IdentityParams", "Rendered", "face_geometry", "render_face",
-    "sample_identity",
-]
+VERSION = "teacher-1"  # the renderer's output version: a build's fingerprint names it (no drawing code imported)
+
+_EXPORTS = {
+    "AU_NAMES": "geometry", "Geometry": "geometry", "face_geometry": "geometry",
+    "FACIAL_HAIR": "identity", "HAIR_STYLES": "identity", "IdentityParams": "identity", "sample_identity": "identity",
+    "Rendered": "render", "render_face": "render",
+}
+__all__ = ["VERSION", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    """The renderer's names, imported on first use (PEP 562): reading `VERSION` loads no OpenCV."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
