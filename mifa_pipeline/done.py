@@ -37,14 +37,14 @@ def file_entry(out: Location, relative: str) -> dict[str, Any]:
     return digest_entry(out.digests(relative))
 
 
-def write_done(out: Location, name: str, fingerprint: str, files: list[str],
-               known: dict[str, dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
-    """Hash `files` (names relative to `out`) and record them; `known` gives the entries of files whose bytes
-    were already proven (`read_verified`), which are not read again. The record is created last and exclusively
+def write_done(out: Location, name: str, fingerprint: str, files: list[str] | dict[str, dict[str, Any]],
+               **extra: Any) -> dict[str, Any]:
+    """Record `files` (names relative to `out`): hashed here when given as names, taken as they are when given
+    with their entries (what a writer returned for the bytes it wrote, or a parent's published entry for bytes
+    `read_verified` proved), so nothing is read again. The record is created last and exclusively
     (`Location.create`: link(2) on a disk, `If-None-Match: *` on S3), so no second writer commits the same
     task: one that finds the record there already accepts it only when it names the very same files."""
-    known = known or {}
-    entries = {f: known[f] if f in known else file_entry(out, f) for f in files}
+    entries = files if isinstance(files, dict) else {f: file_entry(out, f) for f in files}
     record = {"name": name, "fingerprint": fingerprint, "files": entries, **extra}
     data = (json.dumps(record, indent=1) + "\n").encode("utf-8")
     if not out.create(done_path(name), data, durable=False):  # (proven on resume; made durable with the run)

@@ -240,8 +240,7 @@ class RefilterWorker:
         relative = identity_table.block_path(block.name)
         written = {relative: digest_entry(self.out.write_parquet(relative, table, identity_table.COMPRESSION,
                                                                   durable=False))}
-        return write_done(self.out, block.name, self.fingerprint, [relative], known=written,
-                          stats={})
+        return write_done(self.out, block.name, self.fingerprint, written, stats={})
 
     def make_shard(self, shard: ShardSlots) -> dict[str, Any]:
         """Re-decide one shard of the parent from its scores table; kept samples whose scores did not change
@@ -325,8 +324,7 @@ class RefilterWorker:
             copies = {key: (segments[key], sidecar[key]) for key in unchanged}
         writing = ShardWriting(self.out, {"name": m.dataset.name}, model_description(m.model))
         contents, files, write_stats = writing.run(shard.name, rows, copies)
-        return write_done(self.out, shard.name, self.fingerprint, list(files), known=files, planned=shard.planned,
-                          **contents,
+        return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, **contents,
                           stats={s.name: s.to_json() for s in (dup, filt, write_stats)})
 
 
@@ -360,7 +358,7 @@ class RefilterWorker:
         write = StageStats(ShardWriting.name, ShardWriting.version, n_in=len(kept), n_out=len(kept),
                            seconds=time.perf_counter() - decided)
         published = self.published[shard.name]
-        return write_done(self.out, shard.name, self.fingerprint, files, known={f: entry_of(published[f]) for f in files},
+        return write_done(self.out, shard.name, self.fingerprint, {f: entry_of(published[f]) for f in files},
                           planned=shard.planned, nsamples=len(kept), first_key=kept[0] if kept else None,
                           last_key=kept[-1] if kept else None, stats={s.name: s.to_json() for s in (dup, filt, write)})
 
@@ -371,7 +369,7 @@ def copy_identity_table(parent: Location, counts: dict[str, Any], published: dic
     forget(out, IDENTITIES_TASK)
     name = identity_table.IDENTITIES_FILE
     out.write_bytes(name, read_verified(parent, name, published))
-    return write_done(out, IDENTITIES_TASK, fingerprint, [name], known={name: entry_of(published)},
+    return write_done(out, IDENTITIES_TASK, fingerprint, {name: entry_of(published)},
                       identities=counts["identities"], duplicates=counts["duplicate_identities"], stats={})
 
 

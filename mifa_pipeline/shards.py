@@ -2,7 +2,8 @@
 
 This module knows samples only as (key, encoded image, metadata dict, class index); it knows no model.
 Tars are the bytes webdataset's TarWriter writes with a fixed mtime, owner and mode and members in sorted
-order (headers come from a template it made, `_MemberHeaders`, as that is 4x faster), to a local staging file that is then committed whole (`storage.Location.commit`: an atomic rename
+order (headers filled into one tarfile made, `_MemberHeaders`: 4x faster), to a local staging file that is
+then committed whole (`storage.Location.commit`: an atomic rename
 on a disk, one PUT or completed multipart upload on an object store): a shard name holds a whole shard or
 nothing. Local staging names are hidden and unique (`.NAME.tmp-<random>`), so two writers never share one
 and a reader globbing `*.tar` never meets one.
@@ -118,10 +119,7 @@ def _flatten(prefix: str, value: Any, row: dict[str, Any]) -> None:
 
 
 def sidecar_row(sample: ShardSample, shard: str) -> dict[str, Any]:
-    row: dict[str, Any] = {"key": sample.key, "shard": shard, "label": int(sample.label),
-                           "image_ext": sample.image_ext, "image_sha256": hashlib.sha256(sample.image).hexdigest()}
-    _flatten("", sample.metadata, row)
-    return row
+    return _Written.of(sample).row(shard)
 
 
 def _column_type(values: list[Any]) -> pa.DataType:
@@ -283,6 +281,11 @@ class _Written:
     image_sha256: str
     metadata: dict[str, Any]
 
+    @classmethod
+    def of(cls, sample: ShardSample) -> "_Written":
+        return cls(sample.key, int(sample.label), sample.image_ext, hashlib.sha256(sample.image).hexdigest(),
+                   sample.metadata)
+
     def row(self, shard: str) -> dict[str, Any]:
         row: dict[str, Any] = {"key": self.key, "shard": shard, "label": self.label, "image_ext": self.image_ext,
                                "image_sha256": self.image_sha256}
@@ -293,7 +296,7 @@ class _Written:
 def _columnar_sidecar(written: list[_Written], shard: str, schema: pa.Schema) -> pa.Table | None:
     """The sidecar of samples whose metadata share one layout of scalars and flat dicts (keys in one order),
     as `sidecar_table` makes it from their rows; None when they do not (the row path then says what differs).
-    A dict's values are pulled out for all samples at once (`itemgetter`, then `zip` into columns)."""
+    A dict's values are pulled out for all samples at once (a tuple of values each, then `zip` into columns)."""
     metas = [w.metadata for w in written]
     tops = tuple(metas[0])
     if any(tuple(m) != tops for m in metas):
@@ -352,8 +355,7 @@ class ShardFileWriter:
         key = members.pop("__key__")
         for ext in sorted(members):  # TarWriter's member order
             self._append(self._headers.member(f"{key}.{ext}", members[ext]))
-        self.entries.append(_Written(sample.key, int(sample.label), sample.image_ext,
-                                     hashlib.sha256(sample.image).hexdigest(), sample.metadata))
+        self.entries.append(_Written.of(sample))
         self.keys.append(sample.key)
 
     def copy(self, key: str, segment: bytes, row: dict[str, Any]) -> None:

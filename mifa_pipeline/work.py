@@ -138,8 +138,7 @@ class BuildWorker:
         relative = identity_table.block_path(block.name)
         written = {relative: digest_entry(self.out.write_parquet(relative, table, identity_table.COMPRESSION,
                                                                   durable=False))}
-        return write_done(self.out, block.name, self.fingerprint, [relative], known=written,
-                          stats={stats.name: stats.to_json()})
+        return write_done(self.out, block.name, self.fingerprint, written, stats={stats.name: stats.to_json()})
 
     # ------------------------------------------------------------------ sample phase
     def _people(self, shard: ShardSlots) -> tuple[dict[int, IdentityRecord], dict[int, dict[str, Any]]]:
@@ -214,6 +213,5 @@ class BuildWorker:
                                                                 for s in samples])
         stats = [*stats, filter_stats, write_stats]
         extra = {} if generator is None else {"generator": generator}
-        return write_done(self.out, shard.name, self.fingerprint, list(files), known=files, planned=shard.planned,
-                          **contents,
+        return write_done(self.out, shard.name, self.fingerprint, files, planned=shard.planned, **contents,
                           stats={s.name: s.to_json() for s in stats}, **extra)
