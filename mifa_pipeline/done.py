@@ -47,7 +47,7 @@ def write_done(out: Location, name: str, fingerprint: str, files: list[str] | di
     entries = files if isinstance(files, dict) else {f: file_entry(out, f) for f in files}
     record = {"name": name, "fingerprint": fingerprint, "files": entries, **extra}
     data = (json.dumps(record, indent=1) + "\n").encode("utf-8")
-    if not out.create(done_path(name), data, durable=False):  # (proven on resume; made durable with the run)
+    if not out.create(done_path(name), data):
         there, _ = read_done(out, name)
         if there is None or (there["fingerprint"], there["files"]) != (fingerprint, record["files"]):
             raise CommitConflict(f"{name}: another writer committed it first with other files; "

@@ -188,7 +188,7 @@ class RefilterWorker:
 
     def __init__(self, build: PreparedRefilter, fingerprint: str):
         self.manifest = build.manifest
-        self.out = build.out
+        self.out = build.out.for_tasks()  # its files are made durable with the run (`Location.sync`)
         self.parent = build.parent_dir
         self.fingerprint = fingerprint
         self.rescore, self.removed = set(build.rescore), set(build.removed)
@@ -238,8 +238,7 @@ class RefilterWorker:
         table = pa.Table.from_pylist([{**r, "embedding": embeddings[r["identity"]]} for r in rows],
                                      schema=identity_table.IDENTITY_SCHEMA)
         relative = identity_table.block_path(block.name)
-        written = {relative: digest_entry(self.out.write_parquet(relative, table, identity_table.COMPRESSION,
-                                                                  durable=False))}
+        written = {relative: digest_entry(self.out.write_parquet(relative, table, identity_table.COMPRESSION))}
         return write_done(self.out, block.name, self.fingerprint, written, stats={})
 
     def make_shard(self, shard: ShardSlots) -> dict[str, Any]:
@@ -341,7 +340,7 @@ class RefilterWorker:
         decided = time.perf_counter()
         files = shard_files(shard.name)
         for name in files:
-            self.out.write_bytes(name, read[name] if name in read else self._read(shard, name), durable=False)
+            self.out.write_bytes(name, read[name] if name in read else self._read(shard, name))
         dup, filt = duplicate_stats(len(rows)), StageStats(Filtering.name, Filtering.version)
         for r in rows:
             if r["drop_reason"] == "duplicate_identity":

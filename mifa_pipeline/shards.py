@@ -331,11 +331,9 @@ class ShardFileWriter:
     """Writes one shard (tar + parquet sidecar) sample by sample; `close()` commits both by rename and returns
     their done-record entries (digests of the bytes written)."""
 
-    def __init__(self, out: "Location | Path | str", name: str, sidecar_schema: pa.Schema | None = None,
-                 durable: bool = True):
+    def __init__(self, out: "Location | Path | str", name: str, sidecar_schema: pa.Schema | None = None):
         self.out = location(out)
         self.name = name
-        self.durable = durable  # False: a build's task, made durable with its run (`Location.sync`)
         self.sidecar_schema = sidecar_schema
         self.tmp_path = self.out.stage(name)
         self._file = open(self.tmp_path, "wb", buffering=1 << 20)
@@ -394,10 +392,10 @@ class ShardFileWriter:
         self._file.close()
         hashing = _hashing().submit(file_digests, self.tmp_path)
         try:
-            sidecar = self.out.write_parquet(self.sidecar_name, self.sidecar(), durable=self.durable)
+            sidecar = self.out.write_parquet(self.sidecar_name, self.sidecar())
         finally:
             tar = hashing.result()
-        self.out.commit(self.tmp_path, self.name, self.durable)
+        self.out.commit(self.tmp_path, self.name)
         return {self.sidecar_name: sidecar, self.name: tar}
 
     def abort(self) -> None:

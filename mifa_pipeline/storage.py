@@ -5,9 +5,10 @@ pipeline needs and says what each guarantees on each kind of store:
 
 - `commit(staged, rel)`: a file written to a local staging path appears whole at `rel`. Locally: fsync, then
   an atomic rename beside it. On an object store: one `put_file` (a single PUT, or a multipart upload that
-  only becomes visible when completed), so a reader never sees half an object. `durable=False` leaves out
-  the fsync, for a task's files, which a resume proves by their hashes anyway (a power cut that loses their
-  bytes makes that task redone): a run makes them durable together at its end (`sync`), before publishing.
+  only becomes visible when completed), so a reader never sees half an object. A worker's view of the output
+  (`for_tasks`) leaves out the fsync: a resume proves a task's files by their hashes anyway (a power cut that
+  loses their bytes makes that task redone), and the run makes them durable together at its end (`sync`),
+  before its run manifest publishes them.
 - `create(rel, data)`: exclusive create, the commit point of a task (its done record) and of the output
   lock. Locally: link(2) of a finished temporary file, which fails if the name exists. On S3 (and stores
   that honour it): a PUT with `If-None-Match: *`, refused when the key exists. Elsewhere fsspec's generic
@@ -22,6 +23,7 @@ filesystem. Credentials come from the store's usual places (AWS_* variables, con
 from __future__ import annotations
 
 import hashlib
+import copy
 import os
 import re
 import tempfile
@@ -94,6 +96,8 @@ def _url(protocol: str, root: str) -> str:
 
 class Location:
     """A data set's folder (local) or prefix (object store); files are named relative to it ('a/b.tar')."""
+
+    durable = True  # local commits fsync before the rename (False in a worker's view: `for_tasks`)
 
     def __init__(self, where: str | os.PathLike, storage_options: dict[str, Any] | None = None):
         text = str(where).strip()
@@ -267,11 +271,18 @@ class Location:
         os.close(fd)
         return Path(name)
 
-    def commit(self, staged: Path, rel: str, durable: bool = True) -> None:
+    def for_tasks(self) -> "Location":
+        """This location as a worker writes its tasks' files (shards, identity blocks, done records): committed
+        without an fsync each, made durable by the run's `sync` (see the module docstring)."""
+        view = copy.copy(self)
+        view.durable = False
+        return view
+
+    def commit(self, staged: Path, rel: str) -> None:
         """Make the finished local file `staged` appear whole at `rel` (see the module docstring)."""
         try:
             if self.is_local:
-                if durable:
+                if self.durable:
                     with open(staged, "rb") as f:
                         os.fsync(f.fileno())
                 os.replace(staged, self.path(rel))
@@ -280,17 +291,17 @@ class Location:
         finally:
             discard(staged)
 
-    def write_bytes(self, rel: str, data: bytes, durable: bool = True) -> None:
+    def write_bytes(self, rel: str, data: bytes) -> None:
         staged = self.stage(rel)
         try:
             staged.write_bytes(data)
-            self.commit(staged, rel, durable)
+            self.commit(staged, rel)
         finally:
             discard(staged)
 
     def sync(self, rels: list[str]) -> None:
-        """Make files committed with `durable=False` durable, and their renames: one fsync per file (cheap once
-        the kernel has written it back) and per folder. Nothing on an object store (a stored object is)."""
+        """Make files a worker's view committed (`for_tasks`) durable, and their renames: one fsync per file (cheap
+        once the kernel has written it back) and per folder. Nothing on an object store (a stored object is)."""
         if not self.is_local:
             return
 
@@ -310,7 +321,7 @@ class Location:
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
 
-    def write_parquet(self, rel: str, table, compression: str | dict[str, str] = "zstd", durable: bool = True,
+    def write_parquet(self, rel: str, table, compression: str | dict[str, str] = "zstd",
                       **kwargs: Any) -> tuple[str, str, int]:
         """`table` as parquet at `rel`, whole or absent; returns (sha256, md5, size) of the bytes written, which
         a done record takes instead of reading the file back."""
@@ -320,10 +331,10 @@ class Location:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression=compression, **kwargs)
         data = sink.getvalue().to_pybytes()
-        self.write_bytes(rel, data, durable)
+        self.write_bytes(rel, data)
         return digest_bytes(data)
 
-    def create(self, rel: str, data: bytes, durable: bool = True) -> bool:
+    def create(self, rel: str, data: bytes) -> bool:
         """Exclusive create: True when `rel` was created with `data`, False when it already existed."""
         if self.is_local:
             staged = self.stage(rel)
@@ -331,7 +342,7 @@ class Location:
                 with open(staged, "wb") as f:
                     f.write(data)
                     f.flush()
-                    if durable:
+                    if self.durable:
                         os.fsync(f.fileno())
                 try:
                     os.link(staged, self.path(rel))

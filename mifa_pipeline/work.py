@@ -67,7 +67,7 @@ class BuildWorker:
     def __init__(self, manifest: BuildManifest, out: Location, fingerprint: str, references: list[str] | None = None):
         self.manifest = manifest
         self.references = references  # source=folder: the files prepare checked (identity i takes the i-th)
-        self.out = out
+        self.out = out.for_tasks()  # its files are made durable with the run (`Location.sync`)
         self.fingerprint = fingerprint
         self.generation = None
         self.identities = None
@@ -136,8 +136,7 @@ class BuildWorker:
             table = identity_table.block_table(people)
         stats.seconds = time.perf_counter() - start
         relative = identity_table.block_path(block.name)
-        written = {relative: digest_entry(self.out.write_parquet(relative, table, identity_table.COMPRESSION,
-                                                                  durable=False))}
+        written = {relative: digest_entry(self.out.write_parquet(relative, table, identity_table.COMPRESSION))}
         return write_done(self.out, block.name, self.fingerprint, written, stats={stats.name: stats.to_json()})
 
     # ------------------------------------------------------------------ sample phase

@@ -126,7 +126,7 @@ class ShardWriting:
         kept = [r for r in rows if r["keep"]]
         copies = copies or {}
         schema = sidecar_schema(rows[0], self.dataset, self.model, f"{name}.tar") if rows else None
-        writer = ShardFileWriter(self.out, f"{name}.tar", schema, durable=False)  # (the run syncs its tasks' files)
+        writer = ShardFileWriter(self.out, f"{name}.tar", schema)
         try:
             for row in kept:
                 if row["key"] in copies:
@@ -140,7 +140,7 @@ class ShardWriting:
             raise
         table = pa.Table.from_pylist([{**r, "image": None if r["keep"] else r["image"]} for r in rows],
                                      schema=SCORES_SCHEMA)
-        written[scores_path(name)] = self.out.write_parquet(scores_path(name), table, durable=False)
+        written[scores_path(name)] = self.out.write_parquet(scores_path(name), table)
         stats = StageStats(self.name, self.version, n_in=len(kept), n_out=len(kept),
                            seconds=time.perf_counter() - start)
         keys = writer.keys
