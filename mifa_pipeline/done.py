@@ -41,7 +41,7 @@ def write_done(out: Location, name: str, fingerprint: str, files: list[str] | di
                **extra: Any) -> dict[str, Any]:
     """Record `files` (names relative to `out`): hashed here when given as names, taken as they are when given
     with their entries (what a writer returned for the bytes it wrote, or a parent's published entry for bytes
-    `read_verified` proved), so nothing is read again. The record is created last and exclusively
+    `read_verified` or `copy_verified` proved), so nothing is read again. The record is created last and exclusively
     (`Location.create`: link(2) on a disk, `If-None-Match: *` on S3), so no second writer commits the same
     task: one that finds the record there already accepts it only when it names the very same files."""
     entries = files if isinstance(files, dict) else {f: file_entry(out, f) for f in files}
@@ -97,12 +97,23 @@ def read_verified(source: Location, relative: str, want: dict[str, Any]) -> byte
     {sha256, md5, bytes}) describes. The sha256 alone is checked: bytes with the recorded sha256 are the
     recorded bytes, so `want` is their entry as it stands (md5 included) and they need no hashing again."""
     data = source.read_bytes(relative)
-    sha = hashlib.sha256(data).hexdigest()
-    if len(data) != want.get("bytes") or sha != want.get("sha256"):
-        raise DamagedSource(f"{source.full_url(relative)}: {len(data)} bytes, sha256 {sha[:12]}; its data set recorded "
+    _prove(source, relative, want, hashlib.sha256(data).hexdigest(), len(data))
+    return data
+
+
+def copy_verified(source: Location, relative: str, want: dict[str, Any], out: Location) -> dict[str, Any]:
+    """`source`'s file `relative` copied to `out` under the same name, committed only when the bytes written
+    are the ones `want` describes (as `read_verified` proves them), streamed, never whole in memory; returns
+    their done-record entry."""
+    out.copy_from(source, relative, lambda sha, size: _prove(source, relative, want, sha, size))
+    return entry_of(want)
+
+
+def _prove(source: Location, relative: str, want: dict[str, Any], sha: str, size: int) -> None:
+    if size != want.get("bytes") or sha != want.get("sha256"):
+        raise DamagedSource(f"{source.full_url(relative)}: {size} bytes, sha256 {sha[:12]}; its data set recorded "
                             f"{want.get('bytes')} bytes, sha256 {str(want.get('sha256'))[:12]} (changed or damaged "
                             f"since it was built; `mifa verify {source.url}` lists what else is)")
-    return data
 
 
 def entry_of(want: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from mifa_pipeline import identity_table
 from mifa_pipeline.config import BuildManifest, ManifestError, _format_validation_error, apply_overrides, parse_override
-from mifa_pipeline.done import digest_entry, entry_of, forget, read_verified, write_done
+from mifa_pipeline.done import copy_verified, digest_entry, entry_of, forget, read_verified, write_done
 from mifa_pipeline.executors import WorkerSpec
 from mifa_pipeline.judging import JudgeFileError, Judges, judge_specs, raw_keys
 from mifa_pipeline.manifest import (REFILTER_STAGES, SCHEMA_VERSION, chain_fingerprints, filter_config, read_run_manifest,
@@ -251,10 +251,12 @@ class RefilterWorker:
         published = self.published[shard.name]
         scores_bytes = read_verified(self.parent, scores_file, published[scores_file])
         if self.same_scores and self.copyable and self.same_writer:  # the columns a decision needs, nothing else
-            rows = parquet_from_bytes(scores_bytes, DECISION).to_pylist()
-            if all(r["drop_reason"] == "duplicate_identity" or decide(parse_json(r["scores"]), cfg) == r["drop_reason"]
-                   for r in rows):
-                return self._copy_shard(shard, rows, {scores_file: scores_bytes}, start)
+            table = parquet_from_bytes(scores_bytes, DECISION)
+            reasons = table.column("drop_reason").to_pylist()
+            scores = parse_json(f"[{','.join(table.column('scores').to_pylist())}]")  # the shard's rows in one call
+            if all(r == "duplicate_identity" or decide(s, cfg) == r for s, r in zip(scores, reasons)):
+                return self._copy_shard(shard, table.column("key").to_pylist(), reasons, {scores_file: scores_bytes},
+                                        start)
         rows = parquet_from_bytes(scores_bytes, METADATA).to_pylist()
         people = {r["identity"]: r for r in identity_table.read_rows(
             self.out, shard.identities, ["embedding", "nearest_earlier_cosine", "duplicate"])}
@@ -313,7 +315,8 @@ class RefilterWorker:
                 need_image.append(row)
         filt.seconds = time.perf_counter() - start
         if self.copyable and self.same_writer and decided_before == [(r["keep"], r["drop_reason"], r["scores"]) for r in rows]:
-            return self._copy_shard(shard, rows, {scores_file: scores_bytes}, start)
+            return self._copy_shard(shard, [r["key"] for r in rows], [r["drop_reason"] for r in rows],
+                                    {scores_file: scores_bytes}, start)
         for row in need_image:
             row["image"] = image(row)
         copies = {}
@@ -331,35 +334,39 @@ class RefilterWorker:
         """A file of the parent's shard, proven to be the one its run manifest published."""
         return read_verified(self.parent, relative, self.published[shard.name][relative])
 
-    def _copy_shard(self, shard: ShardSlots, rows: list[dict[str, Any]], read: dict[str, bytes],
+    def _copy_shard(self, shard: ShardSlots, keys: list[str], reasons: list[str | None], read: dict[str, bytes],
                     start: float) -> dict[str, Any]:
         """Every sample of the shard is decided as in the parent with the same scores: its three files are the
-        parent's, byte for byte (what writing them again would give), so they are copied whole, each read once
-        and proven against the parent's published digests (`read` holds those already read), decoding and
-        re-encoding nothing, and hashed no more."""
+        parent's, byte for byte (what writing them again would give), so they are copied whole, each streamed
+        once and proven against the parent's published digests before it is committed (`read` holds those
+        already read), decoding and re-encoding nothing, and hashed no more."""
         decided = time.perf_counter()
         files = shard_files(shard.name)
+        published = self.published[shard.name]
         for name in files:
-            self.out.write_bytes(name, read[name] if name in read else self._read(shard, name))
-        dup, filt = duplicate_stats(len(rows)), StageStats(Filtering.name, Filtering.version)
-        for r in rows:
-            if r["drop_reason"] == "duplicate_identity":
-                dup.drop(r["drop_reason"])
+            if name in read:
+                self.out.write_bytes(name, read[name])
+            else:
+                copy_verified(self.parent, name, published[name], self.out)
+        dup, filt = duplicate_stats(len(keys)), StageStats(Filtering.name, Filtering.version)
+        for reason in reasons:  # (a sample is kept when it has no drop reason)
+            if reason == "duplicate_identity":
+                dup.drop(reason)
                 continue
             dup.n_out += 1
             filt.n_in += 1
-            if r["keep"]:
+            if reason is None:
                 filt.n_out += 1
             else:
-                filt.drop(r["drop_reason"])
+                filt.drop(reason)
         filt.seconds = decided - start
-        kept = [r["key"] for r in rows if r["keep"]]
+        kept = [key for key, reason in zip(keys, reasons) if reason is None]
         write = StageStats(ShardWriting.name, ShardWriting.version, n_in=len(kept), n_out=len(kept),
                            seconds=time.perf_counter() - decided)
-        published = self.published[shard.name]
         return write_done(self.out, shard.name, self.fingerprint, {f: entry_of(published[f]) for f in files},
                           planned=shard.planned, nsamples=len(kept), first_key=kept[0] if kept else None,
-                          last_key=kept[-1] if kept else None, stats={s.name: s.to_json() for s in (dup, filt, write)})
+                          last_key=kept[-1] if kept else None,
+                          stats={s.name: s.to_json() for s in (dup, filt, write)})
 
 
 def copy_identity_table(parent: Location, counts: dict[str, Any], published: dict[str, Any], fingerprint: str,
@@ -367,8 +374,7 @@ def copy_identity_table(parent: Location, counts: dict[str, Any], published: dic
     """A CPU step: the parent's identities.parquet (proven against its `published` digests) as this version's."""
     forget(out, IDENTITIES_TASK)
     name = identity_table.IDENTITIES_FILE
-    out.write_bytes(name, read_verified(parent, name, published))
-    return write_done(out, IDENTITIES_TASK, fingerprint, {name: entry_of(published)},
+    return write_done(out, IDENTITIES_TASK, fingerprint, {name: copy_verified(parent, name, published, out)},
                       identities=counts["identities"], duplicates=counts["duplicate_identities"], stats={})
 
 

@@ -13,7 +13,6 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -439,41 +438,44 @@ class Runner:
         plan, job = self.build.plan, self.job
         shards = plan.shards
         totals = {"identities": plan.identities, "samples": plan.total_samples, "shards": len(shards)}
-        with BuildProgress({k: totals[k] for k in job.progress_stages}, {}, enabled=self.show_progress) as self.progress:
-            for message in self.notes:
-                self.progress.note(message)
-            try:
-                adopted = self.adopt([s.name for s in shards])
-                pending = [s for s in shards if s.name not in adopted]
-                records = dict(adopted)
-                self.advance("shards", len(adopted))
-                self.advance("samples", sum(r["planned"] for r in adopted.values()))
-                pool = None
+        # the shards' files (committed without fsync: a resume proves them by hash) are made durable as they
+        # come in, all of them before the run manifest publishes them
+        with self.out.flusher() as flush:
+            with BuildProgress({k: totals[k] for k in job.progress_stages}, {},
+                               enabled=self.show_progress) as self.progress:
+                for message in self.notes:
+                    self.progress.note(message)
                 try:
-                    identities = self.adopt([IDENTITIES_TASK]).get(IDENTITIES_TASK)
-                    if identities is None:  # (even when every shard is proven: a damaged table is never shipped)
-                        pool = self.executor.workers(job.worker_spec(self.executor))
-                        identities = job.identity_phase(self, pool)
-                    self.advance("identities", plan.identities)
-                    if pending:
-                        pool = pool or self.executor.workers(job.worker_spec(self.executor))
-                        for shard, record in pool.run("make_shard", pending):
-                            records[shard.name] = record
-                            self.advance("samples", shard.planned)
-                            self.advance("shards", 1)
-                            self.progress.log(f"{shard.name}: {record['nsamples']} of {shard.planned} kept")
+                    adopted = self.adopt([s.name for s in shards])
+                    pending = [s for s in shards if s.name not in adopted]
+                    records = dict(adopted)
+                    for record in adopted.values():
+                        flush.add(record["files"])
+                    self.advance("shards", len(adopted))
+                    self.advance("samples", sum(r["planned"] for r in adopted.values()))
+                    pool = None
+                    try:
+                        identities = self.adopt([IDENTITIES_TASK]).get(IDENTITIES_TASK)
+                        if identities is None:  # (even when every shard is proven: a damaged table is never shipped)
+                            pool = self.executor.workers(job.worker_spec(self.executor))
+                            identities = job.identity_phase(self, pool)
+                        self.advance("identities", plan.identities)
+                        if pending:
+                            pool = pool or self.executor.workers(job.worker_spec(self.executor))
+                            for shard, record in pool.run("make_shard", pending):
+                                records[shard.name] = record
+                                flush.add(record["files"])
+                                self.advance("samples", shard.planned)
+                                self.advance("shards", 1)
+                                self.progress.log(f"{shard.name}: {record['nsamples']} of {shard.planned} kept")
+                    finally:
+                        if pool is not None:
+                            pool.close()
                 finally:
-                    if pool is not None:
-                        pool.close()
-            finally:
-                self.executor.close()
-        if getattr(self.lock, "lost", None):  # an object store's lease lock lost to another run
-            raise BuildError(f"{self.lock.lost}; the shards are kept but nothing is published: run again")
-        ordered = [records[s.name] for s in shards]
-        with ThreadPoolExecutor(1) as flush:
-            # the tasks' files (committed without fsync: a resume proves them by hash) made durable before the run
-            # manifest publishes them, while the index, that manifest and the card are worked out
-            durable = flush.submit(self.out.sync, [f for r in ordered for f in r["files"]])
+                    self.executor.close()
+            if getattr(self.lock, "lost", None):  # an object store's lease lock lost to another run
+                raise BuildError(f"{self.lock.lost}; the shards are kept but nothing is published: run again")
+            ordered = [records[s.name] for s in shards]
             infos = [_shard_info(r) for r in ordered]
             index = write_shard_index(self.out, self.manifest.dataset.name, infos)
             wall = time.perf_counter() - start
@@ -481,7 +483,6 @@ class Runner:
             content["generation_last_run"] = generator_activity([records[s.name] for s in pending], wall)
             job.annotate(content)
             card = card_texts(self.out, content)
-            durable.result()
         write_run_manifest(self.out, content)
         write_card(self.out, content, card)
         return BuildResult("resumed" if resumed else "built", content, wall, len(pending), self.notes)

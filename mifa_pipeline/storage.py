@@ -7,8 +7,8 @@ pipeline needs and says what each guarantees on each kind of store:
   an atomic rename beside it. On an object store: one `put_file` (a single PUT, or a multipart upload that
   only becomes visible when completed), so a reader never sees half an object. A worker's view of the output
   (`for_tasks`) leaves out the fsync: a resume proves a task's files by their hashes anyway (a power cut that
-  loses their bytes makes that task redone), and the run makes them durable together at its end (`sync`),
-  before its run manifest publishes them.
+  loses their bytes makes that task redone), and the run makes them durable as they come in (`flusher`),
+  all of them before its run manifest publishes them.
 - `create(rel, data)`: exclusive create, the commit point of a task (its done record) and of the output
   lock. Locally: link(2) of a finished temporary file, which fails if the name exists. On S3 (and stores
   that honour it): a PUT with `If-None-Match: *`, refused when the key exists. Elsewhere fsspec's generic
@@ -28,11 +28,13 @@ import os
 import re
 import tempfile
 import uuid
+from contextlib import contextmanager, nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 TMP_MARK = ".tmp-"
+PIECE = 1 << 20  # bytes per read when a file is hashed or copied
 
 # scheme -> (module that implements it, the mifa extra that installs it)
 DRIVERS = {
@@ -215,15 +217,22 @@ class Location:
         import pyarrow.parquet as pq
 
         if set(kwargs) <= {"columns"}:  # one file, whole columns: ParquetFile, without the dataset machinery
-            with self.open(rel) as f:
-                return pq.ParquetFile(f).read(**kwargs)
+            with self.parquet_file(rel) as f:
+                return f.read(**kwargs)
         return pq.read_table(self.path(rel), filesystem=None if self.is_local else self.fs, **kwargs)
 
-    def parquet_schema(self, rel: str):
+    @contextmanager
+    def parquet_file(self, rel: str) -> "Iterator[Any]":
+        """A `pyarrow.parquet.ParquetFile` (its footer read; columns read on demand): a local file by Arrow's
+        own reads (a Python file object costs it about a millisecond more per file), else through fsspec."""
         import pyarrow.parquet as pq
 
-        with self.open(rel) as f:
-            return pq.ParquetFile(f).schema_arrow
+        with (nullcontext(self.path(rel)) if self.is_local else self.open(rel)) as source, pq.ParquetFile(source) as f:
+            yield f
+
+    def parquet_schema(self, rel: str):
+        with self.parquet_file(rel) as f:
+            return f.schema_arrow
 
     def _entries(self, rel: str, kind: str) -> list[str]:
         try:
@@ -249,14 +258,22 @@ class Location:
         prefix = self.root.rstrip("/") + "/"
         return sorted(p[len(prefix):] for p in found if p.startswith(prefix))
 
+    def _pieces(self, rel: str) -> Iterator[memoryview]:
+        """The file's bytes in pieces of one reused buffer (each valid until the next is asked for): no fresh
+        memory per file, which for large files costs more than hashing them."""
+        buffer = bytearray(PIECE)
+        view = memoryview(buffer)
+        with (open(self.path(rel), "rb", buffering=0) if self.is_local else self.open(rel)) as f:
+            while n := f.readinto(buffer):
+                yield view[:n]
+
     def digests(self, rel: str) -> tuple[str, str, int]:
-        """(sha256, md5, size) of a file, read once in 8 MiB pieces."""
+        """(sha256, md5, size) of a file, read once."""
         sha, md5, size = hashlib.sha256(), hashlib.md5(), 0
-        with self.open(rel) as f:
-            while chunk := f.read(8 << 20):
-                sha.update(chunk)
-                md5.update(chunk)
-                size += len(chunk)
+        for piece in self._pieces(rel):
+            sha.update(piece)
+            md5.update(piece)
+            size += len(piece)
         return sha.hexdigest(), md5.hexdigest(), size
 
     # ------------------------------------------------------------------ writing
@@ -273,7 +290,7 @@ class Location:
 
     def for_tasks(self) -> "Location":
         """This location as a worker writes its tasks' files (shards, identity blocks, done records): committed
-        without an fsync each, made durable by the run's `sync` (see the module docstring)."""
+        without an fsync each, made durable by the run's `flusher` (see the module docstring)."""
         view = copy.copy(self)
         view.durable = False
         return view
@@ -299,24 +316,25 @@ class Location:
         finally:
             discard(staged)
 
-    def sync(self, rels: list[str]) -> None:
-        """Make files a worker's view committed (`for_tasks`) durable, and their renames: one fsync per file (cheap
-        once the kernel has written it back) and per folder. Nothing on an object store (a stored object is)."""
-        if not self.is_local:
-            return
+    def copy_from(self, source: "Location", rel: str, accept: Callable[[str, int], None]) -> None:
+        """`source`'s file `rel` copied to the same name here, hashed on the way: `accept(sha256, size)` sees
+        the digests of exactly the bytes written and refuses them by raising, before they are committed."""
+        staged = self.stage(rel)
+        try:
+            sha, size = hashlib.sha256(), 0
+            with open(staged, "wb") as f:
+                for piece in source._pieces(rel):
+                    sha.update(piece)
+                    f.write(piece)
+                    size += len(piece)
+            accept(sha.hexdigest(), size)
+            self.commit(staged, rel)
+        finally:
+            discard(staged)
 
-        def fsync(path: str) -> None:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-        files = [self.path(rel) for rel in rels]
-        with ThreadPoolExecutor(8) as threads:  # several writes in flight: the device orders them, as sync(1) does
-            list(threads.map(fsync, files))
-        for folder in sorted({os.path.dirname(path) for path in files}):
-            fsync(folder)
+    def flusher(self) -> "Flush":
+        """What makes files a worker's view committed (`for_tasks`) durable while the run goes on."""
+        return Flush(self)
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
@@ -378,6 +396,51 @@ class Location:
                 os.rmdir(self.path(rel))
             except OSError:
                 pass
+
+
+class Flush:
+    """Files of a worker's view (`Location.for_tasks`) made durable as a run hands them in, while it goes on:
+    an fsync each on a pool of threads (several writes in flight: the device orders them, as sync(1) does;
+    cheap once the kernel has written a file back), then their folders (the renames) when it closes. Closed
+    without an error it has made every file durable, or raises; after an error it only stops. Nothing on an
+    object store (a stored object is)."""
+
+    def __init__(self, location: Location):
+        self.location = location
+        self.threads = ThreadPoolExecutor(8) if location.is_local else None
+        self.pending: list = []
+        self.folders: set[str] = set()
+
+    def add(self, rels: "Iterable[str]") -> None:
+        if self.threads is None:
+            return
+        for rel in rels:
+            path = self.location.path(rel)
+            self.folders.add(os.path.dirname(path))
+            self.pending.append(self.threads.submit(_fsync, path))
+
+    def __enter__(self) -> "Flush":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if self.threads is None:
+            return
+        try:
+            if kind is None:
+                for done in self.pending:
+                    done.result()
+                for folder in sorted(self.folders):
+                    _fsync(folder)
+        finally:  # after an error nothing more starts and nothing waits (the fsyncs under way end by themselves)
+            self.threads.shutdown(wait=kind is None, cancel_futures=True)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def parquet_from_bytes(data: bytes, columns: list[str] | None = None):

@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from mifa_pipeline.cli import app
-from mifa_pipeline.done import CommitConflict, read_done, write_done
+from mifa_pipeline.done import CommitConflict, DamagedSource, copy_verified, digest_entry, read_done, write_done
 from mifa_pipeline.lease_lock import LeaseLock
 from mifa_pipeline.lock import LOCK_NAME, OutputLockError
 from mifa_pipeline.runner import BuildError, build_data, prepare
-from mifa_pipeline.storage import Location, StorageError
+from mifa_pipeline.storage import PIECE, Location, StorageError, digest_bytes
 from mifa_pipeline.verify import verify
 from tests.outputs import digests
 
@@ -105,6 +105,23 @@ def test_a_done_record_is_committed_once(where, tmp_path):
     with pytest.raises(CommitConflict, match="another writer committed it first"):
         write_done(out, "a", "fp", ["a.tar"], nsamples=1)
     assert read_done(out, "a")[0] == first
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_verified_copy_commits_only_the_bytes_it_proved(where, tmp_path):
+    """A file copied from another data set (a re-filter's unchanged shard) is streamed and committed only when
+    the bytes written have the sha256 and size its data set recorded: a damaged source leaves nothing behind."""
+    base = tmp_path if where == "local" else f"memory://copy-{time.monotonic_ns()}"
+    source, out = Location(f"{base}/parent"), Location(f"{base}/child")
+    data = os.urandom(3 * PIECE + 5)  # several pieces, the last one short
+    source.write_bytes("a.tar", data)
+    want = digest_entry(digest_bytes(data))
+    assert copy_verified(source, "a.tar", want, out) == want and out.read_bytes("a.tar") == data
+    for damaged in (data[:-1] + bytes([data[-1] ^ 1]), data[:-1]):  # a flipped byte, a truncation
+        source.write_bytes("b.tar", damaged)
+        with pytest.raises(DamagedSource, match=r"b\.tar: .* \(changed or damaged since it was built"):
+            copy_verified(source, "b.tar", want, out)
+        assert out.find() == ["a.tar"]  # neither the file nor a staging file of it
 
 
 def test_a_lease_lock_refuses_a_live_holder_and_takes_over_a_lapsed_one():
