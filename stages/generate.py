@@ -11,18 +11,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from mifa_pipeline.config import AUTO_BATCH_CPU, ModelSection, SamplerSection, checkpoint_dir
 from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a function needs it: the stage's name, version and `model_description` are read by
+# commands that run no model (`mifa filter`, `verify`, `inspect`), which would otherwise wait a second for it
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -32,10 +37,12 @@ def resolve_device(name: str) -> torch.device:
 
 def load_model(model: ModelSection, sampler: SamplerSection) -> Any:
     """The MAUGen model of a build: the built-in demo model, or a checkpoint folder in mifa's format."""
+    import torch
+
     from mifa_pipeline.maugen import MAUGen
 
     device = resolve_device(model.device)
-    dtype = DTYPES[sampler.dtype]
+    dtype = getattr(torch, sampler.dtype)  # float32, float16 or bfloat16 (the manifest allows no other)
     if device.type == "cpu" and dtype != torch.float32:
         raise ValueError(f"sampler.dtype {sampler.dtype!r} needs a GPU; use float32 on CPU")
     net = MAUGen.from_pretrained(checkpoint_dir(model.checkpoint))
@@ -69,6 +76,8 @@ def largest_batch(fits: Callable[[int], bool], limit: int = AUTO_BATCH_LIMIT) ->
 def cuda_trial(model: Any, resolution: int, sampler: SamplerSection, negative_prompt: str = "") -> Callable[[int], bool]:
     """fits(b): one sampling step (CFG and labels as configured) plus the VAE decode of b samples at the build's
     resolution and dtype, run on the device; False on torch.cuda.OutOfMemoryError (the cache is freed after)."""
+    import torch
+
     device = next(iter(model.parameters())).device
 
     def fits(b: int) -> bool:
@@ -93,7 +102,7 @@ def resolve_batch_size(config: SamplerSection, model: Any, resolution: int, nega
     CUDA without batch_invariant (where a model call holds the whole batch); else AUTO_BATCH_CPU."""
     if config.batch_size != "auto":
         return int(config.batch_size), "manifest"
-    device = next(iter(model.parameters())).device if hasattr(model, "parameters") else torch.device("cpu")
+    device = _device_of(model)
     if fits is None and (device.type != "cuda" or config.batch_invariant):
         why = "batch_invariant: one sample per model call" if device.type == "cuda" else f"no CUDA ({device.type})"
         return AUTO_BATCH_CPU, f"auto: default {AUTO_BATCH_CPU} ({why})"
@@ -109,17 +118,29 @@ def model_description(model: ModelSection) -> str:
     return builtin.get(model.checkpoint, str(model.checkpoint))
 
 
+def _device_of(model: Any) -> torch.device:
+    import torch
+
+    return next(iter(model.parameters())).device if hasattr(model, "parameters") else torch.device("cpu")
+
+
 def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     """uint8 HxWx3 list -> float [B,3,H,W] in [0,1]."""
+    import torch
+
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0)
 
 
 def _masks(masks: list[np.ndarray]) -> torch.Tensor:
     """uint8 HxW list (255 = region to generate) -> float [B,1,H,W] in [0,1]."""
+    import torch
+
     return torch.from_numpy(np.stack(masks)).float().div(255.0)[:, None]
 
 
 def _to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+    import torch
+
     arr = images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [a.copy() for a in arr]
 
@@ -143,9 +164,11 @@ class Generation:
         self.batch_size, self.batch_size_source = resolve_batch_size(config, model, self.resolution, negative_prompt)
 
     def _device(self) -> torch.device:
-        return next(iter(self.model.parameters())).device if hasattr(self.model, "parameters") else torch.device("cpu")
+        return _device_of(self.model)
 
     def _generators(self, seeds: list[int]) -> list[torch.Generator]:
+        import torch
+
         device = self._device()
         return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
@@ -163,20 +186,29 @@ class Generation:
             scheduler=self.config.scheduler,
         )
 
-    @torch.no_grad()
     def paint(self, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
         """Reference faces from identity prompts: the whole frame is generated, no identity input."""
+        import torch
+
         size = self.resolution
         images: list[np.ndarray] = []
-        for start in range(0, len(prompts), self.batch_size):
-            p, s = prompts[start:start + self.batch_size], seeds[start:start + self.batch_size]
-            canvases = torch.zeros(len(p), 3, size, size)
-            masks = torch.ones(len(p), 1, size, size)
-            images += _to_uint8(self._sample(p, canvases, masks, None, s).images)
+        with torch.no_grad():
+            for start in range(0, len(prompts), self.batch_size):
+                p, s = prompts[start:start + self.batch_size], seeds[start:start + self.batch_size]
+                canvases = torch.zeros(len(p), 3, size, size)
+                masks = torch.ones(len(p), 1, size, size)
+                images += _to_uint8(self._sample(p, canvases, masks, None, s).images)
         return images
 
-    @torch.no_grad()
     def run(self, samples: list[SampleRecord], people: dict[int, IdentityRecord]) -> tuple[list[SampleRecord], StageStats]:
+        import torch
+
+        with torch.no_grad():
+            return self._run(samples, people)
+
+    def _run(self, samples: list[SampleRecord], people: dict[int, IdentityRecord]) -> tuple[list[SampleRecord], StageStats]:
+        import torch
+
         start = time.perf_counter()
         # 1. identity embeddings, once per identity, one identity per call (so they never depend on the unit)
         embed_of = {

@@ -63,3 +63,15 @@ def test_only_the_ray_executor_imports_ray_and_shards_know_no_model():
     shard_imports = imports_of(PKG / "shards.py")
     assert not {m for m in shard_imports if m.split(".")[0] in ("torch", "diffusers", "transformers")
                 or m.startswith(("mifa_pipeline.maugen", "mifa_pipeline.stages"))}
+
+
+def test_commands_that_run_no_model_load_no_torch():
+    """`mifa filter` (threshold-only), `verify` and `inspect` run no model: importing them must not wait about a
+    second for torch, which a curator would feel on every re-filter."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mifa_pipeline.cli, mifa_pipeline.refilter, mifa_pipeline.verify, mifa_pipeline.inspect; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'ray') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", f"imported by a command that runs no model: {loaded}"
