@@ -268,8 +268,10 @@ def main() -> None:
     figures: dict = {"builds": []}
     with tempfile.TemporaryDirectory(dir=os.environ.get("MIFA_BENCH_DIR")) as tmp:
         work = Path(tmp)
-        for n in args.n:
-            for executor in args.executors:
+        # one executor's builds after another: processes of a Ray run can outlive it for a while, and would be
+        # counted in the plumbing of a local build that ran right after it
+        for executor in args.executors:
+            for n in args.n:
                 row = run_child(n, executor, work / f"{executor}-{n}", args.resolution)
                 figures["builds"].append(row)
                 print(f"{executor:5s} N={n:6d}: {row['ms_per_sample']:.3f} ms/sample, driver peak RSS "

@@ -365,8 +365,7 @@ class RefilterWorker:
                            seconds=time.perf_counter() - decided)
         return write_done(self.out, shard.name, self.fingerprint, {f: entry_of(published[f]) for f in files},
                           planned=shard.planned, nsamples=len(kept), first_key=kept[0] if kept else None,
-                          last_key=kept[-1] if kept else None,
-                          stats={s.name: s.to_json() for s in (dup, filt, write)})
+                          last_key=kept[-1] if kept else None, stats={s.name: s.to_json() for s in (dup, filt, write)})
 
 
 def copy_identity_table(parent: Location, counts: dict[str, Any], published: dict[str, Any], fingerprint: str,
