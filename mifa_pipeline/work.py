@@ -91,18 +91,17 @@ class BuildWorker:
     def _load(self) -> int:
         if self.generation is not None:
             return self.generation.resolution
-        import torch
-
-        from mifa_pipeline.stages.generate import Generation, load_model
-
         m = self.manifest
-        threads = m.resources.torch_threads or math.ceil(m.resources.cpus_per_worker)
-        torch.set_num_threads(max(1, threads))
-        if uses_teacher(m):
+        if uses_teacher(m):  # (OpenCV: no torch to import, a second of a small build)
             from mifa_pipeline.stages.teacher import TeacherRendering
 
             self.generation = TeacherRendering(m.sampler.resolution or TEACHER_RESOLUTION, m.prompts.au_names)
         else:
+            import torch
+
+            from mifa_pipeline.stages.generate import Generation, load_model
+
+            torch.set_num_threads(max(1, m.resources.torch_threads or math.ceil(m.resources.cpus_per_worker)))
             self.generation = Generation(m.sampler, load_model(m.model, m.sampler), m.prompts.au_names,
                                          m.prompts.negative_prompt)
         painter = self.generation.paint

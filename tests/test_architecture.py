@@ -75,3 +75,20 @@ def test_commands_that_run_no_model_load_no_torch():
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'ray') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]", f"imported by a command that runs no model: {loaded}"
+
+
+def test_a_teacher_build_loads_no_torch(tmp_path):
+    """The teacher renderer and the judges run on OpenCV: a teacher build (the demo of `mifa teacher`, the
+    scale benchmark's generator) does not wait a second for torch either."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mifa_pipeline.config import load_manifest; "
+            "from mifa_pipeline.runner import build_data, prepare; "
+            "m = load_manifest(None, ['model.checkpoint=teacher', 'sampler.resolution=64', 'identities.count=4', "
+            "'identities.samples_per_identity=2', 'filter.au.estimator=none'], output=sys.argv[1]); "
+            "build_data(prepare(m), 'local', progress=False); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]", f"a teacher build imported {run.stdout.strip()}"
