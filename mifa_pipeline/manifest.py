@@ -17,7 +17,6 @@ from typing import Any
 
 from mifa_pipeline import __version__
 from mifa_pipeline.config import BuildManifest, checkpoint_dir, canonical_json, output_determining, sha256_text
-from mifa_pipeline.shards import file_digests
 from mifa_pipeline.storage import Location, location
 from mifa_pipeline.stages.filter import Filtering
 from mifa_pipeline.stages.generate import Generation
@@ -41,7 +40,7 @@ def model_files(checkpoint: str) -> list[dict[str, Any]]:
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     out = []
     for p in files:
-        sha, _, size = file_digests(p)
+        sha, size = Location(p.parent).digest(p.name, "sha256")  # (gigabytes: no other digest)
         out.append({"role": "generator", "path": str(p), "sha256": sha, "bytes": size})
     return out
 

@@ -556,7 +556,8 @@ def _file_record(path: str, record: dict[str, Any]) -> dict[str, Any]:
 def _shard_info(record: dict[str, Any]) -> ShardInfo:
     tar = f"{record['name']}.tar"
     f = record["files"][tar]
-    return ShardInfo(tar, record["nsamples"], f["bytes"], f["sha256"], f["md5"], record["first_key"], record["last_key"])
+    return ShardInfo(tar, record["nsamples"], f["bytes"], f["sha256"], f["md5"], record["first_key"], record["last_key"],
+                     f.get("blake3"))
 
 
 def _shard_json(record: dict[str, Any]) -> dict[str, Any]:

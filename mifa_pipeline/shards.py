@@ -54,9 +54,10 @@ class ShardInfo:
     md5: str
     first_key: str | None  # None for a shard all of whose samples were dropped
     last_key: str | None
+    blake3: str | None = None  # (None: copied from a data set made before mifa recorded BLAKE3)
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if not (k == "blake3" and v is None)}
 
 
 def shard_name(split: str, index: int) -> str:
@@ -267,7 +268,7 @@ def _hashing() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(2, thread_name_prefix="mifa-hash")
 
 
-def file_digests(path: Path) -> tuple[str, str, int]:
+def file_digests(path: Path) -> tuple[str, str, int, str]:
     return Location(path.parent).digests(path.name)
 
 

@@ -1,9 +1,10 @@
 """`mifa verify`: whether a finished data set is exactly what its run manifest says, byte for byte.
 
-Every file is re-hashed (tars by sha256 and md5, sidecars, scores tables, the identity table, the index);
-the fingerprint is recomputed from the resolved build manifest; counts and per-stage sums are checked
-against the scores tables; each sidecar row must agree with its tar member's `.json` and image; a file
-the manifest does not list is reported. Every problem is named; an empty list means the data set is whole.
+Every file (tars, sidecars, scores tables, the identity table) is re-hashed by each digest the manifest
+records for it (sha256, md5, BLAKE3) and the index is compared; the fingerprint is recomputed from the
+resolved build manifest; counts and per-stage sums are checked against the scores tables; each sidecar row
+must agree with its tar member's `.json` and image; a file the manifest does not list is reported. Every
+problem is named; an empty list means the data set is whole.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ COMPANIONS = {"identity_attributes.parquet"}  # written beside a finished data s
 
 def _check_file(folder: Location, entry: dict[str, Any], problems: list[str]) -> bool:
     """Whether the file the manifest entry describes is there, byte for byte; records why not."""
-    why = file_mismatch(folder, entry["path"], entry)
+    why = file_mismatch(folder, entry["path"], entry, every_digest=True)
     if why is not None:
         problems.append(why)
     return why is None

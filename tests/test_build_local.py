@@ -129,6 +129,8 @@ VERIFY_EDITS = {
     "stray sidecar": (lambda o: (o / "scores" / "extra.parquet").write_bytes(b"x"), "scores/extra.parquet: a file"),
     "stale md5 in manifest": (lambda o: _edit_json(o / "manifest.json", lambda d: d["shards"][0].update(md5="0" * 32)),
                               "train-000000.tar: md5"),
+    "stale blake3 in manifest": (lambda o: _edit_json(o / "manifest.json", lambda d: d["shards"][0].update(blake3="0" * 64)),
+                                 "train-000000.tar: blake3"),
     "stale md5 in index": (lambda o: _edit_json(o / "shardindex.json", lambda d: d["shardlist"][0].update(md5sum="0" * 32)),
                            "shardindex.json: does not match"),
     "edited build_manifest": (lambda o: _edit_json(o / "manifest.json", lambda d: d["build_manifest"].update(seed=7)),
@@ -146,7 +148,8 @@ def _rewrite_sidecar(out, change):
     pq.write_table(change(pq.read_table(path)), path)
     data = path.read_bytes()
     _edit_json(out / "manifest.json", lambda d: d["shards"][0]["sidecar"].update(
-        sha256=hashlib.sha256(data).hexdigest(), md5=hashlib.md5(data).hexdigest(), bytes=len(data)))
+        sha256=hashlib.sha256(data).hexdigest(), md5=hashlib.md5(data).hexdigest(), bytes=len(data),
+        blake3=__import__("blake3").blake3(data).hexdigest()))
 
 
 VERIFY_EDITS["sidecar row edited (hashes updated)"] = (
@@ -637,6 +640,32 @@ def test_a_refilter_ships_no_byte_of_a_damaged_parent(small_manifest, fake_model
     assert f"{named}:" in result.output and "damaged" in result.output and "Traceback" not in result.output
     v2 = tmp_path / "v2"
     assert not (v2 / "manifest.json").exists() and not (v2 / named).exists()  # the damaged file was not copied
+
+
+def test_a_parent_recorded_before_blake3_is_proven_by_its_sha256(small_manifest, fake_model, tmp_path):
+    """A data set whose run manifest records no BLAKE3 (made before mifa recorded it) is still re-filtered:
+    its files are proven by their sha256, a damaged one is still refused, and the new version verifies."""
+    from typer.testing import CliRunner
+
+    from mifa_pipeline.cli import app
+
+    parent = small_manifest(out=tmp_path / "v1")
+    build(parent)
+    out = Path(parent.output)
+
+    def strip(d):
+        for entry in d["shards"]:
+            for part in (entry, entry["sidecar"], entry["scores"]):
+                part.pop("blake3")
+        d["identities"].pop("blake3")
+
+    _edit_json(out / "manifest.json", strip)
+    run = ["filter", str(out), "--set", "filter.min_pixel_std=1.5", "--runner", "local", "--no-progress", "--out"]
+    assert CliRunner().invoke(app, [*run, str(tmp_path / "v2")]).exit_code == 0
+    assert verify(tmp_path / "v2") == []
+    _flip(out / "train-000001.tar")
+    result = CliRunner().invoke(app, [*run, str(tmp_path / "v3")])
+    assert result.exit_code == 2 and "train-000001.tar:" in result.output and "sha256" in result.output, result.output
 
 
 def test_the_local_pool_overlaps_two_calls_and_starts_none_after_a_failure():
