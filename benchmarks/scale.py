@@ -268,8 +268,7 @@ def main() -> None:
     figures: dict = {"builds": []}
     with tempfile.TemporaryDirectory(dir=os.environ.get("MIFA_BENCH_DIR")) as tmp:
         work = Path(tmp)
-        # one executor's builds after another: processes of a Ray run can outlive it for a while, and would be
-        # counted in the plumbing of a local build that ran right after it
+        # one executor's builds after another (the local rows first, as when only they are asked for)
         for executor in args.executors:
             for n in args.n:
                 row = run_child(n, executor, work / f"{executor}-{n}", args.resolution)
