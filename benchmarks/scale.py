@@ -17,9 +17,10 @@ same member bytes written by one `webdataset.TarWriter`. For those figures the l
 time (its stages' seconds would otherwise include the wait for the other thread); `--overlap` also times the
 largest local build as a user runs it, generating a shard while the one before is judged and written. Then a
 threshold-only `mifa filter` of the largest build against `cp` of its tars (three rounds each, in turn;
-medians), its decision pass alone, and the duplicate search over 1M random 128-d identities. `--storage N` builds N samples to a real S3 server (SeaweedFS, started here) and on a simulated
-3-node Ray cluster (ray.cluster_utils: a head and two nodes with one fake GPU each) to S3 and to a local
-folder, each against the same build on a local folder, with the bytes the driver received.
+medians), its decision pass alone, and the duplicate search over 1M random 128-d identities. `--storage N`
+builds N samples to a real S3 server (SeaweedFS, started here) and on a simulated 3-node Ray cluster
+(ray.cluster_utils: a head and two nodes with one fake GPU each) to S3 and to a local folder, each against
+the same build on a local folder, with the bytes the driver received.
 Every figure is printed; the last line is one JSON object.
 """
 

@@ -26,21 +26,11 @@ def done_path(name: str) -> str:
     return f"{DONE_DIR}/{name}.json"
 
 
-def digest_entry(digests: tuple[str, str, int, str]) -> dict[str, Any]:
-    """A done-record entry from (sha256, md5, size, blake3), as `Location.digests` and the writers return them."""
-    sha, md5, size, b3 = digests
-    return {"sha256": sha, "md5": md5, "bytes": size, "blake3": b3}
-
-
 def proof_of(want: dict[str, Any]) -> str:
     """The digest that proves a file is the one `want` describes: its BLAKE3 (cryptographic like sha256, 2.6x
     faster), or its sha256 in an entry written before mifa recorded BLAKE3. Bytes with the recorded digest are
     the recorded bytes, so the entry's other digests (sha256, md5) stand for them without hashing them again."""
     return "blake3" if want.get("blake3") else "sha256"
-
-
-def file_entry(out: Location, relative: str) -> dict[str, Any]:
-    return digest_entry(out.digests(relative))
 
 
 def write_done(out: Location, name: str, fingerprint: str, files: list[str] | dict[str, dict[str, Any]],
@@ -50,7 +40,7 @@ def write_done(out: Location, name: str, fingerprint: str, files: list[str] | di
     `read_verified` or `copy_verified` proved), so nothing is read again. The record is created last and exclusively
     (`Location.create`: link(2) on a disk, `If-None-Match: *` on S3), so no second writer commits the same
     task: one that finds the record there already accepts it only when it names the very same files."""
-    entries = files if isinstance(files, dict) else {f: file_entry(out, f) for f in files}
+    entries = files if isinstance(files, dict) else {f: out.digests(f) for f in files}
     record = {"name": name, "fingerprint": fingerprint, "files": entries, **extra}
     data = (json.dumps(record, indent=1) + "\n").encode("utf-8")
     if not out.create(done_path(name), data):
@@ -88,17 +78,13 @@ def file_mismatch(out: Location, relative: str, want: dict[str, Any], every_dige
     return _differs(relative, algorithm, digest, size, want)
 
 
-def digests_mismatch(relative: str, got: tuple[str, str, int, str], want: dict[str, Any]) -> str | None:
-    """Why a file of digests `got` (sha256, md5, size, blake3) is not the one `want` describes (each digest it
-    records), or None when it is."""
-    sha, md5, size, b3 = got
-    for algorithm, digest in (("sha256", sha), ("blake3", b3)):
-        if algorithm == "sha256" or "blake3" in want:
-            why = _differs(relative, algorithm, digest, size, want)
-            if why is not None:
-                return why
-    if md5 != want.get("md5"):
-        return f"{relative}: md5 {md5} != recorded {want.get('md5')}"
+def digests_mismatch(relative: str, got: dict[str, Any], want: dict[str, Any]) -> str | None:
+    """Why a file whose entry is `got` (`Location.digests`) is not the one `want` describes, by each digest
+    `want` records (sha256 and md5 always; BLAKE3 since mifa records it), or None when it is."""
+    for algorithm in ("sha256", "md5", "blake3") if "blake3" in want else ("sha256", "md5"):
+        why = _differs(relative, algorithm, got[algorithm], got["bytes"], want)
+        if why is not None:
+            return why
     return None
 
 

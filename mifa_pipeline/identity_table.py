@@ -40,6 +40,12 @@ def block_path(name: str) -> str:
     return f"{BLOCKS_DIR}/{name}.parquet"
 
 
+def write_block(out: Location, name: str, table: pa.Table) -> dict[str, dict[str, Any]]:
+    """Identity block `name` written to `out`; {its file: its entry}, for the block's done record."""
+    relative = block_path(name)
+    return {relative: out.write_parquet(relative, table, COMPRESSION)}
+
+
 def block_table(people: list[IdentityRecord]) -> pa.Table:
     """An identity block's rows (duplicates not yet known: that needs every earlier identity)."""
     return pa.Table.from_pylist([{
@@ -108,8 +114,7 @@ def read_rows(out: Location, identities: range, columns: list[str] | None = None
     """The table's rows for a contiguous range of identities (only the row groups that hold them are read)."""
     if columns is not None and "identity" not in columns:
         columns = ["identity", *columns]
-    with out.open(IDENTITIES_FILE) as handle:
-        file = pq.ParquetFile(handle)
+    with out.parquet_file(IDENTITIES_FILE) as file:
         groups, first = [], 0  # identities are the rows 0..N-1 in order: the groups holding the range, by row counts
         for g in range(file.metadata.num_row_groups):
             n = file.metadata.row_group(g).num_rows

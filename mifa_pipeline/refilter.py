@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from mifa_pipeline import identity_table
 from mifa_pipeline.config import BuildManifest, ManifestError, _format_validation_error, apply_overrides, parse_override
-from mifa_pipeline.done import copy_verified, digest_entry, entry_of, forget, read_verified, write_done
+from mifa_pipeline.done import copy_verified, entry_of, forget, read_verified, write_done
 from mifa_pipeline.executors import WorkerSpec
 from mifa_pipeline.judging import JudgeFileError, Judges, judge_specs, raw_keys
 from mifa_pipeline.manifest import (REFILTER_STAGES, SCHEMA_VERSION, chain_fingerprints, filter_config, read_run_manifest,
@@ -188,7 +188,7 @@ class RefilterWorker:
 
     def __init__(self, build: PreparedRefilter, fingerprint: str):
         self.manifest = build.manifest
-        self.out = build.out.for_tasks()  # its files are made durable with the run (`Location.sync`)
+        self.out = build.out.for_tasks()  # its files are made durable with the run (`Location.flusher`)
         self.parent = build.parent_dir
         self.fingerprint = fingerprint
         self.rescore, self.removed = set(build.rescore), set(build.removed)
@@ -237,8 +237,7 @@ class RefilterWorker:
             embeddings = self._judges().reference_embeddings(images)
         table = pa.Table.from_pylist([{**r, "embedding": embeddings[r["identity"]]} for r in rows],
                                      schema=identity_table.IDENTITY_SCHEMA)
-        relative = identity_table.block_path(block.name)
-        written = {relative: digest_entry(self.out.write_parquet(relative, table, identity_table.COMPRESSION))}
+        written = identity_table.write_block(self.out, block.name, table)
         return write_done(self.out, block.name, self.fingerprint, written, stats={})
 
     def make_shard(self, shard: ShardSlots) -> dict[str, Any]:

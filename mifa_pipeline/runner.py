@@ -29,7 +29,7 @@ from mifa_pipeline.lock import LOCK_NAME, OutputLock, OutputLockError
 from mifa_pipeline.manifest import (MANIFEST_NAME, SCHEMA_VERSION, chain_fingerprints, code_version, model_files,
                                     model_hash, now_iso, package_versions, read_run_manifest, stage_configs,
                                     write_run_manifest)
-from mifa_pipeline.plan import BuildPlan
+from mifa_pipeline.plan import BuildPlan, ShardSlots
 from mifa_pipeline.progress import BuildProgress
 from mifa_pipeline.records import StageStats
 from mifa_pipeline.sample_schema import SAMPLE_SCHEMA_VERSION
@@ -37,7 +37,7 @@ from mifa_pipeline.shards import SHARD_INDEX, TMP_MARK, ShardInfo, write_shard_i
 from mifa_pipeline.stages.generate import model_description
 from mifa_pipeline.references import ReferenceError, check_references
 from mifa_pipeline.stages.write import SCORES_DIR
-from mifa_pipeline.storage import Location, StorageError
+from mifa_pipeline.storage import Flush, Location, StorageError
 from mifa_pipeline.work import BuildWorker, check_task
 
 BUILD_STATE = "build.json"  # _work/build.json: which build this folder holds (written before any task)
@@ -435,57 +435,60 @@ class Runner:
             self.out.prune(folder)
 
     def _run(self, start: float, resumed: bool) -> BuildResult:
-        plan, job = self.build.plan, self.job
-        shards = plan.shards
-        totals = {"identities": plan.identities, "samples": plan.total_samples, "shards": len(shards)}
+        shards = self.build.plan.shards
         # the shards' files (committed without fsync: a resume proves them by hash) are made durable as they
         # come in, all of them before the run manifest publishes them
         with self.out.flusher() as flush:
-            with BuildProgress({k: totals[k] for k in job.progress_stages}, {},
-                               enabled=self.show_progress) as self.progress:
-                for message in self.notes:
-                    self.progress.note(message)
-                try:
-                    adopted = self.adopt([s.name for s in shards])
-                    pending = [s for s in shards if s.name not in adopted]
-                    records = dict(adopted)
-                    for record in adopted.values():
-                        flush.add(record["files"])
-                    self.advance("shards", len(adopted))
-                    self.advance("samples", sum(r["planned"] for r in adopted.values()))
-                    pool = None
-                    try:
-                        identities = self.adopt([IDENTITIES_TASK]).get(IDENTITIES_TASK)
-                        if identities is None:  # (even when every shard is proven: a damaged table is never shipped)
-                            pool = self.executor.workers(job.worker_spec(self.executor))
-                            identities = job.identity_phase(self, pool)
-                        self.advance("identities", plan.identities)
-                        if pending:
-                            pool = pool or self.executor.workers(job.worker_spec(self.executor))
-                            for shard, record in pool.run("make_shard", pending):
-                                records[shard.name] = record
-                                flush.add(record["files"])
-                                self.advance("samples", shard.planned)
-                                self.advance("shards", 1)
-                                self.progress.log(f"{shard.name}: {record['nsamples']} of {shard.planned} kept")
-                    finally:
-                        if pool is not None:
-                            pool.close()
-                finally:
-                    self.executor.close()
+            records, identities, pending = self._tasks(flush)
             if getattr(self.lock, "lost", None):  # an object store's lease lock lost to another run
                 raise BuildError(f"{self.lock.lost}; the shards are kept but nothing is published: run again")
             ordered = [records[s.name] for s in shards]
-            infos = [_shard_info(r) for r in ordered]
-            index = write_shard_index(self.out, self.manifest.dataset.name, infos)
+            index = write_shard_index(self.out, self.manifest.dataset.name, [_shard_info(r) for r in ordered])
             wall = time.perf_counter() - start
             content = self._run_manifest(ordered, identities, index, wall, len(pending))
             content["generation_last_run"] = generator_activity([records[s.name] for s in pending], wall)
-            job.annotate(content)
+            self.job.annotate(content)
             card = card_texts(self.out, content)
         write_run_manifest(self.out, content)
         write_card(self.out, content, card)
         return BuildResult("resumed" if resumed else "built", content, wall, len(pending), self.notes)
+
+    def _tasks(self, flush: Flush) -> tuple[dict[str, dict[str, Any]], dict[str, Any], list[ShardSlots]]:
+        """Every task proven or done: (shard name -> done record, the identity table's record, the shards this
+        run made), each shard's files handed to `flush` as its record comes in."""
+        plan, job = self.build.plan, self.job
+        totals = {"identities": plan.identities, "samples": plan.total_samples, "shards": len(plan.shards)}
+        with BuildProgress({k: totals[k] for k in job.progress_stages}, {}, enabled=self.show_progress) as self.progress:
+            for message in self.notes:
+                self.progress.note(message)
+            pool = None
+            try:
+                records = self.adopt([s.name for s in plan.shards])
+                pending = [s for s in plan.shards if s.name not in records]
+                for record in records.values():
+                    flush.add(record["files"])
+                self.advance("shards", len(records))
+                self.advance("samples", sum(r["planned"] for r in records.values()))
+                identities = self.adopt([IDENTITIES_TASK]).get(IDENTITIES_TASK)
+                if identities is None:  # (even when every shard is proven: a damaged table is never shipped)
+                    pool = self.executor.workers(job.worker_spec(self.executor))
+                    identities = job.identity_phase(self, pool)
+                self.advance("identities", plan.identities)
+                if pending:
+                    pool = pool or self.executor.workers(job.worker_spec(self.executor))
+                    for shard, record in pool.run("make_shard", pending):
+                        records[shard.name] = record
+                        flush.add(record["files"])
+                        self.advance("samples", shard.planned)
+                        self.advance("shards", 1)
+                        self.progress.log(f"{shard.name}: {record['nsamples']} of {shard.planned} kept")
+            finally:
+                try:
+                    if pool is not None:
+                        pool.close()
+                finally:
+                    self.executor.close()
+        return records, identities, pending
 
     def _run_manifest(self, records: list[dict[str, Any]], identities: dict[str, Any], index: str,
                       wall: float, shards_run: int) -> dict[str, Any]:

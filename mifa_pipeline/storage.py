@@ -269,15 +269,9 @@ class Location:
             while n := f.readinto(buffer):
                 yield view[:n]
 
-    def digests(self, rel: str) -> tuple[str, str, int, str]:
-        """(sha256, md5, size, blake3) of a file, read once."""
-        sha, md5, b3, size = hashlib.sha256(), hashlib.md5(), blake3.blake3(), 0
-        for piece in self._pieces(rel):
-            sha.update(piece)
-            md5.update(piece)
-            b3.update(piece)
-            size += len(piece)
-        return sha.hexdigest(), md5.hexdigest(), size, b3.hexdigest()
+    def digests(self, rel: str) -> dict[str, Any]:
+        """A file's entry, read once: {"sha256", "md5", "bytes", "blake3"} (see `digest_pieces`)."""
+        return digest_pieces(self._pieces(rel))
 
     def digest(self, rel: str, algorithm: str) -> tuple[str, int]:
         """(hex digest, size) of a file by one algorithm ('blake3' or a hashlib name), read once."""
@@ -311,8 +305,7 @@ class Location:
         try:
             if self.is_local:
                 if self.durable:
-                    with open(staged, "rb") as f:
-                        os.fsync(f.fileno())
+                    _fsync(staged)
                 os.replace(staged, self.path(rel))
             else:
                 self.fs.put_file(str(staged), self.path(rel))
@@ -352,8 +345,8 @@ class Location:
         self.write_bytes(rel, text.encode("utf-8"))
 
     def write_parquet(self, rel: str, table, compression: str | dict[str, str] = "zstd",
-                      **kwargs: Any) -> tuple[str, str, int, str]:
-        """`table` as parquet at `rel`, whole or absent; returns (sha256, md5, size, blake3) of the bytes written,
+                      **kwargs: Any) -> dict[str, Any]:
+        """`table` as parquet at `rel`, whole or absent; returns the entry of the bytes written (`digest_pieces`),
         which a done record takes instead of reading the file back."""
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -362,7 +355,7 @@ class Location:
         pq.write_table(table, sink, compression=compression, **kwargs)
         data = sink.getvalue().to_pybytes()
         self.write_bytes(rel, data)
-        return digest_bytes(data)
+        return digest_pieces([data])
 
     def create(self, rel: str, data: bytes) -> bool:
         """Exclusive create: True when `rel` was created with `data`, False when it already existed."""
@@ -447,7 +440,7 @@ class Flush:
             self.threads.shutdown(wait=kind is None, cancel_futures=True)
 
 
-def _fsync(path: str) -> None:
+def _fsync(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -465,10 +458,17 @@ def parquet_from_bytes(data: bytes, columns: list[str] | None = None):
         return f.read(columns=columns)
 
 
-def digest_bytes(data: bytes) -> tuple[str, str, int, str]:
-    """(sha256, md5, size, blake3) of bytes already in memory (`Location.digests` of a file, without reading it
-    again)."""
-    return hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest(), len(data), blake3.blake3(data).hexdigest()
+def digest_pieces(pieces: Iterable[bytes | memoryview]) -> dict[str, Any]:
+    """The entry a done record and a run manifest keep for the bytes of `pieces` (a file, or bytes in memory:
+    `[data]`): {"sha256", "md5", "bytes", "blake3"}. sha256 and md5 are what readers check (Croissant, wids);
+    BLAKE3 is what mifa proves files by (`done.proof_of`)."""
+    sha, md5, b3, size = hashlib.sha256(), hashlib.md5(), blake3.blake3(), 0
+    for piece in pieces:
+        sha.update(piece)
+        md5.update(piece)
+        b3.update(piece)
+        size += len(piece)
+    return {"sha256": sha.hexdigest(), "md5": md5.hexdigest(), "bytes": size, "blake3": b3.hexdigest()}
 
 
 def new_hash(algorithm: str):

@@ -22,7 +22,7 @@ from mifa_pipeline.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_run_manif
 from mifa_pipeline.records import sample_key
 from mifa_pipeline.sample_schema import SAMPLE_SCHEMA_VERSION, validator
 from mifa_pipeline.shards import KEY_PATTERN, ShardSample, shard_name, sidecar_row, tar_members
-from mifa_pipeline.storage import Location, digest_bytes, location, parquet_from_bytes
+from mifa_pipeline.storage import Location, digest_pieces, location, parquet_from_bytes
 
 DROP_STAGES = ("duplicates", "filter")
 COMPANIONS = {"identity_attributes.parquet"}  # written beside a finished data set by `mifa teacher`
@@ -44,7 +44,7 @@ def _read_checked(folder: Location, entry: dict[str, Any], problems: list[str]) 
     except FileNotFoundError:
         problems.append(f"{entry['path']}: missing")
         return None, False
-    why = digests_mismatch(entry["path"], digest_bytes(data), entry)
+    why = digests_mismatch(entry["path"], digest_pieces([data]), entry)
     if why is not None:
         problems.append(why)
     return data, why is None

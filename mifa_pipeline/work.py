@@ -21,7 +21,7 @@ from typing import Any
 
 from mifa_pipeline import identity_table
 from mifa_pipeline.config import BuildManifest
-from mifa_pipeline.done import check_done, digest_entry, forget, write_done
+from mifa_pipeline.done import check_done, forget, write_done
 from mifa_pipeline.judging import Judges, judge_specs
 from mifa_pipeline.plan import IdentityBlock, ShardSlots
 from mifa_pipeline.records import IdentityRecord, StageStats
@@ -67,7 +67,7 @@ class BuildWorker:
     def __init__(self, manifest: BuildManifest, out: Location, fingerprint: str, references: list[str] | None = None):
         self.manifest = manifest
         self.references = references  # source=folder: the files prepare checked (identity i takes the i-th)
-        self.out = out.for_tasks()  # its files are made durable with the run (`Location.sync`)
+        self.out = out.for_tasks()  # its files are made durable with the run (`Location.flusher`)
         self.fingerprint = fingerprint
         self.generation = None
         self.identities = None
@@ -134,8 +134,7 @@ class BuildWorker:
             # encoding the reference faces is the stage's work, as a sample's encoding is the filter stage's
             table = identity_table.block_table(people)
         stats.seconds = time.perf_counter() - start
-        relative = identity_table.block_path(block.name)
-        written = {relative: digest_entry(self.out.write_parquet(relative, table, identity_table.COMPRESSION))}
+        written = identity_table.write_block(self.out, block.name, table)
         return write_done(self.out, block.name, self.fingerprint, written, stats={stats.name: stats.to_json()})
 
     # ------------------------------------------------------------------ sample phase

@@ -18,7 +18,6 @@ from typing import Any
 import pyarrow as pa
 import pydantic_core
 
-from mifa_pipeline.done import digest_entry
 from mifa_pipeline.records import IdentityRecord, SampleRecord, StageStats
 from mifa_pipeline.sample_schema import public_scores
 from mifa_pipeline.shards import ShardFileWriter, ShardSample, sidecar_row
@@ -145,5 +144,5 @@ class ShardWriting:
                            seconds=time.perf_counter() - start)
         keys = writer.keys
         contents = {"nsamples": len(keys), "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None}
-        files = {f: digest_entry(written[f]) for f in shard_files(name)}
+        files = {f: written[f] for f in shard_files(name)}
         return contents, files, stats

@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from mifa_pipeline.cli import app
-from mifa_pipeline.done import CommitConflict, DamagedSource, copy_verified, digest_entry, read_done, write_done
+from mifa_pipeline.done import CommitConflict, DamagedSource, copy_verified, read_done, write_done
 from mifa_pipeline.lease_lock import LeaseLock
 from mifa_pipeline.lock import LOCK_NAME, OutputLockError
 from mifa_pipeline.runner import BuildError, build_data, prepare
-from mifa_pipeline.storage import PIECE, Location, StorageError, digest_bytes
+from mifa_pipeline.storage import PIECE, Location, StorageError, digest_pieces
 from mifa_pipeline.verify import verify
 from tests.outputs import digests
 
@@ -110,12 +110,12 @@ def test_a_done_record_is_committed_once(where, tmp_path):
 @pytest.mark.parametrize("where", ["local", "memory"])
 def test_a_verified_copy_commits_only_the_bytes_it_proved(where, tmp_path):
     """A file copied from another data set (a re-filter's unchanged shard) is streamed and committed only when
-    the bytes written have the sha256 and size its data set recorded: a damaged source leaves nothing behind."""
+    the bytes written have the digest and size its data set recorded: a damaged source leaves nothing behind."""
     base = tmp_path if where == "local" else f"memory://copy-{time.monotonic_ns()}"
     source, out = Location(f"{base}/parent"), Location(f"{base}/child")
     data = os.urandom(3 * PIECE + 5)  # several pieces, the last one short
     source.write_bytes("a.tar", data)
-    want = digest_entry(digest_bytes(data))
+    want = digest_pieces([data])
     assert copy_verified(source, "a.tar", want, out) == want and out.read_bytes("a.tar") == data
     for damaged in (data[:-1] + bytes([data[-1] ^ 1]), data[:-1]):  # a flipped byte, a truncation
         source.write_bytes("b.tar", damaged)
